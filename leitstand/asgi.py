@@ -1,0 +1,17 @@
+"""The module uvicorn loads: settings are read and checked here, before the port is bound."""
+
+from __future__ import annotations
+
+from leitstand import config, logs
+from leitstand.http import Leitstand
+
+
+def _load() -> Leitstand:
+    try:
+        settings = config.load()
+    except config.ConfigError as exc:
+        logs.fatal(str(exc))
+    return Leitstand(settings, logs.setup(settings.log_format))
+
+
+app = _load()

@@ -1,0 +1,42 @@
+"""Domain names: the one place that decides which names are valid and which file each one owns.
+
+Only dot-separated labels of ``[a-z0-9-]`` pass, so a name can never hold ``/``, ``..``,
+NUL or anything else that could lead outside the data directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+MAX_DOMAIN = 253
+SUFFIX = ".jsonl"
+# Most filesystems cap a file name at 255 bytes; 253 + ".jsonl" does not fit.
+MAX_FILE_NAME = 255
+
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+
+
+def normalize(raw: str) -> str | None:
+    """The canonical form of ``raw`` (stripped, lowercased), or None if it is not a valid domain."""
+    name = raw.strip()
+    # ASCII is checked before lowercasing: "\u212a".lower() is an ASCII "k".
+    if len(name) > MAX_DOMAIN or not name.isascii():
+        return None
+    name = name.lower()
+    return name if _DOMAIN.fullmatch(name) else None
+
+
+def file_name(domain: str) -> str:
+    """The journal file of a valid domain: ``<domain>.jsonl``, shortened with a hash when too long.
+
+    The shortened form contains ``_``, which no valid domain has, so it never collides
+    with the file of another domain.
+    """
+    name = domain + SUFFIX
+    if len(name) <= MAX_FILE_NAME:
+        return name
+    digest = hashlib.sha256(domain.encode("ascii")).hexdigest()[:16]
+    keep = MAX_FILE_NAME - len(SUFFIX) - len(digest) - 1
+    return f"{domain[:keep]}_{digest}{SUFFIX}"

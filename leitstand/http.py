@@ -1,0 +1,296 @@
+"""The HTTP app: a plain ASGI callable that translates requests into journal appends.
+
+It is written against ASGI directly, without a framework, because every microsecond per
+request shows in the throughput: no routing tables, no dependency injection, no models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import secrets
+import time
+import zlib
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import orjson
+
+from leitstand import __version__, domains, events
+from leitstand.auth import TokenAuth
+from leitstand.config import Config
+from leitstand.journal import Journal, StorageFull, StorageUnavailable, probe, reason
+from leitstand.logs import RequestLog
+from leitstand.openapi import DOCS_HTML, OPENAPI
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+log = logging.getLogger("leitstand")
+
+_TEXT = b"text/plain; charset=utf-8"
+_JSON = b"application/json"
+_NDJSON_TYPES = (b"application/x-ndjson", b"application/jsonl", b"application/x-jsonlines")
+_RID_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-")
+_RETRY_AFTER = (b"retry-after", b"1")
+
+
+class ClientGone(Exception):
+    """The client disconnected before its body was complete."""
+
+
+class Response:
+    """What a handler answers; ``events``, ``nbytes`` and ``domain`` only go to the log."""
+
+    __slots__ = ("status", "body", "content_type", "headers", "domain", "events", "nbytes")
+
+    def __init__(
+        self,
+        status: int,
+        body: bytes,
+        content_type: bytes = _TEXT,
+        headers: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> None:
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+        self.headers = headers
+        self.domain: str | None = None
+        self.events = 0
+        self.nbytes = 0
+
+
+def _text(status: int, phrase: str, *headers: tuple[bytes, bytes]) -> Response:
+    return Response(status, phrase.encode() + b"\n", _TEXT, headers)
+
+
+def _json(value: object, status: int = 200) -> Response:
+    return Response(status, orjson.dumps(value), _JSON)
+
+
+class Leitstand:
+    """The ASGI application; one per process, with its own journal."""
+
+    def __init__(self, config: Config, request_log: RequestLog | None = None) -> None:
+        self.config = config
+        self.auth = TokenAuth(config.token)
+        self.journal = Journal(config.data_dir, fsync=config.fsync, max_open_files=config.max_open_files)
+        self.request_log = request_log
+        self._ids = itertools.count(1)
+        self._id_prefix = secrets.token_hex(4) + "-"
+        self._routes: dict[str, tuple[str, Callable[[], Awaitable[Response]]]] = {
+            "/health": ("GET", self._health),
+            "/ready": ("GET", self._ready),
+            "/version": ("GET", self._version),
+            "/openapi.json": ("GET", self._openapi),
+            "/docs": ("GET", self._docs),
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    repaired = await self.journal.open()
+                except OSError as exc:
+                    log.error("data dir not usable: %s", reason(exc))
+                    await send({"type": "lifespan.startup.failed", "message": reason(exc)})
+                    return
+                log.info("started", extra={"version": __version__, "torn_tails_repaired": repaired, **self.config.describe()})
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                # uvicorn has stopped accepting and finished every request by now.
+                await self.journal.close()
+                log.info("stopped: every acknowledged event is on disk")
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    # -- requests --------------------------------------------------------------------
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        request_id = None
+        for name, value in scope["headers"]:
+            if name == b"x-request-id" and 0 < len(value) <= 128 and _RID_CHARS.issuperset(value):
+                request_id = value
+        if request_id is None:
+            request_id = f"{self._id_prefix}{next(self._ids):x}".encode()
+        path: str = scope["path"]
+        method: str = scope["method"]
+        try:
+            if path.startswith("/ingest/"):
+                if method == "POST":
+                    response = await self._ingest(scope, receive, path[8:])
+                else:
+                    response = _text(405, "method not allowed", (b"allow", b"POST"))
+            elif path in self._routes:
+                allowed, handler = self._routes[path]
+                if method in (allowed, "HEAD"):
+                    response = await handler()
+                else:
+                    response = _text(405, "method not allowed", (b"allow", allowed.encode()))
+            else:
+                response = _text(404, "not found")
+        except ClientGone:
+            self._log(scope, 499, None, 0, 0, request_id, started)
+            return
+        except Exception:
+            log.exception("internal error", extra={"request_id": request_id.decode()})
+            response = _text(500, "internal error")
+        await send(
+            {
+                "type": "http.response.start",
+                "status": response.status,
+                "headers": [
+                    (b"content-type", response.content_type),
+                    (b"content-length", str(len(response.body)).encode()),
+                    (b"x-request-id", request_id),
+                    *response.headers,
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": response.body})
+        self._log(scope, response.status, response.domain, response.events, response.nbytes, request_id, started)
+
+    def _log(
+        self, scope: Scope, status: int, domain: str | None, count: int, nbytes: int, request_id: bytes, started: float
+    ) -> None:
+        if self.request_log is None:
+            return
+        client = scope.get("client")
+        self.request_log.write(
+            {
+                "method": scope["method"],
+                "path": scope["path"],
+                "status": status,
+                "domain": domain or "-",
+                "events": count,
+                "bytes": nbytes,
+                "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+                "request_id": request_id.decode(),
+                "client": client[0] if client else "-",
+            }
+        )
+
+    async def _ingest(self, scope: Scope, receive: Receive, raw_domain: str) -> Response:
+        x_auth = authorization = length = content_type = encoding = None
+        for name, value in scope["headers"]:
+            if name == b"x-auth":
+                x_auth = value
+            elif name == b"authorization":
+                authorization = value
+            elif name == b"content-length":
+                length = value
+            elif name == b"content-type":
+                content_type = value
+            elif name == b"content-encoding":
+                encoding = value.strip().lower()
+        # Everything that can be judged from the headers is, before a byte of the body is read.
+        if not self.auth.allows(x_auth, authorization):
+            return _text(401, "unauthorized")
+        domain = domains.normalize(raw_domain)
+        if domain is None:
+            return _text(400, "invalid domain")
+        limit = self.config.max_body
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return _text(413, "payload too large") if length.isdigit() else _text(400, "invalid content-length")
+        if encoding not in (None, b"identity", b"gzip"):
+            return _text(415, "unsupported content-encoding")
+        body = await _read_body(receive, limit)
+        if body is None:
+            return _text(413, "payload too large")
+        nbytes = len(body)
+        if encoding == b"gzip":
+            try:
+                body = _gunzip(body, limit)
+            except zlib.error:
+                return _text(400, "invalid gzip")
+            if body is None:
+                return _text(413, "payload too large")
+        ndjson = content_type is not None and content_type.split(b";", 1)[0].strip().lower() in _NDJSON_TYPES
+        try:
+            lines, count = events.encode(body, domain, ndjson=ndjson)
+            if count:
+                await self.journal.append(domains.file_name(domain), lines)
+        except events.PayloadError as exc:
+            response = _text(400, exc.reason)
+        except StorageFull:
+            response = _text(507, "insufficient storage")
+        except StorageUnavailable:
+            response = _text(503, "storage unavailable", _RETRY_AFTER)
+        else:
+            response = _text(200, "ok")
+            response.events = count
+        response.domain = domain
+        response.nbytes = nbytes
+        return response
+
+    async def _health(self) -> Response:
+        return _json({"status": "ok"})
+
+    async def _ready(self) -> Response:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, probe, self.config.data_dir)
+            free = await loop.run_in_executor(None, self.journal.free_bytes)
+        except OSError as exc:
+            return _text(503, f"not ready: data dir {reason(exc)}")
+        if free < self.config.ready_min_free:
+            return _text(503, "not ready: low disk space")
+        return _json({"status": "ready"})
+
+    async def _version(self) -> Response:
+        return _json({"version": __version__})
+
+    async def _openapi(self) -> Response:
+        return _json(OPENAPI)
+
+    async def _docs(self) -> Response:
+        return Response(200, DOCS_HTML, b"text/html; charset=utf-8")
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    """The whole body, or None as soon as it grows past ``limit`` (chunked bodies included)."""
+    message = await receive()
+    if message["type"] == "http.disconnect":
+        raise ClientGone
+    body: bytes = message.get("body", b"")
+    if not message.get("more_body"):
+        return body if len(body) <= limit else None
+    chunks = [body]
+    size = len(body)
+    while message.get("more_body"):
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks) if size <= limit else None
+
+
+def _gunzip(data: bytes, limit: int) -> bytes | None:
+    """Decompress every gzip member of ``data``; None once the output passes ``limit``."""
+    out = bytearray()
+    while data:
+        inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        out += inflater.decompress(data, limit + 1 - len(out))
+        if len(out) > limit:
+            return None
+        if not inflater.eof:
+            raise zlib.error("truncated gzip stream")
+        data = inflater.unused_data
+    return bytes(out)

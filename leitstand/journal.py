@@ -1,0 +1,329 @@
+"""The journal: append-only ``<name>.jsonl`` files that keep every acknowledged line.
+
+Why it is built this way:
+
+* **Group commit.** Appends to one file that arrive while a write is under way wait and
+  share the next ``os.write`` and ``fdatasync``; one sync acknowledges them all.
+* **Several processes.** Each commit holds ``flock`` on the file across write and sync, so
+  workers appending to one file never interleave, and each sees what the others wrote.
+* **No partial state.** A failed write or sync cuts the file back to its last good length
+  through a fresh descriptor (after a failed fsync the old one cannot be trusted).
+* **Torn tails.** A last line without ``\\n`` (a crash mid-write, a backup copied mid-write)
+  is moved aside to ``<name>.torn-<UTC time>`` before anything is appended after it.
+
+All file I/O runs on a small thread pool, never on the event loop. The journal knows
+file names and bytes; it knows nothing of HTTP or domains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import logging
+import os
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+log = logging.getLogger("leitstand.journal")
+
+SUFFIX = ".jsonl"
+_OPEN_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
+_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+_CHUNK = 1 << 16
+_PROBE = ".leitstand-probe"
+
+
+class JournalError(Exception):
+    """A commit that did not happen; nothing of it is left in the file."""
+
+
+class StorageFull(JournalError):
+    """The disk or quota is full (ENOSPC, EDQUOT, EFBIG)."""
+
+
+class StorageUnavailable(JournalError):
+    """Any other write or sync failure (EIO, ...); worth retrying later."""
+
+
+def probe(directory: Path) -> None:
+    """Prove that ``directory`` can take a durable write: create, write, fsync, remove a file.
+
+    Raises the :class:`OSError` that stands in the way (ENOTDIR, EACCES, EROFS, ENOSPC, ...).
+    """
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not directory.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+    path = directory / f"{_PROBE}-{os.getpid()}"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, b"probe\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+
+_REASONS = {
+    errno.ENOTDIR: "not a directory",
+    errno.EEXIST: "not a directory",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EROFS: "read-only file system",
+    errno.ENOSPC: "no space left",
+    errno.EDQUOT: "no space left (quota)",
+}
+
+
+def reason(exc: OSError) -> str:
+    """What stands in the way, in a few words, without the path."""
+    return _REASONS.get(exc.errno or 0) or (exc.strerror or "unknown error").lower()
+
+
+class _File:
+    """One journal file and the appends waiting for its next commit."""
+
+    __slots__ = ("name", "fd", "end", "pending", "waiters", "busy")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.fd: int | None = None
+        # The length this process last left the file at; -1 until it has looked.
+        self.end = -1
+        self.pending: list[bytes] = []
+        self.waiters: list[asyncio.Future[None]] = []
+        self.busy = False
+
+
+class Journal:
+    def __init__(self, directory: Path, *, fsync: bool = True, max_open_files: int = 256) -> None:
+        self.directory = directory
+        self.fsync = fsync
+        self.max_open_files = max_open_files
+        self._files: OrderedDict[str, _File] = OrderedDict()
+        self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="journal")
+        self._dir_fd = -1
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def open(self) -> int:
+        """Open the directory and repair every torn tail in it; returns how many were repaired."""
+        self._loop = asyncio.get_running_loop()
+        return await self._loop.run_in_executor(self._executor, self._open_directory)
+
+    async def close(self) -> None:
+        """Wait for every commit under way, then close all files."""
+        while any(f.busy for f in self._files.values()):
+            await asyncio.sleep(0.005)
+        fds = [f.fd for f in self._files.values() if f.fd is not None]
+        self._files.clear()
+        if self._dir_fd >= 0:
+            fds.append(self._dir_fd)
+            self._dir_fd = -1
+        await asyncio.get_running_loop().run_in_executor(self._executor, _close_all, fds)
+        self._executor.shutdown(wait=True)
+
+    def _open_directory(self) -> int:
+        self._dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        repaired = 0
+        with os.scandir(self._dir_fd) as entries:
+            names = [e.name for e in entries if e.name.endswith(SUFFIX) and e.is_file(follow_symlinks=False)]
+        for name in sorted(names):
+            fd = os.open(name, _OPEN_FLAGS, dir_fd=self._dir_fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                size = os.fstat(fd).st_size
+                repaired += self._repair_tail(fd, name, size) != size
+            finally:
+                os.close(fd)
+        return repaired
+
+    @property
+    def open_files(self) -> int:
+        return sum(f.fd is not None for f in self._files.values())
+
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.directory)
+        return st.f_bavail * st.f_frsize
+
+    # -- appending -------------------------------------------------------------------
+
+    async def append(self, name: str, data: bytes) -> None:
+        """Return once ``data`` is written (and synced, unless fsync is off) to ``name``.
+
+        ``data`` is whole lines. Raises :class:`StorageFull` or :class:`StorageUnavailable`,
+        in which case none of it is in the file.
+        """
+        f = self._files.get(name)
+        if f is None:
+            f = self._admit(name)
+        else:
+            self._files.move_to_end(name)
+        assert self._loop is not None, "Journal.open() was not awaited"
+        waiter = self._loop.create_future()
+        f.pending.append(data)
+        f.waiters.append(waiter)
+        if not f.busy:
+            f.busy = True
+            self._commit_pending(f)
+        await waiter
+
+    def _admit(self, name: str) -> _File:
+        if "/" in name or not name.endswith(SUFFIX):
+            raise ValueError(f"not a journal file name: {name!r}")
+        f = self._files[name] = _File(name)
+        if len(self._files) > self.max_open_files:
+            idle = next((old for old in self._files.values() if not old.busy), None)
+            if idle is not None:
+                del self._files[idle.name]
+                if idle.fd is not None:
+                    self._executor.submit(os.close, idle.fd)
+        return f
+
+    def _commit_pending(self, f: _File) -> None:
+        data = b"".join(f.pending)
+        waiters = f.waiters
+        f.pending, f.waiters = [], []
+        assert self._loop is not None
+        done = self._executor.submit(self._commit, f, data)
+        done.add_done_callback(lambda d: self._loop.call_soon_threadsafe(self._committed, f, waiters, d))  # type: ignore[union-attr]
+
+    def _committed(self, f: _File, waiters: list[asyncio.Future[None]], done: Future[None]) -> None:
+        error = done.exception()
+        for waiter in waiters:
+            if waiter.done():
+                continue
+            if error is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(error)
+        if f.pending:
+            self._commit_pending(f)
+        else:
+            f.busy = False
+
+    # -- the commit, on a pool thread ------------------------------------------------
+
+    def _commit(self, f: _File, data: bytes) -> None:
+        try:
+            if f.fd is None:
+                f.fd = self._open_file(f.name)
+            fd = f.fd
+        except OSError as exc:
+            raise _journal_error(f.name, "open", exc) from exc
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        size = -1
+        try:
+            size = os.fstat(fd).st_size
+            if size != f.end:
+                # Someone else appended (another worker), or this is the first look.
+                size = self._repair_tail(fd, f.name, size)
+            _write_whole(fd, data)
+            if self.fsync:
+                os.fdatasync(fd)
+            f.end = size + len(data)
+        except OSError as exc:
+            self._roll_back(f, size)
+            raise _journal_error(f.name, "write", exc) from exc
+        finally:
+            if f.fd == fd:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _open_file(self, name: str) -> int:
+        try:
+            return os.open(name, _OPEN_FLAGS, dir_fd=self._dir_fd)
+        except FileNotFoundError:
+            fd = os.open(name, _OPEN_FLAGS | os.O_CREAT, 0o644, dir_fd=self._dir_fd)
+            if self.fsync:
+                # The new name is durable only once its directory is synced.
+                os.fsync(self._dir_fd)
+            return fd
+
+    def _roll_back(self, f: _File, good: int) -> None:
+        """Cut ``f`` back to ``good`` bytes through a fresh descriptor, then trust only that one."""
+        old, f.fd, f.end = f.fd, None, -1
+        fresh = -1
+        try:
+            if good >= 0:
+                fresh = self._open_file(f.name)
+                os.ftruncate(fresh, good)
+                os.fsync(fresh)
+                f.fd, f.end, fresh = fresh, good, -1
+        except OSError as exc:
+            # The next commit looks at the tail again, under the lock, before it appends.
+            log.error("rollback failed, the tail is checked before the next write: file=%s error=%s", f.name, exc.strerror)
+        finally:
+            _close_all([fd for fd in (fresh, old) if fd is not None and fd >= 0])
+
+    def _repair_tail(self, fd: int, name: str, size: int) -> int:
+        """Make sure the file ends with a whole line; returns its good length.
+
+        A fragment after the last ``\\n`` is copied to ``<name>.torn-<UTC time>``, never
+        deleted, and the file is cut back and synced before anything is appended.
+        """
+        if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+            return size
+        good = _last_line_end(fd, size)
+        torn = self._set_aside(fd, name, good, size)
+        os.ftruncate(fd, good)
+        os.fsync(fd)
+        log.warning("torn tail set aside: file=%s bytes=%d kept_as=%s", name, size - good, torn)
+        return good
+
+    def _set_aside(self, fd: int, name: str, start: int, end: int) -> str:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        for n in range(1000):
+            torn = f"{name}.torn-{stamp}" + (f"-{n}" if n else "")
+            try:
+                out = os.open(torn, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600, dir_fd=self._dir_fd)
+                break
+            except FileExistsError:
+                continue
+        else:
+            raise FileExistsError(errno.EEXIST, "no free name for the torn tail")
+        try:
+            for offset in range(start, end, _CHUNK):
+                _write_whole(out, os.pread(fd, min(_CHUNK, end - offset), offset))
+            os.fsync(out)
+        finally:
+            os.close(out)
+        os.fsync(self._dir_fd)
+        return torn
+
+
+def _last_line_end(fd: int, size: int) -> int:
+    """The offset just after the last ``\\n`` before ``size``, or 0 if there is none."""
+    pos = size
+    while pos > 0:
+        start = max(0, pos - _CHUNK)
+        newline = os.pread(fd, pos - start, start).rfind(b"\n")
+        if newline >= 0:
+            return start + newline + 1
+        pos = start
+    return 0
+
+
+def _write_whole(fd: int, data: bytes) -> None:
+    """One ``write`` call for all of ``data``; a short write is an error, not retried."""
+    written = os.write(fd, data)
+    if written != len(data):
+        # The rest tells why (ENOSPC, EFBIG, ...); it is never kept either way.
+        os.write(fd, data[written:])
+        raise OSError(errno.EIO, "short write")
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _journal_error(name: str, action: str, exc: OSError) -> JournalError:
+    log.error("%s failed: file=%s error=%s", action, name, exc.strerror or exc)
+    kind = StorageFull if exc.errno in _FULL else StorageUnavailable
+    return kind(exc.strerror or str(exc))

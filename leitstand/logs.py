@@ -1,0 +1,101 @@
+"""Logs: one line per record on stdout, as ``key=value`` text or as JSON.
+
+Both formats escape control characters, so a client cannot forge a log line through a
+path or a header. The request line is written directly, without the ``logging``
+machinery, because it runs once per request on the hot path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+from typing import Any, NoReturn
+
+import orjson
+
+_PLAIN = re.compile(r"[A-Za-z0-9._/:@+\-<>]*")
+# uvicorn adds color_message to its records: terminal colour codes, of no use in a log line.
+_STANDARD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "color_message"}
+
+
+def _timestamp(now: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+
+
+def _text_value(value: object) -> str:
+    text = value if isinstance(value, str) else str(value)
+    # ensure_ascii escapes every control and non-ASCII character.
+    return text if _PLAIN.fullmatch(text) else json.dumps(text)
+
+
+class Renderer:
+    """Turns a level, a message and fields into one line in the configured format."""
+
+    def __init__(self, fmt: str) -> None:
+        self.json = fmt == "json"
+
+    def line(self, level: str, message: str, fields: dict[str, Any], now: float | None = None) -> str:
+        stamp = _timestamp(time.time() if now is None else now)
+        if self.json:
+            record = {"time": stamp, "level": level.lower(), "msg": message, **fields}
+            return orjson.dumps(record, default=str).decode()
+        pairs = " ".join(f"{key}={_text_value(value)}" for key, value in fields.items())
+        return f"{stamp} {level} {_text_value(message)}" + (f" {pairs}" if pairs else "")
+
+
+class LineFormatter(logging.Formatter):
+    """A ``logging`` formatter for the records of leitstand, uvicorn and everyone else."""
+
+    def __init__(self, renderer: Renderer) -> None:
+        super().__init__()
+        self.renderer = renderer
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = {k: v for k, v in record.__dict__.items() if k not in _STANDARD_ATTRS}
+        fields["logger"] = record.name
+        if record.exc_info:
+            # A traceback is folded into one escaped field, never spread over lines.
+            fields["exc"] = self.formatException(record.exc_info)
+        return self.renderer.line(record.levelname, record.getMessage(), fields, record.created)
+
+
+class RequestLog:
+    """Writes the one line per request."""
+
+    def __init__(self, renderer: Renderer) -> None:
+        self.renderer = renderer
+
+    def write(self, fields: dict[str, Any]) -> None:
+        sys.stdout.write(self.renderer.line("INFO", "request", fields) + "\n")
+
+
+def setup(fmt: str) -> RequestLog:
+    """Send every log record to stdout in ``fmt``, replacing uvicorn's own handlers."""
+    renderer = Renderer(fmt)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(LineFormatter(renderer))
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(logging.INFO)
+    for name in ("uvicorn", "uvicorn.error"):
+        logging.getLogger(name).handlers = []
+        logging.getLogger(name).propagate = True
+    # leitstand writes its own request line; uvicorn's would repeat it without the details.
+    access = logging.getLogger("uvicorn.access")
+    access.handlers = []
+    access.propagate = False
+    return RequestLog(renderer)
+
+
+def fatal(message: str) -> NoReturn:
+    """Stop a process that cannot start: one line on stderr, no traceback.
+
+    Exit code 3 is uvicorn's STARTUP_FAILURE, so ``--workers`` stops instead of respawning.
+    """
+    print(message, file=sys.stderr, flush=True)
+    raise SystemExit(3)
