@@ -1,0 +1,243 @@
+"""Fixtures that run the real service: ``uvicorn app:app`` in a subprocess on a free loopback port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKEN = "test-token-0123456789"
+# uvicorn drains, then re-raises SIGTERM so that the exit status tells how it ended;
+# systemd and Kubernetes count both as a clean stop.
+CLEAN_EXIT = {0, -signal.SIGTERM}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """One running service, started the way an operator starts it.
+
+    ``command`` is ``uvicorn`` (``uvicorn app:app`` from the checkout) or ``serve``
+    (``leitstand serve``). It runs in its own process group, so that a kill reaches
+    every worker.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        log_path: Path,
+        *,
+        env: dict[str, str] | None = None,
+        workers: int = 1,
+        command: str = "uvicorn",
+        port: int | None = None,
+        preexec: Callable[[], None] | None = None,
+    ) -> None:
+        self.data_dir = data_dir
+        self.log_path = log_path
+        self.env = {
+            **os.environ,
+            "LEITSTAND_TOKEN": TOKEN,
+            "LEITSTAND_DATA_DIR": str(data_dir),
+            "PYTHONUNBUFFERED": "1",
+            **(env or {}),
+        }
+        self.workers = workers
+        self.command = command
+        self.port = port or free_port()
+        self.preexec = preexec
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def argv(self) -> list[str]:
+        if self.command == "serve":
+            return [sys.executable, "-m", "leitstand", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+                    "--workers", str(self.workers)]
+        argv = [sys.executable, "-m", "uvicorn", "app:app", "--host", "127.0.0.1", "--port", str(self.port)]
+        return argv + (["--workers", str(self.workers)] if self.workers > 1 else [])
+
+    def spawn(self) -> subprocess.Popen[bytes]:
+        """Start the process without waiting for it to answer."""
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            self.argv(), cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=self.preexec,
+        )
+        log.close()
+        return self.proc
+
+    def start(self, timeout: float = 20.0) -> Server:
+        proc = self.spawn()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        self.kill()
+        raise RuntimeError(f"server did not answer in {timeout}s:\n{self.output()}")
+
+    def post(self, domain: str, body: bytes | str, headers: dict[str, str] | None = None, **kw: Any) -> httpx.Response:
+        data = body.encode() if isinstance(body, str) else body
+        return httpx.post(
+            f"{self.url}/ingest/{domain}", content=data, headers={"X-Auth": TOKEN, **(headers or {})}, timeout=10, **kw
+        )
+
+    def raw(self, request: bytes) -> bytes:
+        """Send bytes exactly as given (no client-side path normalisation); the status line back."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as conn:
+            conn.sendall(request)
+            return conn.recv(65536).split(b"\r\n", 1)[0]
+
+    def raw_post(self, target: str, body: bytes = b"{}") -> bytes:
+        head = f"POST {target} HTTP/1.1\r\nHost: x\r\nX-Auth: {TOKEN}\r\nContent-Length: {len(body)}\r\n"
+        return self.raw(head.encode() + b"Connection: close\r\n\r\n" + body)
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM, as systemd or Kubernetes would send, and wait for the exit code."""
+        assert self.proc is not None
+        self.signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL to every process of the service: a crash, with no chance to clean up."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.signal(signal.SIGKILL)
+            self.proc.wait(10)
+        elif self.proc is not None:
+            self.signal(signal.SIGKILL)
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def make_server(tmp_path: Path) -> Iterator[Any]:
+    """A factory for servers on ``tmp_path``; every one is killed at the end of the test."""
+    servers: list[Server] = []
+
+    def make(data_dir: Path | None = None, **kw: Any) -> Server:
+        server = Server(data_dir or tmp_path / "data", tmp_path / f"server-{len(servers)}.log", **kw)
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.kill()
+
+
+@pytest.fixture
+def server(make_server: Any) -> Server:
+    return make_server().start()
+
+
+def read_lines(path: Path) -> list[bytes]:
+    """The lines of a journal file; each must end in a newline."""
+    data = path.read_bytes()
+    assert data == b"" or data.endswith(b"\n"), "journal file has a torn tail"
+    return data.splitlines()
+
+
+class Load:
+    """Concurrent clients posting numbered events; remembers which ones were acknowledged.
+
+    A client does not retry: a request that fails or dies with the server is simply not
+    acknowledged, so anything acknowledged must be on disk exactly once.
+    """
+
+    def __init__(self, url: str, domains: list[str], clients: int = 32, batch: int = 1) -> None:
+        self.url = url
+        self.domains = domains
+        self.clients = clients
+        self.batch = batch
+        self.acked: set[str] = set()
+        self.statuses: Counter[int] = Counter()
+        self.request_ids: set[str] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def __enter__(self) -> Load:
+        for n in range(self.clients):
+            thread = threading.Thread(target=self._client, args=(n,), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(30)
+
+    def _client(self, n: int) -> None:
+        seq = 0
+        with httpx.Client(headers={"X-Auth": TOKEN}, timeout=30) as client:
+            while not self._stop.is_set():
+                domain = self.domains[seq % len(self.domains)]
+                ids = [f"{n}-{seq}-{i}" for i in range(self.batch)]
+                seq += 1
+                body = orjson.dumps([{"id": i, "client": n} for i in ids] if self.batch > 1 else {"id": ids[0]})
+                try:
+                    response = client.post(f"{self.url}/ingest/{domain}", content=body)
+                except httpx.HTTPError:
+                    time.sleep(0.02)
+                    continue
+                with self._lock:
+                    self.statuses[response.status_code] += 1
+                    self.request_ids.add(response.headers.get("x-request-id", ""))
+                    if response.status_code == 200:
+                        self.acked.update(ids)
+
+
+def stored_ids(data_dir: Path) -> Counter[str]:
+    """How often each event id is stored; fails on any line that is torn or does not parse."""
+    found: Counter[str] = Counter()
+    for path in sorted(data_dir.glob("*.jsonl")):
+        for line in read_lines(path):
+            found[orjson.loads(line)["id"]] += 1
+    return found
+
+
+def assert_all_acked_stored_once(data_dir: Path, acked: set[str]) -> Counter[str]:
+    found = stored_ids(data_dir)
+    missing = acked - set(found)
+    assert not missing, f"acked events lost: {len(missing)} of {len(acked)}"
+    duplicated = [i for i, n in found.items() if n > 1]
+    assert not duplicated, f"events stored twice: {duplicated[:5]}"
+    return found
