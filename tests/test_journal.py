@@ -1,0 +1,211 @@
+"""The journal on its own, on real files: group commit, the file cache, recovery, rollback."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from leitstand.journal import Journal, StorageFull, StorageUnavailable
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+async def opened(directory: Path, **kw: object) -> Journal:
+    directory.mkdir(exist_ok=True)
+    journal = Journal(directory, **kw)  # type: ignore[arg-type]
+    await journal.open()
+    return journal
+
+
+def test_concurrent_appends_share_syncs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    syncs: list[int] = []
+    real = os.fdatasync
+
+    def counting(fd: int) -> None:
+        syncs.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", counting)
+
+    async def main() -> None:
+        journal = await opened(tmp_path)
+        await asyncio.gather(*(journal.append("a.jsonl", b"%d\n" % n) for n in range(500)))
+        await journal.close()
+
+    run(main())
+    lines = (tmp_path / "a.jsonl").read_bytes().splitlines()
+    assert sorted(map(int, lines)) == list(range(500))
+    assert 1 <= len(syncs) < 100, "appends waiting together must share one fdatasync"
+
+
+def test_no_sync_when_fsync_is_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "fdatasync", lambda fd: pytest.fail("fdatasync with fsync off"))
+
+    async def main() -> None:
+        journal = await opened(tmp_path, fsync=False)
+        await journal.append("a.jsonl", b"x\n")
+        await journal.close()
+
+    run(main())
+    assert (tmp_path / "a.jsonl").read_bytes() == b"x\n"
+
+
+def test_new_file_syncs_its_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[bool] = []
+    real = os.fsync
+
+    def recording(fd: int) -> None:
+        synced.append(os.path.samestat(os.fstat(fd), os.stat(tmp_path)))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+
+    async def main() -> None:
+        journal = await opened(tmp_path)
+        await journal.append("new.jsonl", b"x\n")
+        await journal.append("new.jsonl", b"y\n")
+        await journal.close()
+
+    run(main())
+    assert synced == [True], "exactly one directory fsync, for the creation"
+
+
+def test_open_files_are_bounded(tmp_path: Path) -> None:
+    async def main() -> None:
+        journal = await opened(tmp_path, max_open_files=3)
+        for n in range(10):
+            await journal.append(f"f{n}.jsonl", b"x\n")
+            assert journal.open_files <= 3
+        await journal.append("f0.jsonl", b"again\n")
+        await journal.close()
+
+    run(main())
+    assert (tmp_path / "f0.jsonl").read_bytes() == b"x\nagain\n"
+    assert len(os.listdir(f"/proc/{os.getpid()}/fd")) < 50
+
+
+def test_torn_tails_are_repaired_at_open(tmp_path: Path) -> None:
+    (tmp_path / "a.jsonl").write_bytes(b"1\n2\nfrag")
+    (tmp_path / "b.jsonl").write_bytes(b"no newline at all")
+    (tmp_path / "c.jsonl").write_bytes(b"fine\n")
+
+    async def count() -> int:
+        journal = Journal(tmp_path)
+        repaired = await journal.open()
+        await journal.close()
+        return repaired
+
+    assert run(count()) == 2
+    assert (tmp_path / "a.jsonl").read_bytes() == b"1\n2\n"
+    assert (tmp_path / "b.jsonl").read_bytes() == b""
+    assert (tmp_path / "c.jsonl").read_bytes() == b"fine\n"
+    torn = {p.name.split(".torn-")[0]: p.read_bytes() for p in tmp_path.glob("*.torn-*")}
+    assert torn == {"a.jsonl": b"frag", "b.jsonl": b"no newline at all"}
+
+
+def test_tail_torn_by_another_writer_is_repaired_before_appending(tmp_path: Path) -> None:
+    async def main() -> None:
+        journal = await opened(tmp_path)
+        await journal.append("a.jsonl", b"1\n")
+        with open(tmp_path / "a.jsonl", "ab") as other:  # another process, dying mid-line
+            other.write(b"half")
+        await journal.append("a.jsonl", b"2\n")
+        await journal.close()
+
+    run(main())
+    assert (tmp_path / "a.jsonl").read_bytes() == b"1\n2\n"
+    assert [p.read_bytes() for p in tmp_path.glob("a.jsonl.torn-*")] == [b"half"]
+
+
+@pytest.mark.parametrize(
+    ("error", "kind"),
+    [(errno.EIO, StorageUnavailable), (errno.ENOSPC, StorageFull), (errno.EDQUOT, StorageFull)],
+)
+def test_failed_sync_rolls_back_and_reopens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: int, kind: type[Exception]
+) -> None:
+    real = os.fdatasync
+    failing: list[int] = []
+
+    def fail_once(fd: int) -> None:
+        if not failing:
+            failing.append(fd)
+            raise OSError(error, os.strerror(error))
+        real(fd)
+
+    async def main() -> None:
+        journal = await opened(tmp_path)
+        await journal.append("a.jsonl", b"good\n")
+        monkeypatch.setattr(os, "fdatasync", fail_once)
+        with pytest.raises(kind):
+            await journal.append("a.jsonl", b"lost\n")
+        assert (tmp_path / "a.jsonl").read_bytes() == b"good\n"
+        with pytest.raises(OSError):
+            os.fstat(failing[0])  # the descriptor that failed is closed, never used again
+        await journal.append("a.jsonl", b"after\n")
+        await journal.close()
+
+    run(main())
+    assert (tmp_path / "a.jsonl").read_bytes() == b"good\nafter\n"
+
+
+def test_short_write_is_an_error_and_rolled_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = os.write
+
+    def short(fd: int, data: bytes) -> int:
+        if len(data) > 10:
+            real(fd, data[:5])
+            raise_next.append(True)
+            return 5
+        if raise_next:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data)
+
+    raise_next: list[bool] = []
+
+    async def main() -> None:
+        journal = await opened(tmp_path)
+        await journal.append("a.jsonl", b"ok\n")
+        monkeypatch.setattr(os, "write", short)
+        with pytest.raises(StorageFull):
+            await journal.append("a.jsonl", b"a long line\n")
+        monkeypatch.setattr(os, "write", real)
+        await journal.close()
+
+    run(main())
+    assert (tmp_path / "a.jsonl").read_bytes() == b"ok\n"
+
+
+def test_names_outside_the_directory_are_refused(tmp_path: Path) -> None:
+    async def main() -> None:
+        journal = await opened(tmp_path)
+        for name in ("../x.jsonl", "a/b.jsonl", "x.txt"):
+            with pytest.raises(ValueError):
+                await journal.append(name, b"x\n")
+        await journal.close()
+
+    run(main())
+    assert os.listdir(tmp_path) == []
+
+
+def test_planted_symlink_is_not_followed(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.jsonl").symlink_to(outside)
+
+    async def main() -> None:
+        journal = await opened(data)
+        with pytest.raises(StorageUnavailable):
+            await journal.append("a.jsonl", b"x\n")
+        await journal.close()
+
+    run(main())
+    assert outside.read_bytes() == b""
