@@ -107,7 +107,8 @@ class Leitstand:
                     log.error("data dir not usable: %s", reason(exc))
                     await send({"type": "lifespan.startup.failed", "message": reason(exc)})
                     return
-                log.info("started", extra={"version": __version__, "torn_tails_repaired": repaired, **self.config.describe()})
+                details = {"version": __version__, "torn_tails_repaired": repaired, **self.config.describe()}
+                log.info("started", extra=details)
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 # uvicorn has stopped accepting and finished every request by now.

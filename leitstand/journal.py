@@ -22,6 +22,7 @@ import errno
 import fcntl
 import logging
 import os
+import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,6 +32,7 @@ log = logging.getLogger("leitstand.journal")
 
 SUFFIX = ".jsonl"
 _OPEN_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
+_NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
 _FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 _CHUNK = 1 << 16
 _PROBE = ".leitstand-probe"
@@ -56,7 +58,7 @@ def probe(directory: Path) -> None:
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     if not directory.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
-    path = directory / f"{_PROBE}-{os.getpid()}"
+    path = directory / f"{_PROBE}-{os.getpid()}-{threading.get_ident()}"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         os.write(fd, b"probe\n")
@@ -254,7 +256,7 @@ class Journal:
                 f.fd, f.end, fresh = fresh, good, -1
         except OSError as exc:
             # The next commit looks at the tail again, under the lock, before it appends.
-            log.error("rollback failed, the tail is checked before the next write: file=%s error=%s", f.name, exc.strerror)
+            log.error("rollback failed, tail checked before the next write: file=%s error=%s", f.name, exc.strerror)
         finally:
             _close_all([fd for fd in (fresh, old) if fd is not None and fd >= 0])
 
@@ -278,7 +280,7 @@ class Journal:
         for n in range(1000):
             torn = f"{name}.torn-{stamp}" + (f"-{n}" if n else "")
             try:
-                out = os.open(torn, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600, dir_fd=self._dir_fd)
+                out = os.open(torn, _NEW_FILE_FLAGS, 0o600, dir_fd=self._dir_fd)
                 break
             except FileExistsError:
                 continue
