@@ -34,7 +34,7 @@ def test_kill_9_at_random_moments(make_server) -> None:  # type: ignore[no-untyp
     server: Server = make_server()
     server.start()
     with Load(server.url, ["k1", "k2", "k3"], clients=32, batch=3) as load:
-        for _ in range(8):
+        for _ in range(15):
             time.sleep(rng.uniform(0.2, 0.8))
             server.kill()
             server.start()
