@@ -245,20 +245,29 @@ class Journal:
             return fd
 
     def _roll_back(self, f: _File, good: int) -> None:
-        """Cut ``f`` back to ``good`` bytes through a fresh descriptor, then trust only that one."""
+        """Cut the file back to ``good`` bytes while this commit still holds its lock.
+
+        The cut goes through a fresh descriptor of the same inode (``/proc/self/fd``, so a
+        renamed file is cut, not a new one made), because the old descriptor is not trusted
+        after a failed sync; through the old one only if no fresh one can be had. Neither is
+        kept: the next commit opens the file by name and looks at its tail first.
+        """
         old, f.fd, f.end = f.fd, None, -1
+        assert old is not None
         fresh = -1
         try:
+            fresh = os.open(f"/proc/self/fd/{old}", os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            pass
+        try:
             if good >= 0:
-                fresh = self._open_file(f.name)
-                os.ftruncate(fresh, good)
-                os.fsync(fresh)
-                f.fd, f.end, fresh = fresh, good, -1
+                cut = fresh if fresh >= 0 else old
+                os.ftruncate(cut, good)
+                os.fsync(cut)
         except OSError as exc:
-            # The next commit looks at the tail again, under the lock, before it appends.
-            log.error("rollback failed, tail checked before the next write: file=%s error=%s", f.name, exc.strerror)
+            log.error("rollback failed, the failed batch may stay in the file: file=%s error=%s", f.name, exc.strerror)
         finally:
-            _close_all([fd for fd in (fresh, old) if fd is not None and fd >= 0])
+            _close_all([fd for fd in (fresh, old) if fd >= 0])
 
     def _repair_tail(self, fd: int, name: str, size: int) -> int:
         """Make sure the file ends with a whole line; returns its good length.

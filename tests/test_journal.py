@@ -123,6 +123,21 @@ def test_tail_torn_by_another_writer_is_repaired_before_appending(tmp_path: Path
     assert [p.read_bytes() for p in tmp_path.glob("a.jsonl.torn-*")] == [b"half"]
 
 
+def fail_next_sync(monkeypatch: pytest.MonkeyPatch, error: int = errno.EIO) -> list[int]:
+    """Make the next fdatasync fail with ``error``; returns the descriptor it failed on."""
+    real = os.fdatasync
+    failed: list[int] = []
+
+    def failing(fd: int) -> None:
+        if not failed:
+            failed.append(fd)
+            raise OSError(error, os.strerror(error))
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", failing)
+    return failed
+
+
 @pytest.mark.parametrize(
     ("error", "kind"),
     [(errno.EIO, StorageUnavailable), (errno.ENOSPC, StorageFull), (errno.EDQUOT, StorageFull)],
@@ -130,19 +145,10 @@ def test_tail_torn_by_another_writer_is_repaired_before_appending(tmp_path: Path
 def test_failed_sync_rolls_back_and_reopens(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: int, kind: type[Exception]
 ) -> None:
-    real = os.fdatasync
-    failing: list[int] = []
-
-    def fail_once(fd: int) -> None:
-        if not failing:
-            failing.append(fd)
-            raise OSError(error, os.strerror(error))
-        real(fd)
-
     async def main() -> None:
         journal = await opened(tmp_path)
         await journal.append("a.jsonl", b"good\n")
-        monkeypatch.setattr(os, "fdatasync", fail_once)
+        failing = fail_next_sync(monkeypatch, error)
         with pytest.raises(kind):
             await journal.append("a.jsonl", b"lost\n")
         assert (tmp_path / "a.jsonl").read_bytes() == b"good\n"
@@ -209,3 +215,44 @@ def test_planted_symlink_is_not_followed(tmp_path: Path) -> None:
 
     run(main())
     assert outside.read_bytes() == b""
+
+
+def test_rollback_cuts_a_renamed_file_and_makes_no_new_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def main() -> None:
+        journal = await opened(tmp_path)
+        await journal.append("a.jsonl", b"good\n")
+        (tmp_path / "a.jsonl").rename(tmp_path / "a.jsonl.1")  # an operator rotating by hand
+        fail_next_sync(monkeypatch)
+        with pytest.raises(StorageUnavailable):
+            await journal.append("a.jsonl", b"lost\n")
+        assert not (tmp_path / "a.jsonl").exists()
+        await journal.append("a.jsonl", b"after\n")
+        await journal.close()
+
+    run(main())
+    assert (tmp_path / "a.jsonl.1").read_bytes() == b"good\n"
+    assert (tmp_path / "a.jsonl").read_bytes() == b"after\n"
+
+
+def test_rollback_uses_the_old_descriptor_when_no_fresh_one_opens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_open = os.open
+
+    def no_proc(path, *args, **kw):  # type: ignore[no-untyped-def]
+        if str(path).startswith("/proc/self/fd/"):
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_open(path, *args, **kw)
+
+    async def main() -> None:
+        journal = await opened(tmp_path)
+        await journal.append("a.jsonl", b"good\n")
+        monkeypatch.setattr(os, "open", no_proc)
+        fail_next_sync(monkeypatch)
+        with pytest.raises(StorageUnavailable):
+            await journal.append("a.jsonl", b"lost\n")
+        await journal.append("a.jsonl", b"after\n")
+        await journal.close()
+
+    run(main())
+    assert (tmp_path / "a.jsonl").read_bytes() == b"good\nafter\n"
