@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -10,7 +12,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -175,29 +177,38 @@ def read_lines(path: Path) -> list[bytes]:
 
 
 class Load:
-    """Concurrent clients posting numbered events; remembers which ones were acknowledged.
+    """Concurrent clients posting events with ids used once; remembers which were acknowledged.
 
-    A client does not retry: a request that fails or dies with the server is simply not
-    acknowledged, so anything acknowledged must be on disk exactly once.
+    Each request carries one of ``batches`` events (an object for one, an array for more),
+    to a domain drawn from ``domains``, padded with up to ``pad`` bytes. A client never
+    retries: a request that fails or dies with the server is simply not acknowledged, so
+    every acknowledged id must be on disk exactly once.
     """
 
-    def __init__(self, url: str, domains: list[str], clients: int = 32, batch: int = 1) -> None:
+    def __init__(
+        self,
+        url: str,
+        domains: Sequence[str],
+        clients: int = 32,
+        batches: Sequence[int] = (1,),
+        pad: int = 0,
+        seed: int = 0,
+    ) -> None:
         self.url = url
         self.domains = domains
-        self.clients = clients
-        self.batch = batch
+        self.batches = batches
+        self.pad = pad
+        self.seed = seed
         self.acked: set[str] = set()
         self.statuses: Counter[int] = Counter()
         self.request_ids: set[str] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self._threads = [threading.Thread(target=self._client, args=(n,), daemon=True) for n in range(clients)]
 
     def __enter__(self) -> Load:
-        for n in range(self.clients):
-            thread = threading.Thread(target=self._client, args=(n,), daemon=True)
+        for thread in self._threads:
             thread.start()
-            self._threads.append(thread)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -206,15 +217,16 @@ class Load:
             thread.join(30)
 
     def _client(self, n: int) -> None:
-        seq = 0
+        rng = random.Random(f"{self.seed}-{n}")
         with httpx.Client(headers={"X-Auth": TOKEN}, timeout=30) as client:
-            while not self._stop.is_set():
-                domain = self.domains[seq % len(self.domains)]
-                ids = [f"{n}-{seq}-{i}" for i in range(self.batch)]
-                seq += 1
-                body = orjson.dumps([{"id": i, "client": n} for i in ids] if self.batch > 1 else {"id": ids[0]})
+            for seq in itertools.count():
+                if self._stop.is_set():
+                    return
+                ids = [f"{n}-{seq}-{i}" for i in range(rng.choice(self.batches))]
+                events = [{"id": i, "pad": "x" * rng.randrange(self.pad)} if self.pad else {"id": i} for i in ids]
+                body = orjson.dumps(events if len(events) > 1 else events[0])
                 try:
-                    response = client.post(f"{self.url}/ingest/{domain}", content=body)
+                    response = client.post(f"{self.url}/ingest/{rng.choice(self.domains)}", content=body)
                 except httpx.HTTPError:
                     time.sleep(0.02)
                     continue

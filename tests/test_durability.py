@@ -19,7 +19,7 @@ def test_32_concurrent_clients_lose_nothing(server: Server) -> None:
 
 
 def test_sigterm_under_load_loses_no_acknowledged_event(server: Server) -> None:
-    with Load(server.url, ["a", "b"], clients=32, batch=5) as load:
+    with Load(server.url, ["a", "b"], clients=32, batches=(5,)) as load:
         time.sleep(1.5)
         assert server.stop() in CLEAN_EXIT
     assert len(load.acked) > 100
@@ -33,7 +33,7 @@ def test_kill_9_at_random_moments(make_server) -> None:  # type: ignore[no-untyp
     rng.seed(seed)
     server: Server = make_server()
     server.start()
-    with Load(server.url, ["k1", "k2", "k3"], clients=32, batch=3) as load:
+    with Load(server.url, ["k1", "k2", "k3"], clients=32, batches=(3,)) as load:
         for _ in range(15):
             time.sleep(rng.uniform(0.2, 0.8))
             server.kill()
@@ -46,7 +46,7 @@ def test_kill_9_at_random_moments(make_server) -> None:  # type: ignore[no-untyp
 
 def test_two_workers_append_to_one_file_safely(make_server) -> None:  # type: ignore[no-untyped-def]
     server: Server = make_server(workers=2).start()
-    with Load(server.url, ["shared"], clients=32, batch=2) as load:
+    with Load(server.url, ["shared"], clients=32, batches=(2,)) as load:
         time.sleep(3)
         server.kill()
         server.start()
