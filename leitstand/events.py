@@ -8,7 +8,6 @@ The whole body is checked before a line is produced, so a batch is all-or-nothin
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 import orjson
@@ -16,7 +15,11 @@ import orjson
 from leitstand import domains
 
 # orjson reads integers beyond 64 bits as floats, which would silently change the event.
-_LONG_DIGITS = re.compile(rb"\d{19}")
+# Up to 19 digits always fit; only a body with a run of 20 digits is read a second time,
+# strictly. Mapping every digit to "0" and searching for 20 of them is C-fast, where a
+# regular expression costs more than the whole parse.
+_ALL_DIGITS_TO_ZERO = bytes.maketrans(b"123456789", b"000000000")
+_TWENTY_DIGITS = b"0" * 20
 _INT_MIN, _UINT_MAX = -(1 << 63), (1 << 64) - 1
 _NEWLINE = orjson.OPT_APPEND_NEWLINE
 
@@ -56,7 +59,7 @@ def _ndjson_items(body: bytes) -> list[Any]:
 def _loads(text: bytes) -> Any:
     try:
         value = orjson.loads(text)
-        if _LONG_DIGITS.search(text) is not None:
+        if _TWENTY_DIGITS in text.translate(_ALL_DIGITS_TO_ZERO):
             json.loads(text, parse_int=_int64)
     except (ValueError, RecursionError):
         raise PayloadError("invalid json") from None

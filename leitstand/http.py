@@ -113,6 +113,8 @@ class Leitstand:
             elif message["type"] == "lifespan.shutdown":
                 # uvicorn has stopped accepting and finished every request by now.
                 await self.journal.close()
+                if self.request_log is not None:
+                    self.request_log.flush()
                 log.info("stopped: every acknowledged event is on disk")
                 await send({"type": "lifespan.shutdown.complete"})
                 return
@@ -171,17 +173,15 @@ class Leitstand:
             return
         client = scope.get("client")
         self.request_log.write(
-            {
-                "method": scope["method"],
-                "path": scope["path"],
-                "status": status,
-                "domain": domain or "-",
-                "events": count,
-                "bytes": nbytes,
-                "duration_ms": round((time.perf_counter() - started) * 1000, 3),
-                "request_id": request_id.decode(),
-                "client": client[0] if client else "-",
-            }
+            scope["method"],
+            scope["path"],
+            status,
+            domain or "-",
+            count,
+            nbytes,
+            round((time.perf_counter() - started) * 1000, 3),
+            request_id.decode(),
+            client[0] if client else "-",
         )
 
     async def _ingest(self, scope: Scope, receive: Receive, raw_domain: str) -> Response:

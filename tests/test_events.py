@@ -35,6 +35,8 @@ def test_empty_array_is_no_events() -> None:
         (b'{"a":NaN}', "invalid json"),
         (b'{"a":1e999}', "invalid json"),
         (b'{"a":123456789012345678901234567890}', "invalid json"),
+        (b'{"a":99999999999999999999}', "invalid json"),
+        (b'[{"a":"1"},{"b":-99999999999999999999}]', "invalid json"),
         (b"[" * 5000 + b"]" * 5000, "invalid json"),
         (b"1", "invalid payload"),
         (b'"x"', "invalid payload"),
@@ -57,5 +59,6 @@ def test_bad_ndjson_line_refuses_the_whole_body() -> None:
 
 
 def test_64_bit_integers_pass_unchanged() -> None:
-    lines, _ = encode(b'{"a":18446744073709551615,"b":-9223372036854775808}', "s")
-    assert lines == b'{"a":18446744073709551615,"b":-9223372036854775808,"domain":"s"}\n'
+    body = b'{"a":18446744073709551615,"b":-9223372036854775808,"ns":1764316800123456789,"s":"123456789012345678901"}'
+    lines, _ = encode(body, "s")
+    assert lines == body[:-1] + b',"domain":"s"}\n'
