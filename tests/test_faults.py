@@ -12,6 +12,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import orjson
 import pytest
 
@@ -89,3 +90,22 @@ def test_file_size_limit_fails_one_domain_and_not_the_others(make_server) -> Non
     assert len(lines) == grown and all(orjson.loads(line)["domain"] == "big" for line in lines)
     assert server.post("small", batch(3)).status_code == 200
     assert len(read_lines(server.data_dir / "small.jsonl")) == 3
+
+
+def test_data_dir_refusing_new_files_is_not_ready(make_server) -> None:  # type: ignore[no-untyped-def]
+    """The immutable flag (EPERM even for root) on the data dir: no new file can be made there."""
+    server: Server = make_server(env={"LEITSTAND_READY_MIN_FREE": "0"}).start()
+    assert server.post("old", batch(1)).status_code == 200
+    subprocess.run(["chattr", "+i", str(server.data_dir)], check=True)
+    try:
+        ready = httpx.get(server.url + "/ready")
+        assert (ready.status_code, ready.text) == (503, "not ready: data dir permission denied\n")
+        refused = server.post("new-domain", batch(1))
+        assert (refused.status_code, refused.text) == (503, "storage unavailable\n")
+        assert refused.headers["retry-after"] == "1"
+        assert server.post("old", batch(1)).status_code == 200  # open files keep working
+    finally:
+        subprocess.run(["chattr", "-i", str(server.data_dir)], check=True)
+    assert httpx.get(server.url + "/ready").status_code == 200
+    assert server.post("new-domain", batch(1)).status_code == 200
+    assert sorted(p.name for p in server.data_dir.iterdir()) == ["new-domain.jsonl", "old.jsonl"]
