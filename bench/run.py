@@ -1,0 +1,682 @@
+"""Benchmark leitstand against the old manual's design (baseline) and a no-op ASGI app (ceiling).
+
+Why it is built this way:
+
+* All three apps run under the same uvicorn, uvloop and httptools, so the ratios measure
+  the apps, not the servers.
+* Every run gets a fresh server and data directory, and runs alternate leitstand, baseline,
+  noop, leitstand, ... within a cell, so a noisy neighbour on a shared machine hits all three.
+* Between runs the page cache is flushed (``sync``) and no data is deleted until the end: the
+  baseline's unsynced writes, or blocks freed on a filesystem mounted with ``discard``, would
+  otherwise stall the fsyncs of the next leitstand run.
+* A run only counts if every answer was 2xx and, for the apps that store, the data files
+  hold at least as many lines as were acknowledged.
+
+Run it from the checkout with the venv python; it installs wrk (apt) and py-spy (pip) if
+they are missing. Markdown goes to stdout, progress to stderr, raw records to bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import importlib.metadata
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+TOKEN = "bench-token-0123456789"
+DOMAIN = "bench.example"
+CONNECTIONS = (1, 16, 64)
+WORKERS = (1, 2)
+SOAK_WORKERS = 2
+RSS_EVERY = 5.0
+
+
+def _event(n: int) -> dict[str, object]:
+    return {
+        "ts": "2026-11-28T07:17:39.123Z",
+        "level": "info",
+        "service": "checkout",
+        "host": "web-07",
+        "msg": "order placed",
+        "order_id": f"A-{100000 + n}",
+        "amount_cents": 4599,
+        "currency": "EUR",
+        "user": {"id": 81734, "country": "DE", "plan": "pro"},
+    }
+
+
+# name -> (events per request, body)
+BODIES = {
+    "single": (1, json.dumps(_event(0), separators=(",", ":")).encode()),
+    "batch100": (100, json.dumps([_event(n) for n in range(100)], separators=(",", ":")).encode()),
+}
+
+
+@dataclass(frozen=True)
+class App:
+    name: str
+    target: list[str]  # uvicorn's app arguments, relative to ROOT
+    stores: bool  # writes one line per event, so the line count is checked
+
+
+APPS = (
+    App("leitstand", ["app:app"], True),
+    App("baseline", ["--app-dir", "bench", "baseline_app:app"], True),
+    App("noop", ["--app-dir", "bench", "noop_app:app"], False),
+)
+
+
+@dataclass
+class Load:
+    """What wrk reports for one run."""
+
+    requests: int
+    seconds: float
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    non2xx: int
+    socket_errors: int
+
+    @property
+    def ok(self) -> int:
+        return self.requests - self.non2xx
+
+
+@dataclass
+class Run:
+    app: str
+    body: str
+    connections: int
+    workers: int
+    load: Load
+    events_per_s: float
+    cpu_us_per_request: float
+    acked: int  # events in 2xx answers, warmup included
+    lines: int  # lines in the data files after the server stopped; -1 if the app stores nothing
+
+    @property
+    def valid(self) -> bool:
+        return self.load.non2xx == 0 and self.load.socket_errors == 0 and (self.lines < 0 or self.lines >= self.acked)
+
+
+# -- tools ---------------------------------------------------------------------------
+
+
+def ensure_tools() -> None:
+    """wrk comes from Debian, py-spy from PyPI (into this venv); both only when missing."""
+    if shutil.which("wrk") is None:
+        subprocess.run(["apt-get", "install", "-y", "wrk"], check=True)
+    if not Path(sys.executable).with_name("py-spy").exists():
+        subprocess.run([sys.executable, "-m", "pip", "install", "py-spy"], check=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# -- the server ----------------------------------------------------------------------
+
+
+class Server:
+    """A running uvicorn; ``stop`` is SIGTERM and a wait, as in production, so it drains."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], port: int, data_dir: Path) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self.url = f"http://127.0.0.1:{port}/ingest/{DOMAIN}"
+        self.data_dir = data_dir
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+@contextmanager
+def serve(app: App, workers: int, session: Path) -> Iterator[Server]:
+    """One server on a free port with a fresh data dir under ``session``, which outlives it."""
+    tmp = tempfile.mkdtemp(prefix=f"{app.name}-", dir=session)
+    port = free_port()
+    flags = f"--host 127.0.0.1 --port {port} --workers {workers} --no-access-log --loop uvloop --http httptools"
+    argv = [sys.executable, "-m", "uvicorn", *app.target, *flags.split()]
+    env = {**os.environ, "LEITSTAND_TOKEN": TOKEN, "LEITSTAND_DATA_DIR": str(Path(tmp) / "data")}
+    stderr = Path(tmp) / "stderr.log"
+    # leitstand writes a request line per request to stdout; /dev/null is its cheapest sink.
+    with open(stderr, "wb") as err:
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    server = Server(proc, port, Path(tmp) / "data")
+    try:
+        _wait_ready(proc, server.url, stderr)
+        yield server
+    finally:
+        server.stop()
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], url: str, stderr: Path, timeout: float = 30.0) -> None:
+    request = urllib.request.Request(url, data=BODIES["single"][1], headers={"X-Auth": TOKEN}, method="POST")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{stderr.read_text(errors='replace')}")
+        try:
+            with urllib.request.urlopen(request, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.1)
+    raise RuntimeError(f"server did not answer within {timeout}s")
+
+
+def count_lines(data_dir: Path) -> int:
+    count = 0
+    for path in data_dir.glob("*.jsonl"):
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                count += chunk.count(b"\n")
+    return count
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants, from the ppid field of /proc/*/stat."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    tree = [pid]
+    for p in tree:
+        tree.extend(child for child, parent in parents.items() if parent == p)
+    return tree
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of the process tree, so that workers count too."""
+    ticks = 0
+    for p in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mib(pid: int) -> float:
+    """VmRSS summed over the process tree: the supervisor and every worker."""
+    kib = 0
+    for p in process_tree(pid):
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+        except OSError:
+            continue
+        match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
+        kib += int(match.group(1)) if match else 0
+    return kib / 1024
+
+
+# -- the load ------------------------------------------------------------------------
+
+
+def wrk_script(body: bytes, directory: Path) -> Path:
+    path = directory / "post.lua"
+    path.write_text(
+        'wrk.method = "POST"\n'
+        f"wrk.body = [==[{body.decode()}]==]\n"
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        f'wrk.headers["X-Auth"] = "{TOKEN}"\n'
+    )
+    return path
+
+
+def wrk_argv(url: str, script: Path, connections: int, seconds: float) -> list[str]:
+    threads = 1 if connections == 1 else 2
+    flags = f"-t {threads} -c {connections} -d {seconds:g}s --timeout 10s --latency"
+    return ["wrk", *flags.split(), "-s", str(script), url]
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
+
+
+def _ms(text: str) -> float:
+    match = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", text)
+    if match is None:
+        raise ValueError(f"not a wrk duration: {text!r}")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def parse_wrk(output: str) -> Load:
+    def find(pattern: str) -> re.Match[str]:
+        match = re.search(pattern, output, re.MULTILINE)
+        if match is None:
+            raise ValueError(f"wrk output without {pattern!r}:\n{output}")
+        return match
+
+    done = find(r"^\s*(\d+) requests in ([\d.]+)(\w+),")
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
+    return Load(
+        requests=int(done.group(1)),
+        seconds=_ms(done.group(2) + done.group(3)) / 1e3,
+        rps=float(find(r"^Requests/sec:\s+([\d.]+)").group(1)),
+        p50_ms=_ms(find(r"^\s+50%\s+(\S+)").group(1)),
+        p99_ms=_ms(find(r"^\s+99%\s+(\S+)").group(1)),
+        non2xx=int(non2xx.group(1)) if non2xx else 0,
+        socket_errors=sum(int(n) for n in errors.groups()) if errors else 0,
+    )
+
+
+def wrk(url: str, script: Path, connections: int, seconds: float) -> Load:
+    argv = wrk_argv(url, script, connections, seconds)
+    return parse_wrk(subprocess.run(argv, check=True, capture_output=True, text=True).stdout)
+
+
+# -- the matrix ----------------------------------------------------------------------
+
+
+def run_one(app: App, body: str, connections: int, workers: int, args: argparse.Namespace, tmp: Path) -> Run:
+    per_request, payload = BODIES[body]
+    script = wrk_script(payload, tmp)
+    with serve(app, workers, tmp) as server:
+        warm = wrk(server.url, script, connections, args.warmup)
+        cpu = cpu_seconds(server.pid)
+        load = wrk(server.url, script, connections, args.duration)
+        cpu = cpu_seconds(server.pid) - cpu
+        # Once the server has stopped (SIGTERM drains), every acknowledged line must be there.
+        server.stop()
+        lines = count_lines(server.data_dir) if app.stores else -1
+    os.sync()
+    events_per_s, cpu_us = load.rps * per_request, cpu / max(load.requests, 1) * 1e6
+    # +1: the single event that found the server ready.
+    acked = (warm.ok + load.ok) * per_request + 1
+    return Run(app.name, body, connections, workers, load, events_per_s, cpu_us, acked, lines)
+
+
+def matrix(args: argparse.Namespace, tmp: Path) -> list[Run]:
+    runs = []
+    cells = [(w, b, c) for w in WORKERS for b in BODIES for c in CONNECTIONS]
+    for i, (workers, body, connections) in enumerate(cells, 1):
+        for rep in range(args.repeat):
+            for app in APPS:
+                run = run_one(app, body, connections, workers, args, tmp)
+                print(
+                    f"[{i}/{len(cells)} rep {rep + 1}] {app.name:9} w={workers} {body:8} c={connections:<2} "
+                    f"{run.events_per_s:9.0f} ev/s p99 {run.load.p99_ms:7.2f} ms"
+                    f"{'' if run.valid else '  INVALID'}",
+                    file=sys.stderr,
+                )
+                runs.append(run)
+    return runs
+
+
+@dataclass
+class Cell:
+    """The median over the repeats of one app in one cell."""
+
+    events_per_s: float
+    p50_ms: float
+    p99_ms: float
+    cpu_us: float
+    valid: bool
+
+
+def summarize(runs: list[Run]) -> dict[tuple[int, str, int], dict[str, Cell]]:
+    cells: dict[tuple[int, str, int], dict[str, Cell]] = {}
+    for key in dict.fromkeys((r.workers, r.body, r.connections) for r in runs):
+        cells[key] = {}
+        for app in APPS:
+            mine = [r for r in runs if (r.workers, r.body, r.connections) == key and r.app == app.name]
+            cells[key][app.name] = Cell(
+                statistics.median(r.events_per_s for r in mine),
+                statistics.median(r.load.p50_ms for r in mine),
+                statistics.median(r.load.p99_ms for r in mine),
+                statistics.median(r.cpu_us_per_request for r in mine),
+                all(r.valid for r in mine),
+            )
+    return cells
+
+
+def matrix_markdown(cells: dict[tuple[int, str, int], dict[str, Cell]]) -> str:
+    head = ["cell (workers, body, conns)"]
+    for app in APPS:
+        head += [f"{app.name} ev/s", "p50 ms", "p99 ms"]
+    head += ["leitstand/baseline", "leitstand/noop"]
+    rows = [head, ["---"] * len(head)]
+    cpu = [["cell", *(f"{app.name} CPU µs/req" for app in APPS), "all runs valid"], ["---"] * (len(APPS) + 2)]
+    for (workers, body, connections), apps in cells.items():
+        name = f"w={workers} {body} c={connections}"
+        row = [name]
+        for app in APPS:
+            c = apps[app.name]
+            row += [f"{c.events_per_s:,.0f}", f"{c.p50_ms:.2f}", f"{c.p99_ms:.2f}"]
+        mine = apps["leitstand"].events_per_s
+        row += [f"{mine / apps['baseline'].events_per_s:.2f}×", f"{mine / apps['noop'].events_per_s:.0%}"]
+        rows.append(row)
+        valid = "yes" if all(c.valid for c in apps.values()) else "**no**"
+        cpu.append([name, *(f"{apps[app.name].cpu_us:.0f}" for app in APPS), valid])
+    return _table(rows) + "\n\nServer CPU time (user + system, all processes) per request, median:\n\n" + _table(cpu)
+
+
+def _table(rows: list[list[str]]) -> str:
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+
+
+def goals_markdown(cells: dict[tuple[int, str, int], dict[str, Cell]], soak: Soak | None) -> str:
+    lines = ["| goal | cell | measured | met |", "| --- | --- | --- | --- |"]
+
+    def add(goal: str, cell: str, measured: str, met: bool) -> None:
+        lines.append(f"| {goal} | {cell} | {measured} | {'yes' if met else '**no**'} |")
+
+    for (workers, body, connections), apps in cells.items():
+        mine = apps["leitstand"]
+        vs_base = mine.events_per_s / apps["baseline"].events_per_s
+        vs_noop = mine.events_per_s / apps["noop"].events_per_s
+        name = f"w={workers} {body} c={connections}"
+        if body == "single" and connections == 64:
+            add("single events ≥ 5× baseline", name, f"{vs_base:.2f}×", vs_base >= 5)
+            add("single events ≥ 50% of noop", name, f"{vs_noop:.0%}", vs_noop >= 0.5)
+        if body == "batch100":
+            add("100-event batches ≥ 4× baseline events/s", name, f"{vs_base:.2f}×", vs_base >= 4)
+        if connections == 64:
+            add("p99 ≤ 50 ms at 64 connections", name, f"{mine.p99_ms:.2f} ms", mine.p99_ms <= 50)
+    if soak is not None:
+        add("memory flat under load", f"soak {soak.seconds:g} s", f"{soak.growth_mib:+.1f} MiB fitted", soak.flat)
+    return "\n".join(lines)
+
+
+# -- the soak ------------------------------------------------------------------------
+
+
+@dataclass
+class Soak:
+    seconds: float
+    load: Load
+    samples: list[tuple[float, float]]  # (seconds since start, RSS MiB)
+    acked: int  # events in 2xx answers
+    lines: int
+
+    @property
+    def growth_mib(self) -> float:
+        """Least-squares growth over the last 80% of the samples: the first fifth is warm-up."""
+        tail = self.samples[len(self.samples) // 5 :]
+        if len(tail) < 2:
+            return 0.0
+        slope = statistics.linear_regression([t for t, _ in tail], [m for _, m in tail]).slope
+        return slope * (tail[-1][0] - tail[0][0])
+
+    @property
+    def flat(self) -> bool:
+        """Flat: the fitted growth after warm-up stays under 2% of the RSS it started from."""
+        return abs(self.growth_mib) < 0.02 * self.samples[len(self.samples) // 5][1]
+
+
+def soak(args: argparse.Namespace, tmp: Path) -> Soak:
+    """Single events at 64 connections for a long time, with the RSS sampled every few seconds."""
+    app = APPS[0]
+    script = wrk_script(BODIES["single"][1], tmp)
+    with serve(app, SOAK_WORKERS, tmp) as server:
+        started = time.monotonic()
+        argv = wrk_argv(server.url, script, 64, args.soak)
+        with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) as proc:
+            samples: list[tuple[float, float]] = []
+            while True:
+                time.sleep(RSS_EVERY)
+                if proc.poll() is not None:
+                    break
+                samples.append((time.monotonic() - started, rss_mib(server.pid)))
+                print(f"soak {samples[-1][0]:5.0f} s  RSS {samples[-1][1]:7.1f} MiB", file=sys.stderr)
+            output = proc.communicate()[0]
+        server.stop()
+        load = parse_wrk(output)
+        return Soak(args.soak, load, samples, load.ok + 1, count_lines(server.data_dir))
+
+
+def soak_markdown(s: Soak) -> str:
+    rss = [m for _, m in s.samples]
+    minutes = "  ".join(f"{t:.0f}s:{m:.1f}" for t, m in s.samples[:: max(1, round(60 / RSS_EVERY))])
+    return (
+        f"leitstand, {SOAK_WORKERS} workers, single events, 64 connections, {s.seconds:g} s: "
+        f"{s.load.rps:,.0f} events/s, p50 {s.load.p50_ms:.2f} ms, p99 {s.load.p99_ms:.2f} ms, "
+        f"non-2xx {s.load.non2xx}, socket errors {s.load.socket_errors}; "
+        f"lines on disk {s.lines:,} ≥ acknowledged {s.acked:,}: {'yes' if s.lines >= s.acked else '**no**'}.\n\n"
+        f"RSS of supervisor + workers, sampled every {RSS_EVERY:g} s: start {rss[0]:.1f} MiB, "
+        f"end {rss[-1]:.1f} MiB, max {max(rss):.1f} MiB; fitted growth after the first fifth "
+        f"{s.growth_mib:+.1f} MiB: **{'flat' if s.flat else 'growing'}**.\n\n"
+        f"Once a minute (s:MiB): {minutes}"
+    )
+
+
+# -- the profile ---------------------------------------------------------------------
+
+
+NATIVE = "(no Python frame: uvloop, httptools)"
+
+
+@dataclass
+class Profile:
+    body: str
+    seconds: float
+    load: Load
+    loop_cpu: float  # share of one core used by the event-loop thread
+    pool_cpu: float  # ... and by the journal's pool threads
+    stacks: Counter[tuple[str, ...]]  # event-loop stacks, root first, with their sample counts
+    lines: Counter[str]  # leitstand's own lines at the top of an event-loop stack
+
+
+def profile(body: str, args: argparse.Namespace, tmp: Path) -> Profile:
+    """py-spy on the single leitstand worker (1 worker: the uvicorn process is the worker) at 64 connections."""
+    script = wrk_script(BODIES[body][1], tmp)
+    raw = tmp / f"profile-{body}.txt"
+    spy = Path(sys.executable).with_name("py-spy")
+    with serve(APPS[0], 1, tmp) as server:
+        argv = wrk_argv(server.url, script, 64, args.profile + 2 * args.warmup)
+        loop_stat = Path(f"/proc/{server.pid}/task/{server.pid}/stat")
+        with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) as proc:
+            time.sleep(args.warmup)
+            started, total, loop = time.monotonic(), cpu_seconds(server.pid), _cpu(loop_stat)
+            # Blocking mode: --nonblocking costs less but tears coroutine stacks apart.
+            spy_argv = [str(spy), "record", "--pid", str(server.pid), "--duration", f"{args.profile:g}"]
+            spy_argv += ["--rate", "100", "--format", "raw", "--threads", "--output", str(raw)]
+            subprocess.run(spy_argv, check=True, capture_output=True)
+            elapsed = time.monotonic() - started
+            total, loop = cpu_seconds(server.pid) - total, _cpu(loop_stat) - loop
+            output = proc.communicate()[0]
+    RESULTS.mkdir(exist_ok=True)
+    shutil.copy(raw, RESULTS / raw.name)
+    stacks: Counter[tuple[str, ...]] = Counter()
+    lines: Counter[str] = Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        # With --threads the root frame names the thread; the event loop runs on MainThread.
+        if "MainThread" in frames[0]:
+            stacks[tuple(_function(f) for f in frames[1:]) or (NATIVE,)] += int(count)
+            if "(leitstand/" in frames[-1]:
+                lines[frames[-1]] += int(count)
+    return Profile(body, args.profile, parse_wrk(output), loop / elapsed, (total - loop) / elapsed, stacks, lines)
+
+
+def _cpu(stat: Path) -> float:
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _function(frame: str) -> str:
+    """``ingest (leitstand/http.py:212)`` -> ``ingest (leitstand/http.py)``: lines of one function merge."""
+    return re.sub(r":\d+\)$", ")", frame)
+
+
+def profile_markdown(p: Profile, top: int = 12) -> str:
+    total = sum(p.stacks.values())
+    own: Counter[str] = Counter()
+    inside: Counter[str] = Counter()
+    for stack, n in p.stacks.items():
+        own[stack[-1]] += n
+        for function in set(stack):
+            inside[function] += n
+
+    def share(function: str, module: str) -> str:
+        return f"{inside[f'{function} (leitstand/{module}.py)'] / total:.0%}"
+
+    own_code = sum(p.lines.values()) / total
+    hottest = ", ".join(f"`{line}` {n / total:.0%}" for line, n in p.lines.most_common(5))
+    rows = [["function", "self %", "total %"], ["---", "---", "---"]]
+    for function, n in own.most_common(top):
+        rows.append([f"`{function}`", f"{n / total:.1%}", f"{inside[function] / total:.1%}"])
+    return (
+        f"### {p.body}, 64 connections, 1 worker\n\n"
+        f"{p.load.rps * BODIES[p.body][0]:,.0f} events/s ({p.load.rps:,.0f} requests/s) while profiled. "
+        f"CPU: event-loop thread {p.loop_cpu:.0%} of a core, journal pool threads {p.pool_cpu:.0%}. "
+        f"{total:,} samples of the event-loop thread, idle ones excluded.\n\n"
+        f"Where the time goes: {own_code:.0%} of the busy event-loop samples are in leitstand's own code "
+        f"(innermost frame in leitstand/), among them the request log line {share('Leitstand._log', 'http')}, "
+        f"parsing and encoding the events {share('encode', 'events')}, handing them to the journal "
+        f"{share('Journal.append', 'journal')}. The other {1 - own_code:.0%} are in uvicorn, httptools, the "
+        f"event loop and the socket writes: code the noop app runs too, though leitstand's wait for the journal "
+        f"adds a task switch and a burst of writes per commit. "
+        f"Hottest lines of leitstand itself: {hottest}.\n\n" + _table(rows)
+    )
+
+
+# -- the report ----------------------------------------------------------------------
+
+
+def code_version() -> str:
+    """The commit leitstand runs from, and a hash of its code: the checkout may change under a long run."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    files = sorted((ROOT / "leitstand").glob("*.py")) + [ROOT / "app.py"]
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
+    return f"commit {head.stdout.strip() or 'unknown'}, code sha256 {digest}"
+
+
+def machine(data_root: Path) -> str:
+    cpu = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
+    fs = subprocess.run(["df", "-T", str(data_root)], capture_output=True, text=True).stdout.splitlines()[-1].split()
+    options = subprocess.run(["findmnt", "-no", "OPTIONS", "-T", str(data_root)], capture_output=True, text=True)
+    wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split("[")[0].strip()
+    versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in ("uvicorn", "uvloop", "httptools", "fastapi"))
+    return (
+        f"- CPUs (nproc): {os.cpu_count()}, {cpu.group(1) if cpu else 'unknown CPU'}\n"
+        f"- kernel: {os.uname().release}\n"
+        f"- data dir: {data_root} on {fs[1]} ({fs[0]}, mounted {options.stdout.strip()})\n"
+        f"- Python {sys.version.split()[0]}, {versions}; {wrk_version}\n"
+        f"- wrk and the server share the machine; wrk runs 1 thread for 1 connection, 2 otherwise"
+    )
+
+
+READING = """### Reading the numbers
+
+- Ratios are taken between the medians; the single runs are in bench/results/runs-*.json.
+- At 1 connection there is nothing to group: each leitstand request waits for its own fdatasync,
+  while the baseline never syncs.
+- wrk corrects its latencies for coordinated omission, so one stall (a slow fdatasync on a shared
+  disk, a descheduled worker) adds samples up to its length: p99 reacts to rare stalls.
+- wrk runs on the same CPUs as the server; with 2 workers the server's threads and wrk's share them,
+  which shows in the noop app's p99 as well."""
+
+
+def report(
+    args: argparse.Namespace, version: str, runs: list[Run], soaked: Soak | None, profiled: list[Profile]
+) -> str:
+    cells = summarize(runs) if runs else {}
+    executable = os.path.relpath(sys.executable) if sys.executable.startswith(str(ROOT)) else "python"
+    parts = [
+        "# Benchmarks",
+        f"Generated by `bench/run.py` on {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC:\n\n"
+        f"    {shlex.join([executable, *sys.argv])}\n\nleitstand code: {version}"
+        + ("" if code_version() == version else f"; **it changed during the run, now {code_version()}**"),
+        "leitstand (`uvicorn app:app`, default settings: fdatasync before every 200) against the old manual's "
+        "design (`bench/baseline_app.py`: FastAPI, stdlib json, a FileLock and `open(..., 'a')` per request, "
+        "no fsync) and a no-op ASGI app (`bench/noop_app.py`), all under the same uvicorn with "
+        "`--loop uvloop --http httptools --no-access-log`. Bodies: `single` is one JSON object of "
+        f"{len(BODIES['single'][1])} bytes, `batch100` an array of 100 of them ({len(BODIES['batch100'][1]):,} bytes). "
+        f"Each run: fresh server and data dir, {args.warmup:g} s warmup, {args.duration:g} s measured, then "
+        "`sync`; data is deleted only at the end. "
+        f"{args.repeat} run(s) per app and cell, alternating leitstand, baseline, noop; figures are medians. "
+        "A run is valid when wrk saw no non-2xx answer and no socket error, and the data files hold at least "
+        "as many lines as events were acknowledged (checked after the server stopped).",
+        "## Machine\n\n" + machine(args.data_root),
+    ]
+    if cells:
+        parts += [
+            "## Goals\n\n" + goals_markdown(cells, soaked),
+            "## Throughput and latency\n\n" + matrix_markdown(cells),
+        ]
+    if cells:
+        parts.append(READING)
+    if soaked is not None:
+        parts.append("## Memory under load\n\n" + soak_markdown(soaked))
+    if profiled:
+        parts.append(
+            f"## Profile\n\npy-spy ({args.profile:g} s at 100 Hz, blocking mode) on leitstand's single worker; the "
+            f"raw stacks are in bench/results/. Time in C (orjson, regex, syscalls) counts for the Python line "
+            f"that called it.\n\n" + "\n\n".join(profile_markdown(p) for p in profiled)
+        )
+    return "\n\n".join(parts) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per run (default 8)")
+    parser.add_argument("--warmup", type=float, default=2.0, help="warmup seconds per run (default 2)")
+    parser.add_argument("--repeat", type=int, default=2, help="runs per app and cell (default 2)")
+    parser.add_argument("--soak", type=float, default=300.0, help="soak seconds, 0 to skip (default 300)")
+    parser.add_argument("--profile", type=float, default=10.0, help="py-spy seconds, 0 to skip (default 10)")
+    parser.add_argument("--no-matrix", action="store_true", help="skip the matrix (soak and profile only)")
+    parser.add_argument("--quick", action="store_true", help="a smoke test: 2 s runs, 1 repeat, 20 s soak, 3 s profile")
+    parser.add_argument(
+        "--data-root", type=Path, default=Path(tempfile.gettempdir()), help="where data dirs go (several GB)"
+    )
+    parser.add_argument("--write", type=Path, metavar="FILE", help="also write the report to FILE")
+    args = parser.parse_args()
+    if 0 < args.soak < 3 * RSS_EVERY:
+        parser.error(f"--soak needs at least {3 * RSS_EVERY:g} seconds for three RSS samples")
+    if args.quick:
+        args.duration, args.warmup, args.repeat = 2.0, 1.0, 1
+        args.soak, args.profile = min(args.soak, 20.0), min(args.profile, 3.0)
+    ensure_tools()
+    version = code_version()
+    with tempfile.TemporaryDirectory(prefix="leitstand-bench-", dir=args.data_root) as tmp:
+        runs = [] if args.no_matrix else matrix(args, Path(tmp))
+        soaked = soak(args, Path(tmp)) if args.soak > 0 else None
+        profiled = [profile(body, args, Path(tmp)) for body in BODIES] if args.profile > 0 else []
+    RESULTS.mkdir(exist_ok=True)
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    (RESULTS / f"runs-{stamp}.json").write_text(json.dumps([asdict(r) for r in runs], indent=1))
+    text = report(args, version, runs, soaked, profiled)
+    print(text)
+    if args.write:
+        args.write.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
