@@ -595,7 +595,7 @@ def machine(data_root: Path) -> str:
 
 READING = """### Reading the numbers
 
-- Ratios are taken between the medians; the single runs are in bench/results/runs-*.json.
+- Ratios are taken between the medians; the single runs go to bench/results/ (not committed).
 - At 1 connection there is nothing to group: each leitstand request waits for its own fdatasync,
   while the baseline never syncs.
 - wrk corrects its latencies for coordinated omission, so one stall (a slow fdatasync on a shared
