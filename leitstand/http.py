@@ -42,6 +42,29 @@ class ClientGone(Exception):
     """The client disconnected before its body was complete."""
 
 
+class _Headers:
+    """The request headers leitstand reads, picked out in one pass over the list."""
+
+    __slots__ = ("x_auth", "authorization", "content_length", "content_type", "content_encoding", "request_id")
+
+    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
+        self.x_auth = self.authorization = self.content_length = None
+        self.content_type = self.content_encoding = self.request_id = None
+        for name, value in raw:
+            if name == b"x-auth":
+                self.x_auth = value
+            elif name == b"authorization":
+                self.authorization = value
+            elif name == b"content-length":
+                self.content_length = value
+            elif name == b"content-type":
+                self.content_type = value
+            elif name == b"content-encoding":
+                self.content_encoding = value.strip().lower()
+            elif name == b"x-request-id" and 0 < len(value) <= 128 and _RID_CHARS.issuperset(value):
+                self.request_id = value
+
+
 class Response:
     """What a handler answers; ``events``, ``nbytes`` and ``domain`` only go to the log."""
 
@@ -123,18 +146,14 @@ class Leitstand:
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
-        request_id = None
-        for name, value in scope["headers"]:
-            if name == b"x-request-id" and 0 < len(value) <= 128 and _RID_CHARS.issuperset(value):
-                request_id = value
-        if request_id is None:
-            request_id = f"{self._id_prefix}{next(self._ids):x}".encode()
+        headers = _Headers(scope["headers"])
+        request_id = headers.request_id or f"{self._id_prefix}{next(self._ids):x}".encode()
         path: str = scope["path"]
         method: str = scope["method"]
         try:
             if path.startswith("/ingest/"):
                 if method == "POST":
-                    response = await self._ingest(scope, receive, path[8:])
+                    response = await self._ingest(headers, receive, path[8:])
                 else:
                     response = _text(405, "method not allowed", (b"allow", b"POST"))
             elif path in self._routes:
@@ -184,26 +203,15 @@ class Leitstand:
             client[0] if client else "-",
         )
 
-    async def _ingest(self, scope: Scope, receive: Receive, raw_domain: str) -> Response:
-        x_auth = authorization = length = content_type = encoding = None
-        for name, value in scope["headers"]:
-            if name == b"x-auth":
-                x_auth = value
-            elif name == b"authorization":
-                authorization = value
-            elif name == b"content-length":
-                length = value
-            elif name == b"content-type":
-                content_type = value
-            elif name == b"content-encoding":
-                encoding = value.strip().lower()
+    async def _ingest(self, headers: _Headers, receive: Receive, raw_domain: str) -> Response:
         # Everything that can be judged from the headers is, before a byte of the body is read.
-        if not self.auth.allows(x_auth, authorization):
+        if not self.auth.allows(headers.x_auth, headers.authorization):
             return _text(401, "unauthorized")
         domain = domains.normalize(raw_domain)
         if domain is None:
             return _text(400, "invalid domain")
         limit = self.config.max_body
+        length, encoding = headers.content_length, headers.content_encoding
         if length is not None and (not length.isdigit() or int(length) > limit):
             return _text(413, "payload too large") if length.isdigit() else _text(400, "invalid content-length")
         if encoding not in (None, b"identity", b"gzip"):
@@ -219,6 +227,7 @@ class Leitstand:
                 return _text(400, "invalid gzip")
             if body is None:
                 return _text(413, "payload too large")
+        content_type = headers.content_type
         ndjson = content_type is not None and content_type.split(b";", 1)[0].strip().lower() in _NDJSON_TYPES
         try:
             lines, count = events.encode(body, domain, ndjson=ndjson)
