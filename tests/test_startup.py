@@ -9,10 +9,12 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 
 from conftest import CLEAN_EXIT, ROOT, TOKEN, Server, free_port
@@ -128,3 +130,28 @@ def test_leitstand_serve_runs_and_mirrors_flags(make_server, tmp_path: Path) -> 
     for flag in ("--host", "--port", "--workers", "--data-dir", "--fsync", "--max-body", "--log-format"):
         assert flag in help_text
     assert "--token" not in help_text
+
+
+def test_leitstand_serve_reads_host_and_port_from_the_environment(tmp_path: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LEITSTAND_")} | {
+        "LEITSTAND_TOKEN": TOKEN,
+        "LEITSTAND_DATA_DIR": str(tmp_path / "data"),
+        "LEITSTAND_HOST": "127.0.0.1",
+        "LEITSTAND_PORT": str(port),
+    }
+    proc = subprocess.Popen([sys.executable, "-m", "leitstand", "serve"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        response = httpx.post(f"http://127.0.0.1:{port}/ingest/env", content=b"{}", headers={"X-Auth": TOKEN})
+        assert response.status_code == 200
+        assert (tmp_path / "data" / "env.jsonl").exists()
+    finally:
+        proc.terminate()
+        proc.wait(30)
