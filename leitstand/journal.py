@@ -50,6 +50,10 @@ class StorageUnavailable(JournalError):
     """Any other write or sync failure (EIO, ...); worth retrying later."""
 
 
+# What a commit hands back to the event loop: its waiters, and the error they all get.
+_Outcome = tuple[list[asyncio.Future[None]], JournalError | None]
+
+
 def probe(directory: Path) -> None:
     """Prove that ``directory`` can take a durable write: create, write, fsync, remove a file.
 
@@ -87,7 +91,7 @@ def reason(exc: OSError) -> str:
 class _File:
     """One journal file and the appends waiting for its next commit."""
 
-    __slots__ = ("name", "fd", "end", "pending", "waiters", "busy")
+    __slots__ = ("name", "fd", "end", "pending", "waiters", "busy", "mutex")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -96,7 +100,17 @@ class _File:
         self.end = -1
         self.pending: list[bytes] = []
         self.waiters: list[asyncio.Future[None]] = []
+        # A commit is under way or scheduled; only the event loop reads and sets it.
         self.busy = False
+        # pending and waiters are filled on the event loop and taken on a pool thread.
+        self.mutex = threading.Lock()
+
+    def take(self) -> tuple[bytes, list[asyncio.Future[None]]]:
+        """Everything that waits for a commit, leaving nothing behind."""
+        with self.mutex:
+            pending, waiters = self.pending, self.waiters
+            self.pending, self.waiters = [], []
+        return b"".join(pending), waiters
 
 
 class Journal:
@@ -166,8 +180,9 @@ class Journal:
             self._files.move_to_end(name)
         assert self._loop is not None, "Journal.open() was not awaited"
         waiter = self._loop.create_future()
-        f.pending.append(data)
-        f.waiters.append(waiter)
+        with f.mutex:
+            f.pending.append(data)
+            f.waiters.append(waiter)
         if not f.busy:
             f.busy = True
             self._commit_pending(f)
@@ -186,15 +201,13 @@ class Journal:
         return f
 
     def _commit_pending(self, f: _File) -> None:
-        data = b"".join(f.pending)
-        waiters = f.waiters
-        f.pending, f.waiters = [], []
-        assert self._loop is not None
-        done = self._executor.submit(self._commit, f, data)
-        done.add_done_callback(lambda d: self._loop.call_soon_threadsafe(self._committed, f, waiters, d))  # type: ignore[union-attr]
+        loop = self._loop
+        assert loop is not None
+        done = self._executor.submit(self._commit, f)
+        done.add_done_callback(lambda d: loop.call_soon_threadsafe(self._committed, f, d))
 
-    def _committed(self, f: _File, waiters: list[asyncio.Future[None]], done: Future[None]) -> None:
-        error = done.exception()
+    def _committed(self, f: _File, done: Future[_Outcome]) -> None:
+        waiters, error = done.result()
         for waiter in waiters:
             if waiter.done():
                 continue
@@ -202,6 +215,7 @@ class Journal:
                 waiter.set_result(None)
             else:
                 waiter.set_exception(error)
+        # No commit of f runs now, so pending can be read without the mutex.
         if f.pending:
             self._commit_pending(f)
         else:
@@ -209,14 +223,38 @@ class Journal:
 
     # -- the commit, on a pool thread ------------------------------------------------
 
-    def _commit(self, f: _File, data: bytes) -> None:
+    def _commit(self, f: _File) -> _Outcome:
+        """Write and sync what waits for ``f``; returns the waiters and the error, if any.
+
+        Never raises: whatever goes wrong is handed to the waiters, so none is left hanging.
+        """
         try:
             if f.fd is None:
                 f.fd = self._open_file(f.name)
-            fd = f.fd
         except OSError as exc:
-            raise _journal_error(f.name, "open", exc) from exc
-        fcntl.flock(fd, fcntl.LOCK_EX)
+            return f.take()[1], _journal_error(f.name, "open", exc)
+        fd = f.fd
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            return f.take()[1], _journal_error(f.name, "lock", exc)
+        try:
+            # Taken only now that the lock is held: appends that came in while another
+            # worker held it join this commit instead of waiting for the next one.
+            data, waiters = f.take()
+            self._append_locked(f, fd, data)
+        except OSError as exc:
+            return waiters, _journal_error(f.name, "write", exc)
+        except Exception as exc:
+            log.exception("commit failed: file=%s", f.name)
+            return waiters, StorageUnavailable(str(exc))
+        finally:
+            if f.fd == fd:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        return waiters, None
+
+    def _append_locked(self, f: _File, fd: int, data: bytes) -> None:
+        """Append ``data`` to the file ``f`` has locked, or leave the file as it was."""
         size = -1
         try:
             size = os.fstat(fd).st_size
@@ -227,12 +265,9 @@ class Journal:
             if self.fsync:
                 os.fdatasync(fd)
             f.end = size + len(data)
-        except OSError as exc:
+        except Exception:
             self._roll_back(f, size)
-            raise _journal_error(f.name, "write", exc) from exc
-        finally:
-            if f.fd == fd:
-                fcntl.flock(fd, fcntl.LOCK_UN)
+            raise
 
     def _open_file(self, name: str) -> int:
         try:
