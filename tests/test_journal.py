@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import os
 from pathlib import Path
 
@@ -256,3 +257,28 @@ def test_rollback_uses_the_old_descriptor_when_no_fresh_one_opens(
 
     run(main())
     assert (tmp_path / "a.jsonl").read_bytes() == b"good\nafter\n"
+
+
+def test_appends_waiting_for_the_lock_join_the_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While another worker holds the file lock, new appends join the commit already waiting for it."""
+    syncs: list[int] = []
+    real = os.fdatasync
+
+    async def main() -> None:
+        journal = await opened(tmp_path)
+        await journal.append("a.jsonl", b"0\n")
+        other = os.open(tmp_path / "a.jsonl", os.O_RDONLY)  # another worker's descriptor
+        fcntl.flock(other, fcntl.LOCK_EX)
+        monkeypatch.setattr(os, "fdatasync", lambda fd: (syncs.append(fd), real(fd)))
+        first = asyncio.ensure_future(journal.append("a.jsonl", b"1\n"))
+        await asyncio.sleep(0.05)  # its commit now waits for the lock
+        later = [asyncio.ensure_future(journal.append("a.jsonl", b"%d\n" % n)) for n in (2, 3)]
+        await asyncio.sleep(0.05)
+        fcntl.flock(other, fcntl.LOCK_UN)
+        os.close(other)
+        await asyncio.gather(first, *later)
+        await journal.close()
+
+    run(main())
+    assert (tmp_path / "a.jsonl").read_bytes() == b"0\n1\n2\n3\n"
+    assert len(syncs) == 1
