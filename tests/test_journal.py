@@ -24,15 +24,21 @@ async def opened(directory: Path, **kw: object) -> Journal:
     return journal
 
 
-def test_concurrent_appends_share_syncs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def record_syncs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """From now on, every fdatasync still syncs and is listed by its descriptor."""
     syncs: list[int] = []
     real = os.fdatasync
 
-    def counting(fd: int) -> None:
+    def recording(fd: int) -> None:
         syncs.append(fd)
         real(fd)
 
-    monkeypatch.setattr(os, "fdatasync", counting)
+    monkeypatch.setattr(os, "fdatasync", recording)
+    return syncs
+
+
+def test_concurrent_appends_share_syncs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    syncs = record_syncs(monkeypatch)
 
     async def main() -> None:
         journal = await opened(tmp_path)
@@ -261,15 +267,13 @@ def test_rollback_uses_the_old_descriptor_when_no_fresh_one_opens(
 
 def test_appends_waiting_for_the_lock_join_the_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """While another worker holds the file lock, new appends join the commit already waiting for it."""
-    syncs: list[int] = []
-    real = os.fdatasync
 
-    async def main() -> None:
+    async def main() -> list[int]:
         journal = await opened(tmp_path)
         await journal.append("a.jsonl", b"0\n")
         other = os.open(tmp_path / "a.jsonl", os.O_RDONLY)  # another worker's descriptor
         fcntl.flock(other, fcntl.LOCK_EX)
-        monkeypatch.setattr(os, "fdatasync", lambda fd: (syncs.append(fd), real(fd)))
+        syncs = record_syncs(monkeypatch)
         first = asyncio.ensure_future(journal.append("a.jsonl", b"1\n"))
         await asyncio.sleep(0.05)  # its commit now waits for the lock
         later = [asyncio.ensure_future(journal.append("a.jsonl", b"%d\n" % n)) for n in (2, 3)]
@@ -278,7 +282,7 @@ def test_appends_waiting_for_the_lock_join_the_commit(tmp_path: Path, monkeypatc
         os.close(other)
         await asyncio.gather(first, *later)
         await journal.close()
+        return syncs
 
-    run(main())
+    assert len(run(main())) == 1
     assert (tmp_path / "a.jsonl").read_bytes() == b"0\n1\n2\n3\n"
-    assert len(syncs) == 1
