@@ -231,13 +231,10 @@ class Journal:
         try:
             if f.fd is None:
                 f.fd = self._open_file(f.name)
-        except OSError as exc:
-            return f.take()[1], _journal_error(f.name, "open", exc)
-        fd = f.fd
-        try:
+            fd = f.fd
             fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError as exc:
-            return f.take()[1], _journal_error(f.name, "lock", exc)
+            return f.take()[1], _journal_error(f.name, "open", exc)
         try:
             # Taken only now that the lock is held: appends that came in while another
             # worker held it join this commit instead of waiting for the next one.
