@@ -22,6 +22,7 @@ import errno
 import fcntl
 import logging
 import os
+import stat
 import threading
 import time
 from collections import OrderedDict
@@ -34,6 +35,8 @@ SUFFIX = ".jsonl"
 _OPEN_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
 _NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
 _FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+# O_NOFOLLOW on a symlink gives ELOOP; O_RDWR on a directory EISDIR.
+_REFUSED = frozenset({errno.ELOOP, errno.EISDIR})
 _CHUNK = 1 << 16
 _PROBE = ".leitstand-probe"
 
@@ -48,6 +51,13 @@ class StorageFull(JournalError):
 
 class StorageUnavailable(JournalError):
     """Any other write or sync failure (EIO, ...); worth retrying later."""
+
+
+class StorageRefused(JournalError):
+    """The name is taken by something that is not a plain file (a symlink, a directory, ...).
+
+    Retrying cannot help: an operator must look at the data dir.
+    """
 
 
 # What a commit hands back to the event loop: its waiters, and the error they all get.
@@ -114,9 +124,12 @@ class _File:
 
 
 class Journal:
-    def __init__(self, directory: Path, *, fsync: bool = True, max_open_files: int = 256) -> None:
+    def __init__(
+        self, directory: Path, *, fsync: bool = True, max_open_files: int = 256, file_mode: int = 0o600
+    ) -> None:
         self.directory = directory
         self.fsync = fsync
+        self.file_mode = file_mode
         self.max_open_files = max_open_files
         self._files: OrderedDict[str, _File] = OrderedDict()
         self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="journal")
@@ -268,13 +281,18 @@ class Journal:
 
     def _open_file(self, name: str) -> int:
         try:
-            return os.open(name, _OPEN_FLAGS, dir_fd=self._dir_fd)
+            fd = os.open(name, _OPEN_FLAGS, dir_fd=self._dir_fd)
         except FileNotFoundError:
-            fd = os.open(name, _OPEN_FLAGS | os.O_CREAT, 0o644, dir_fd=self._dir_fd)
+            fd = os.open(name, _OPEN_FLAGS | os.O_CREAT, self.file_mode, dir_fd=self._dir_fd)
             if self.fsync:
                 # The new name is durable only once its directory is synced.
                 os.fsync(self._dir_fd)
             return fd
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            # A FIFO or device planted under the name: never write into it.
+            os.close(fd)
+            raise OSError(errno.EISDIR, "not a regular file")
+        return fd
 
     def _roll_back(self, f: _File, good: int) -> None:
         """Cut the file back to ``good`` bytes while this commit still holds its lock.
@@ -367,6 +385,9 @@ def _close_all(fds: list[int]) -> None:
 
 
 def _journal_error(name: str, action: str, exc: OSError) -> JournalError:
+    if exc.errno in _REFUSED:
+        log.error("%s refused: file=%s is not a regular file (a symlink?); move it out of the data dir", action, name)
+        return StorageRefused(exc.strerror or str(exc))
     log.error("%s failed: file=%s error=%s", action, name, exc.strerror or exc)
     kind = StorageFull if exc.errno in _FULL else StorageUnavailable
     return kind(exc.strerror or str(exc))

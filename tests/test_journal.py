@@ -6,11 +6,12 @@ import asyncio
 import errno
 import fcntl
 import os
+import stat
 from pathlib import Path
 
 import pytest
 
-from leitstand.journal import Journal, StorageFull, StorageUnavailable
+from leitstand.journal import Journal, StorageFull, StorageRefused, StorageUnavailable
 
 
 def run(coro):  # type: ignore[no-untyped-def]
@@ -207,21 +208,49 @@ def test_names_outside_the_directory_are_refused(tmp_path: Path) -> None:
     assert os.listdir(tmp_path) == []
 
 
-def test_planted_symlink_is_not_followed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("plant", ["symlink", "dangling symlink", "directory", "fifo"])
+def test_a_name_that_is_not_a_regular_file_is_refused(tmp_path: Path, plant: str) -> None:
     outside = tmp_path / "outside"
     outside.write_bytes(b"")
     data = tmp_path / "data"
     data.mkdir()
-    (data / "a.jsonl").symlink_to(outside)
+    planted = data / "a.jsonl"
+    if plant == "symlink":
+        planted.symlink_to(outside)
+    elif plant == "dangling symlink":
+        planted.symlink_to(tmp_path / "would-be-created")
+    elif plant == "directory":
+        planted.mkdir()
+    else:
+        os.mkfifo(planted)
 
     async def main() -> None:
         journal = await opened(data)
-        with pytest.raises(StorageUnavailable):
+        with pytest.raises(StorageRefused):
             await journal.append("a.jsonl", b"x\n")
+        await journal.append("b.jsonl", b"y\n")  # other files are not affected
         await journal.close()
 
     run(main())
     assert outside.read_bytes() == b""
+    assert not (tmp_path / "would-be-created").exists()
+    assert (data / "b.jsonl").read_bytes() == b"y\n"
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o640])
+def test_new_files_get_the_configured_mode(tmp_path: Path, mode: int) -> None:
+    async def main() -> None:
+        journal = Journal(tmp_path, file_mode=mode)
+        await journal.open()
+        await journal.append("a.jsonl", b"x\n")
+        await journal.close()
+
+    old = os.umask(0o022)
+    try:
+        run(main())
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.jsonl").stat().st_mode) == mode
 
 
 def test_rollback_cuts_a_renamed_file_and_makes_no_new_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
