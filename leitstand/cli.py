@@ -57,6 +57,10 @@ def serve(args: argparse.Namespace) -> None:
         log_config=None,
         access_log=False,
         server_header=False,
+        # Whose X-Forwarded-For counts is LEITSTAND_TRUSTED_PROXIES' business alone.
+        proxy_headers=False,
+        ssl_certfile=settings.ssl_certfile,
+        ssl_keyfile=settings.ssl_keyfile,
     )
 
 

@@ -12,7 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from leitstand import journal
+from leitstand import auth, journal, ratelimit
+from leitstand.proxies import Network, parse_networks
 
 
 class ConfigError(Exception):
@@ -29,13 +30,40 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("LEITSTAND_TOKEN", "(required)", "Token clients send in X-Auth or Authorization: Bearer."),
+    Setting(
+        "LEITSTAND_TOKEN",
+        "(required)",
+        "Token(s) clients send in X-Auth or Authorization: Bearer; comma-separated for rotation. "
+        "Required unless LEITSTAND_TOKEN_FILE is set.",
+    ),
+    Setting(
+        "LEITSTAND_TOKEN_FILE",
+        "(none)",
+        "File with one token per line, optionally scoped: <token> domains=<glob>,... "
+        "Reloaded on SIGHUP and when it changes.",
+    ),
     Setting("LEITSTAND_DATA_DIR", "data", "Directory of the <domain>.jsonl files; created if missing."),
     Setting("LEITSTAND_MAX_BODY", "1MiB", "Largest request body, also after gzip decompression."),
     Setting("LEITSTAND_FSYNC", "always", "always: 200 only after fdatasync. never: throwaway data only."),
     Setting("LEITSTAND_MAX_OPEN_FILES", "256", "Journal files kept open at once (least recently used closed)."),
     Setting("LEITSTAND_LOG_FORMAT", "text", "text or json, one line per request on stdout."),
     Setting("LEITSTAND_READY_MIN_FREE", "64MiB", "GET /ready answers 503 below this much free space."),
+    Setting("LEITSTAND_DOMAINS_ALLOW", "(all)", "Comma-separated globs of the domains that may be written."),
+    Setting("LEITSTAND_DOMAINS_DENY", "(none)", "Comma-separated globs of domains refused with 403; wins over allow."),
+    Setting(
+        "LEITSTAND_AUTH_FAIL_LIMIT",
+        "10/min",
+        "Failed token checks per client address before it gets 429 for the rest of the window; 0 = off.",
+    ),
+    Setting("LEITSTAND_RATE_LIMIT", "0", "Requests per token, e.g. 200/s or 5000/min (429 above); 0 = off."),
+    Setting(
+        "LEITSTAND_TRUSTED_PROXIES",
+        "(none)",
+        "Comma-separated addresses or networks of proxies whose X-Forwarded-For names the client.",
+    ),
+    Setting("LEITSTAND_FILE_MODE", "0600", "Permissions of new journal files (octal)."),
+    Setting("LEITSTAND_SSL_CERTFILE", "(none)", "PEM certificate: leitstand serve speaks HTTPS."),
+    Setting("LEITSTAND_SSL_KEYFILE", "(none)", "PEM private key of LEITSTAND_SSL_CERTFILE."),
     Setting("LEITSTAND_HOST", "0.0.0.0", "Address leitstand serve binds."),
     Setting("LEITSTAND_PORT", "8788", "Port leitstand serve binds."),
     Setting("LEITSTAND_WORKERS", "1", "Worker processes of leitstand serve."),
@@ -46,15 +74,31 @@ _SIZE = re.compile(r"(\d+)\s*(|b|k|kb|kib|m|mb|mib|g|gb|gib)", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
+_NO_TOKEN = (
+    "LEITSTAND_TOKEN is not set: export a token, e.g. "
+    "export LEITSTAND_TOKEN=\"$(python3 -c 'import secrets; print(secrets.token_urlsafe(32))')\", "
+    "or point LEITSTAND_TOKEN_FILE at a file of tokens"
+)
+
+
 @dataclass(frozen=True)
 class Config:
-    token: str = field(repr=False)
+    tokens: str = field(repr=False)
+    token_file: Path | None = None
     data_dir: Path = Path("data")
     max_body: int = 1 << 20
     fsync: bool = True
     max_open_files: int = 256
     log_format: str = "text"
     ready_min_free: int = 64 << 20
+    domains_allow: tuple[str, ...] = ()
+    domains_deny: tuple[str, ...] = ()
+    auth_fail_limit: tuple[int, float] | None = (10, 60.0)
+    rate_limit: tuple[int, float] | None = None
+    trusted_proxies: tuple[Network, ...] = ()
+    file_mode: int = 0o600
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
     host: str = "0.0.0.0"
     port: int = 8788
     workers: int = 1
@@ -66,40 +110,82 @@ class Config:
         def get(name: str) -> str:
             return env.get(name, "").strip() or DEFAULTS[name]
 
-        token = env.get("LEITSTAND_TOKEN", "").strip()
-        if not token:
+        def optional(name: str) -> str:
+            value = get(name)
+            return "" if value == DEFAULTS[name] and value.startswith("(") else value
+
+        def path(name: str) -> Path | None:
+            return Path(optional(name)) if optional(name) else None
+
+        tokens = env.get("LEITSTAND_TOKEN", "")
+        if not auth.from_list(tokens) and not optional("LEITSTAND_TOKEN_FILE"):
+            raise ConfigError(_NO_TOKEN)
+        certfile, keyfile = path("LEITSTAND_SSL_CERTFILE"), path("LEITSTAND_SSL_KEYFILE")
+        if (certfile is None) != (keyfile is None):
             raise ConfigError(
-                "LEITSTAND_TOKEN is not set: export a token, e.g. "
-                'export LEITSTAND_TOKEN="$(python3 -c \'import secrets; print(secrets.token_urlsafe(32))\')"'
+                "LEITSTAND_SSL_CERTFILE and LEITSTAND_SSL_KEYFILE go together: set both for HTTPS, or neither"
             )
         return cls(
-            token=token,
+            tokens=tokens,
+            token_file=path("LEITSTAND_TOKEN_FILE"),
             data_dir=Path(get("LEITSTAND_DATA_DIR")),
             max_body=_size("LEITSTAND_MAX_BODY", get("LEITSTAND_MAX_BODY")),
             fsync=_choice("LEITSTAND_FSYNC", get("LEITSTAND_FSYNC"), ("always", "never")) == "always",
             max_open_files=_int("LEITSTAND_MAX_OPEN_FILES", get("LEITSTAND_MAX_OPEN_FILES"), 1),
             log_format=_choice("LEITSTAND_LOG_FORMAT", get("LEITSTAND_LOG_FORMAT"), ("text", "json")),
             ready_min_free=_size("LEITSTAND_READY_MIN_FREE", get("LEITSTAND_READY_MIN_FREE"), minimum=0),
+            domains_allow=_globs(optional("LEITSTAND_DOMAINS_ALLOW")),
+            domains_deny=_globs(optional("LEITSTAND_DOMAINS_DENY")),
+            auth_fail_limit=_rate("LEITSTAND_AUTH_FAIL_LIMIT", get("LEITSTAND_AUTH_FAIL_LIMIT")),
+            rate_limit=_rate("LEITSTAND_RATE_LIMIT", get("LEITSTAND_RATE_LIMIT")),
+            trusted_proxies=_networks("LEITSTAND_TRUSTED_PROXIES", optional("LEITSTAND_TRUSTED_PROXIES")),
+            file_mode=_mode("LEITSTAND_FILE_MODE", get("LEITSTAND_FILE_MODE")),
+            ssl_certfile=certfile,
+            ssl_keyfile=keyfile,
             host=get("LEITSTAND_HOST"),
             port=_int("LEITSTAND_PORT", get("LEITSTAND_PORT"), 0, 65535),
             workers=_int("LEITSTAND_WORKERS", get("LEITSTAND_WORKERS"), 1),
         )
 
+    def keyring(self) -> auth.Keyring:
+        """The tokens in force; raises :class:`ConfigError` if the token file is not usable."""
+        try:
+            return auth.Keyring(auth.from_list(self.tokens), self.token_file)
+        except auth.TokenFileError as exc:
+            raise ConfigError(
+                f"LEITSTAND_TOKEN_FILE is not usable: {exc}; "
+                "write one token per line, optionally followed by domains=<glob>,..."
+            ) from None
+
     def describe(self) -> dict[str, object]:
-        """The effective settings for the startup line, with the token redacted and no path."""
+        """The effective settings for the startup line: no token and no path."""
         return {
-            "token": "<redacted>",
+            "token_file": self.token_file is not None,
             "max_body": self.max_body,
             "fsync": "always" if self.fsync else "never",
             "max_open_files": self.max_open_files,
             "log_format": self.log_format,
             "ready_min_free": self.ready_min_free,
+            "domains_allow": ",".join(self.domains_allow) or "all",
+            "domains_deny": ",".join(self.domains_deny) or "-",
+            "auth_fail_limit": _rate_text(self.auth_fail_limit),
+            "rate_limit": _rate_text(self.rate_limit),
+            "trusted_proxies": ",".join(map(str, self.trusted_proxies)) or "-",
+            "file_mode": f"{self.file_mode:04o}",
+            "tls": self.ssl_certfile is not None,
         }
 
 
 def load(environ: Mapping[str, str] | None = None) -> Config:
     """The settings, once the data directory has proved that it takes durable writes."""
     config = Config.from_env(environ)
+    config.keyring()
+    for name, tls_file in (
+        ("LEITSTAND_SSL_CERTFILE", config.ssl_certfile),
+        ("LEITSTAND_SSL_KEYFILE", config.ssl_keyfile),
+    ):
+        if tls_file is not None and not os.access(tls_file, os.R_OK):
+            raise ConfigError(f"{name} cannot be read: point it at a readable PEM file")
     try:
         journal.probe(config.data_dir)
     except OSError as exc:
@@ -136,3 +222,37 @@ def _choice(name: str, raw: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ConfigError(f"{name}={raw!r} is not valid: use one of {', '.join(choices)}")
     return value
+
+
+def _globs(raw: str) -> tuple[str, ...]:
+    return tuple(part.strip().lower() for part in raw.split(",") if part.strip())
+
+
+def _rate(name: str, raw: str) -> tuple[int, float] | None:
+    try:
+        return ratelimit.parse_rate(raw)
+    except ValueError:
+        raise ConfigError(
+            f"{name}={raw!r} is not a rate: use a count per second, minute or hour, e.g. 10/min, or 0"
+        ) from None
+
+
+def _rate_text(rate: tuple[int, float] | None) -> str:
+    return "off" if rate is None else f"{rate[0]}/{rate[1]:g}s"
+
+
+def _networks(name: str, raw: str) -> tuple[Network, ...]:
+    try:
+        return parse_networks(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a list of addresses: use e.g. 127.0.0.1,10.0.0.0/8") from None
+
+
+def _mode(name: str, raw: str) -> int:
+    try:
+        mode = int(raw, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o777 or not mode & 0o600 == 0o600:
+        raise ConfigError(f"{name}={raw!r} is not a file mode: use octal digits with owner read and write, e.g. 0600")
+    return mode

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
+from fnmatch import fnmatchcase
 
 MAX_DOMAIN = 253
 SUFFIX = ".jsonl"
 # Most filesystems cap a file name at 255 bytes; 253 + ".jsonl" does not fit.
 MAX_FILE_NAME = 255
+_REMEMBERED = 4096
 
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
@@ -40,3 +43,43 @@ def file_name(domain: str) -> str:
     digest = hashlib.sha256(domain.encode("ascii")).hexdigest()[:16]
     keep = MAX_FILE_NAME - len(SUFFIX) - len(digest) - 1
     return f"{domain[:keep]}_{digest}{SUFFIX}"
+
+
+class Patterns:
+    """Glob patterns over domain names (``sensor-*``, ``*.example.com``).
+
+    Answers are remembered, as the same few domains come back all day.
+    """
+
+    def __init__(self, patterns: Sequence[str] = ()) -> None:
+        self.patterns = tuple(pattern.strip().lower() for pattern in patterns if pattern.strip())
+        self._decided: dict[str, bool] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.patterns)
+
+    def __repr__(self) -> str:
+        return f"Patterns({', '.join(self.patterns)})"
+
+    def match(self, domain: str) -> bool:
+        matched = self._decided.get(domain)
+        if matched is None:
+            matched = any(fnmatchcase(domain, pattern) for pattern in self.patterns)
+            if len(self._decided) >= _REMEMBERED:
+                self._decided.clear()
+            self._decided[domain] = matched
+        return matched
+
+
+class Policy:
+    """Which valid domains may be written at all: ``LEITSTAND_DOMAINS_ALLOW`` and ``_DENY``.
+
+    Deny wins over allow; an empty allow list allows every domain.
+    """
+
+    def __init__(self, allow: Sequence[str] = (), deny: Sequence[str] = ()) -> None:
+        self.allow = Patterns(allow)
+        self.deny = Patterns(deny)
+
+    def allows(self, domain: str) -> bool:
+        return (not self.allow or self.allow.match(domain)) and not self.deny.match(domain)

@@ -7,9 +7,11 @@ request shows in the throughput: no routing tables, no dependency injection, no 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import secrets
+import signal
 import time
 import zlib
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -18,11 +20,12 @@ from typing import Any
 import orjson
 
 from leitstand import __version__, domains, events
-from leitstand.auth import TokenAuth
 from leitstand.config import Config
-from leitstand.journal import Journal, StorageFull, StorageUnavailable, probe, reason
+from leitstand.journal import Journal, StorageFull, StorageRefused, StorageUnavailable, probe, reason
 from leitstand.logs import RequestLog
 from leitstand.openapi import DOCS_HTML, OPENAPI
+from leitstand.proxies import TrustedProxies
+from leitstand.ratelimit import FailureLimit, TokenBucket, retry_after
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -36,6 +39,8 @@ _JSON = b"application/json"
 _NDJSON_TYPES = (b"application/x-ndjson", b"application/jsonl", b"application/x-jsonlines")
 _RID_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-")
 _RETRY_AFTER = (b"retry-after", b"1")
+# How often the token file is checked for changes.
+_TOKEN_FILE_POLL = 1.0
 
 
 class ClientGone(Exception):
@@ -45,11 +50,19 @@ class ClientGone(Exception):
 class _Headers:
     """The request headers leitstand reads, picked out in one pass over the list."""
 
-    __slots__ = ("x_auth", "authorization", "content_length", "content_type", "content_encoding", "request_id")
+    __slots__ = (
+        "x_auth",
+        "authorization",
+        "content_length",
+        "content_type",
+        "content_encoding",
+        "request_id",
+        "forwarded_for",
+    )
 
     def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
         self.x_auth = self.authorization = self.content_length = None
-        self.content_type = self.content_encoding = self.request_id = None
+        self.content_type = self.content_encoding = self.request_id = self.forwarded_for = None
         for name, value in raw:
             if name == b"x-auth":
                 self.x_auth = value
@@ -63,6 +76,8 @@ class _Headers:
                 self.content_encoding = value.strip().lower()
             elif name == b"x-request-id" and 0 < len(value) <= 128 and _RID_CHARS.issuperset(value):
                 self.request_id = value
+            elif name == b"x-forwarded-for":
+                self.forwarded_for = value
 
 
 class Response:
@@ -99,8 +114,15 @@ class Leitstand:
 
     def __init__(self, config: Config, request_log: RequestLog | None = None) -> None:
         self.config = config
-        self.auth = TokenAuth(config.token)
-        self.journal = Journal(config.data_dir, fsync=config.fsync, max_open_files=config.max_open_files)
+        self.keyring = config.keyring()
+        self.policy = domains.Policy(config.domains_allow, config.domains_deny)
+        self.failures = FailureLimit(*config.auth_fail_limit) if config.auth_fail_limit else None
+        self.rate = TokenBucket(*config.rate_limit) if config.rate_limit else None
+        self.proxies = TrustedProxies(config.trusted_proxies)
+        self.journal = Journal(
+            config.data_dir, fsync=config.fsync, max_open_files=config.max_open_files, file_mode=config.file_mode
+        )
+        self._watch: asyncio.Task[None] | None = None
         self.request_log = request_log
         self._ids = itertools.count(1)
         self._id_prefix = secrets.token_hex(4) + "-"
@@ -130,17 +152,41 @@ class Leitstand:
                     log.error("data dir not usable: %s", reason(exc))
                     await send({"type": "lifespan.startup.failed", "message": reason(exc)})
                     return
-                details = {"version": __version__, "torn_tails_repaired": repaired, **self.config.describe()}
+                self._watch_token_file()
+                details = {
+                    "version": __version__,
+                    "torn_tails_repaired": repaired,
+                    "tokens": len(self.keyring.grants),
+                    **self.config.describe(),
+                }
                 log.info("started", extra=details)
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 # uvicorn has stopped accepting and finished every request by now.
+                if self._watch is not None:
+                    self._watch.cancel()
                 await self.journal.close()
                 if self.request_log is not None:
                     self.request_log.flush()
                 log.info("stopped: every acknowledged event is on disk")
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    def _watch_token_file(self) -> None:
+        """Reload the token file on SIGHUP and whenever it changes, without a restart."""
+        if self.keyring.path is None:
+            return
+        loop = asyncio.get_running_loop()
+        # Only the main thread may take signals; under a test harness there may be none.
+        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+            loop.add_signal_handler(signal.SIGHUP, self.keyring.reload)
+        self._watch = loop.create_task(self._poll_token_file())
+
+    async def _poll_token_file(self) -> None:
+        while True:
+            await asyncio.sleep(_TOKEN_FILE_POLL)
+            if self.keyring.changed():
+                self.keyring.reload()
 
     # -- requests --------------------------------------------------------------------
 
@@ -150,10 +196,14 @@ class Leitstand:
         request_id = headers.request_id or f"{self._id_prefix}{next(self._ids):x}".encode()
         path: str = scope["path"]
         method: str = scope["method"]
+        client = scope.get("client")
+        address: str = client[0] if client else "-"
+        if headers.forwarded_for is not None and self.proxies:
+            address = self.proxies.client(address, headers.forwarded_for)
         try:
             if path.startswith("/ingest/"):
                 if method == "POST":
-                    response = await self._ingest(headers, receive, path[8:])
+                    response = await self._ingest(headers, receive, path[8:], address)
                 else:
                     response = _text(405, "method not allowed", (b"allow", b"POST"))
             elif path in self._routes:
@@ -165,7 +215,7 @@ class Leitstand:
             else:
                 response = _text(404, "not found")
         except ClientGone:
-            self._log(scope, 499, None, 0, 0, request_id, started)
+            self._log(scope, 499, None, 0, 0, request_id, started, address)
             return
         except Exception:
             log.exception("internal error", extra={"request_id": request_id.decode()})
@@ -183,14 +233,23 @@ class Leitstand:
             }
         )
         await send({"type": "http.response.body", "body": response.body})
-        self._log(scope, response.status, response.domain, response.events, response.nbytes, request_id, started)
+        self._log(
+            scope, response.status, response.domain, response.events, response.nbytes, request_id, started, address
+        )
 
     def _log(
-        self, scope: Scope, status: int, domain: str | None, count: int, nbytes: int, request_id: bytes, started: float
+        self,
+        scope: Scope,
+        status: int,
+        domain: str | None,
+        count: int,
+        nbytes: int,
+        request_id: bytes,
+        started: float,
+        address: str,
     ) -> None:
         if self.request_log is None:
             return
-        client = scope.get("client")
         self.request_log.write(
             scope["method"],
             scope["path"],
@@ -200,16 +259,28 @@ class Leitstand:
             nbytes,
             round((time.perf_counter() - started) * 1000, 3),
             request_id.decode(),
-            client[0] if client else "-",
+            address,
         )
 
-    async def _ingest(self, headers: _Headers, receive: Receive, raw_domain: str) -> Response:
-        # Everything that can be judged from the headers is, before a byte of the body is read.
-        if not self.auth.allows(headers.x_auth, headers.authorization):
+    async def _ingest(self, headers: _Headers, receive: Receive, raw_domain: str, address: str) -> Response:
+        # Everything that can be judged from the headers is, before a byte of the body is read
+        # and before any file is touched.
+        if self.failures is not None and (wait := self.failures.blocked(address)):
+            return _text(429, "too many requests", (b"retry-after", retry_after(wait)))
+        grant = self.keyring.find(headers.x_auth, headers.authorization)
+        if grant is None:
+            if self.failures is not None:
+                self.failures.failed(address)
             return _text(401, "unauthorized")
         domain = domains.normalize(raw_domain)
         if domain is None:
             return _text(400, "invalid domain")
+        if not self.policy.allows(domain):
+            return _text(403, "domain not allowed")
+        if not grant.may_write(domain):
+            return _text(403, "forbidden")
+        if self.rate is not None and (wait := self.rate.take(grant)):
+            return _text(429, "too many requests", (b"retry-after", retry_after(wait)))
         limit = self.config.max_body
         length, encoding = headers.content_length, headers.content_encoding
         if length is not None and (not length.isdigit() or int(length) > limit):
@@ -239,6 +310,8 @@ class Leitstand:
             response = _text(507, "insufficient storage")
         except StorageUnavailable:
             response = _text(503, "storage unavailable", _RETRY_AFTER)
+        except StorageRefused:
+            response = _text(500, "storage error")
         else:
             response = _text(200, "ok")
             response.events = count

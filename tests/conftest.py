@@ -7,6 +7,7 @@ import os
 import random
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -51,7 +52,9 @@ class Server:
         command: str = "uvicorn",
         port: int | None = None,
         preexec: Callable[[], None] | None = None,
+        ca: Path | None = None,
     ) -> None:
+        """``ca``: the service speaks HTTPS with a certificate signed by this CA file."""
         self.data_dir = data_dir
         self.log_path = log_path
         self.env = {
@@ -65,11 +68,12 @@ class Server:
         self.command = command
         self.port = port or free_port()
         self.preexec = preexec
+        self.verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(ca)) if ca else True
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.verify is not True else 'http'}://127.0.0.1:{self.port}"
 
     def argv(self) -> list[str]:
         if self.command == "serve":
@@ -95,7 +99,7 @@ class Server:
             if proc.poll() is not None:
                 raise RuntimeError(f"server exited with {proc.returncode}:\n{self.output()}")
             try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                if httpx.get(self.url + "/health", timeout=1, verify=self.verify).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
@@ -106,7 +110,12 @@ class Server:
     def post(self, domain: str, body: bytes | str, headers: dict[str, str] | None = None, **kw: Any) -> httpx.Response:
         data = body.encode() if isinstance(body, str) else body
         return httpx.post(
-            f"{self.url}/ingest/{domain}", content=data, headers={"X-Auth": TOKEN, **(headers or {})}, timeout=10, **kw
+            f"{self.url}/ingest/{domain}",
+            content=data,
+            headers={"X-Auth": TOKEN, **(headers or {})},
+            timeout=10,
+            verify=self.verify,
+            **kw,
         )
 
     def raw(self, request: bytes) -> bytes:

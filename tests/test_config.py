@@ -8,9 +8,52 @@ from leitstand.config import Config, ConfigError
 
 
 def test_token_is_required() -> None:
-    for env in ({}, {"LEITSTAND_TOKEN": ""}, {"LEITSTAND_TOKEN": "   "}):
-        with pytest.raises(ConfigError, match="LEITSTAND_TOKEN is not set: export"):
+    for env in ({}, {"LEITSTAND_TOKEN": ""}, {"LEITSTAND_TOKEN": "   "}, {"LEITSTAND_TOKEN": " , "}):
+        with pytest.raises(ConfigError, match="LEITSTAND_TOKEN is not set: export") as info:
             Config.from_env(env)
+        assert "LEITSTAND_TOKEN_FILE" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_token_file_alone_is_enough(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("from-file domains=a-*\n")
+    cfg = config.load({"LEITSTAND_TOKEN_FILE": str(tokens), "LEITSTAND_DATA_DIR": str(tmp_path / "d")})
+    keyring = cfg.keyring()
+    grant = keyring.find(b"from-file", None)
+    assert grant is not None and grant.may_write("a-1") and not grant.may_write("b-1")
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"), [(None, "cannot read it"), ("", "it holds no token"), ("t bogus=1\n", "line 1: unknown")]
+)
+def test_an_unusable_token_file_stops_the_start(tmp_path: Path, content: str | None, reason: str) -> None:
+    tokens = tmp_path / "tokens"
+    if content is not None:
+        tokens.write_text(content)
+    with pytest.raises(ConfigError, match=f"LEITSTAND_TOKEN_FILE is not usable: {reason}") as info:
+        config.load({"LEITSTAND_TOKEN": "t", "LEITSTAND_TOKEN_FILE": str(tokens), "LEITSTAND_DATA_DIR": str(tmp_path)})
+    assert str(tmp_path) not in str(info.value)
+
+
+def test_security_settings_are_parsed() -> None:
+    cfg = Config.from_env(
+        {
+            "LEITSTAND_TOKEN": "t",
+            "LEITSTAND_DOMAINS_ALLOW": "Sensor-*, *.example.com",
+            "LEITSTAND_DOMAINS_DENY": "sensor-test",
+            "LEITSTAND_AUTH_FAIL_LIMIT": "5/h",
+            "LEITSTAND_RATE_LIMIT": "200/s",
+            "LEITSTAND_TRUSTED_PROXIES": "127.0.0.1, 10.0.0.0/8",
+            "LEITSTAND_FILE_MODE": "0640",
+        }
+    )
+    assert cfg.domains_allow == ("sensor-*", "*.example.com") and cfg.domains_deny == ("sensor-test",)
+    assert cfg.auth_fail_limit == (5, 3600.0) and cfg.rate_limit == (200, 1.0)
+    assert [str(n) for n in cfg.trusted_proxies] == ["127.0.0.1/32", "10.0.0.0/8"]
+    assert cfg.file_mode == 0o640
+    defaults = Config.from_env({"LEITSTAND_TOKEN": "t"})
+    assert defaults.auth_fail_limit == (10, 60.0) and defaults.rate_limit is None and defaults.file_mode == 0o600
+    assert Config.from_env({"LEITSTAND_TOKEN": "t", "LEITSTAND_AUTH_FAIL_LIMIT": "0"}).auth_fail_limit is None
 
 
 def test_defaults() -> None:
@@ -43,6 +86,12 @@ def test_values_are_parsed() -> None:
         ("LEITSTAND_PORT", "70000"),
         ("LEITSTAND_WORKERS", "0"),
         ("LEITSTAND_LOG_FORMAT", "xml"),
+        ("LEITSTAND_AUTH_FAIL_LIMIT", "ten"),
+        ("LEITSTAND_RATE_LIMIT", "5/fortnight"),
+        ("LEITSTAND_TRUSTED_PROXIES", "proxy.example.com"),
+        ("LEITSTAND_FILE_MODE", "0400"),
+        ("LEITSTAND_FILE_MODE", "rw"),
+        ("LEITSTAND_SSL_CERTFILE", "cert.pem"),
     ],
 )
 def test_bad_values_name_the_variable(name: str, value: str) -> None:
@@ -52,8 +101,8 @@ def test_bad_values_name_the_variable(name: str, value: str) -> None:
 
 
 def test_token_never_in_repr_or_description() -> None:
-    cfg = Config.from_env({"LEITSTAND_TOKEN": "s3cr3t-value"})
-    assert "s3cr3t-value" not in repr(cfg)
+    cfg = Config.from_env({"LEITSTAND_TOKEN": "s3cr3t-value,other-value"})
+    assert "s3cr3t-value" not in repr(cfg) and "other-value" not in repr(cfg)
     assert "s3cr3t-value" not in str(cfg.describe())
 
 

@@ -62,3 +62,13 @@ def test_long_names_are_shortened_deterministically_and_distinctly() -> None:
     assert name.endswith(".jsonl") and "_" in name and "/" not in name
     # A name that fits is never shortened, so the shortened form cannot be another domain's.
     assert domains.normalize(name.removesuffix(".jsonl")) is None
+
+
+def test_policy_allow_deny_globs() -> None:
+    policy = domains.Policy(["Sensor-*", "*.example.com"], ["sensor-test", "*.internal.example.com"])
+    assert policy.allows("sensor-1") and policy.allows("api.example.com")
+    assert not policy.allows("sensor-test")  # deny wins
+    assert not policy.allows("db.internal.example.com")
+    assert not policy.allows("example.com") and not policy.allows("billing")
+    assert domains.Policy().allows("anything")
+    assert not domains.Policy(deny=["*"]).allows("anything")

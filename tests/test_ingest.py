@@ -187,7 +187,7 @@ def test_one_log_line_per_request_on_stdout(server: Server) -> None:
     )
     assert "status=401" in lines[1]
     startup = next(x for x in server.output().splitlines() if " started " in x)
-    assert "version=0.1.0" in startup and "token=<redacted>" in startup
+    assert "version=0.1.0" in startup and "tokens=1 " in startup and TOKEN not in server.output()
     assert TOKEN not in server.output()
     assert str(server.data_dir) not in server.output()
 
