@@ -34,19 +34,41 @@ class Nginx:
         self.cert = tmp / "cert.pem"
         key = tmp / "key.pem"
         subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", key, "-out", self.cert, "-days", "1", "-subj", "/CN=localhost",
-             "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-            check=True, capture_output=True,
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                key,
+                "-out",
+                self.cert,
+                "-days",
+                "1",
+                "-subj",
+                "/CN=localhost",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            ],
+            check=True,
+            capture_output=True,
         )
         values = dict(zip(VARIABLES, (f"127.0.0.1:{self.port}", str(self.cert), str(key), upstream), strict=True))
         rendered = subprocess.run(
             ["envsubst", " ".join("$" + name for name in VARIABLES)],
-            input=TEMPLATE.read_bytes(), env=values, check=True, capture_output=True,
+            input=TEMPLATE.read_bytes(),
+            env=values,
+            check=True,
+            capture_output=True,
         ).stdout
         (tmp / "leitstand.conf").write_bytes(rendered)
-        temp_paths = "\n".join(f"    {kind}_temp_path {tmp}/{kind};" for kind in
-                               ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        temp_paths = "\n".join(
+            f"    {kind}_temp_path {tmp}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        )
         # What Debian's /etc/nginx/nginx.conf is to conf.d/: the frame around the shipped file.
         (tmp / "nginx.conf").write_text(
             f"pid {tmp}/nginx.pid;\nworker_processes 1;\nerror_log {tmp}/error.log notice;\n"
@@ -61,9 +83,18 @@ class Nginx:
 
     def start(self, timeout: float = 10.0) -> Nginx:
         # As root, nginx would run its worker as nobody, which cannot enter the test's temp dir.
-        argv = ["nginx", "-p", f"{self.tmp}/", "-e", f"{self.tmp}/error.log", "-c", f"{self.tmp}/nginx.conf",
-                "-g", "daemon off; user root;"]
-        check = subprocess.run([*argv[:-2], "-t"], capture_output=True, text=True)
+        argv = [
+            "nginx",
+            "-p",
+            f"{self.tmp}/",
+            "-e",
+            f"{self.tmp}/error.log",
+            "-c",
+            f"{self.tmp}/nginx.conf",
+            "-g",
+            "daemon off; user root;",
+        ]
+        check = subprocess.run([*argv[:-2], "-t"], check=False, capture_output=True, text=True)
         assert check.returncode == 0, check.stderr
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
@@ -97,8 +128,11 @@ def proxied(make_server: Any, tmp_path: Path) -> Iterator[tuple[Server, Nginx]]:
     # 127.0.0.1 by default; the variables say so explicitly for whichever setting applies.
     server = make_server(
         command="serve",
-        env={"LEITSTAND_LOG_FORMAT": "json", "FORWARDED_ALLOW_IPS": "127.0.0.1",
-             "LEITSTAND_TRUSTED_PROXIES": "127.0.0.1"},
+        env={
+            "LEITSTAND_LOG_FORMAT": "json",
+            "FORWARDED_ALLOW_IPS": "127.0.0.1",
+            "LEITSTAND_TRUSTED_PROXIES": "127.0.0.1",
+        },
     ).start()
     nginx_dir = tmp_path / "nginx"
     nginx_dir.mkdir()
@@ -145,13 +179,15 @@ def test_log_shows_the_client_address_not_a_forged_one(proxied: tuple[Server, Ng
     transport = httpx.HTTPTransport(local_address="127.0.0.2", verify=ssl.create_default_context(cafile=nginx.cert))
     with nginx.client(transport=transport) as client:
         response = client.post(
-            "/ingest/deploy.xff", content=b'{"n":1}',
+            "/ingest/deploy.xff",
+            content=b'{"n":1}',
             headers={"X-Auth": TOKEN, "X-Request-ID": "deploy-xff-1", "X-Forwarded-For": "203.0.113.7"},
         )
     assert response.status_code == 200
     deadline = time.monotonic() + 5
-    while not (entries := [e for e in map(orjson.loads, _json_lines(server.output()))
-                           if e.get("request_id") == "deploy-xff-1"]):
+    while not (
+        entries := [e for e in map(orjson.loads, _json_lines(server.output())) if e.get("request_id") == "deploy-xff-1"]
+    ):
         assert time.monotonic() < deadline, server.output()
         time.sleep(0.05)
     assert entries[0]["client"] == "127.0.0.2"
