@@ -105,6 +105,7 @@ class Nginx:
                 return self
             except OSError:
                 time.sleep(0.05)
+        self.stop()
         raise RuntimeError(f"nginx did not listen in {timeout}s:\n{self.error_log()}")
 
     def stop(self) -> None:
