@@ -49,7 +49,7 @@ class Summary:
     files: int = 0
     copied: int = 0
     skipped: int = 0
-    whole: list[str] = field(default_factory=list)
+    rewritten: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -100,7 +100,8 @@ class Backup:
                 _copy_new(src, partial, length, hasher, progress)
                 os.replace(partial, target)
                 summary.copied += length
-                summary.whole.append(name)
+                if recorded is not None:
+                    summary.rewritten.append(name)
         return {"size": length, "sha256": hasher.hexdigest()}
 
 

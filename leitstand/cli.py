@@ -128,8 +128,8 @@ def _backup(args: argparse.Namespace) -> int:
             summary = run.run(lambda n: bar.advance(task, n))
     else:
         summary = run.run()
-    for name in summary.whole:
-        print(f"copied whole: {name}")
+    for name in summary.rewritten:
+        print(f"copied whole: {name} (truncated or rewritten since the last backup, or missing in DEST)")
     print(f"backup: {summary.files} files, {summary.copied} bytes copied, {summary.skipped} bytes skipped, "
           f"{summary.seconds:.2f} s")
     return 0
