@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import pty
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from conftest import Load, Server, read_lines, run_cli
+from conftest import ROOT, Load, Server, read_lines, run_cli
 
 SUMMARY = re.compile(r"backup: (\d+) files, (\d+) bytes copied, (\d+) bytes skipped, [\d.]+ s")
 
@@ -88,7 +92,7 @@ def test_truncated_or_rewritten_file_is_copied_whole(tmp_path: Path) -> None:
     (source / "short.jsonl").write_bytes(b'{"domain":"short","v":1}\n')
     (source / "same.jsonl").write_bytes(b'{"domain":"same","v":2}\n' * 4)
     (source / "longer.jsonl").write_bytes(b'{"domain":"longer","v":2}\n' * 8)
-    (files, copied, skipped), rewritten = backup(source, dest)
+    (_, copied, skipped), rewritten = backup(source, dest)
     assert sorted(rewritten) == [f"copied whole: {n}.jsonl (truncated or rewritten since the last backup, or missing in "
                                  "DEST)" for n in ("longer", "same", "short")]
     assert copied == sum((source / f"{n}.jsonl").stat().st_size for n in ("short", "same", "longer"))
@@ -161,3 +165,29 @@ def test_restore_reports_a_copy_that_differs_from_the_manifest(tmp_path: Path) -
     result = run_cli("restore", str(dest), "--data-dir", str(tmp_path / "restored"))
     assert result.returncode == 1
     assert "PROBLEM   a.jsonl: differs from the backup manifest" in result.stdout
+
+
+def test_backup_shows_progress_on_a_terminal_only(tmp_path: Path) -> None:
+    source = tmp_path / "data"
+    source.mkdir()
+    (source / "a.jsonl").write_bytes(b'{"domain":"a"}\n' * 1000)
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "leitstand", "backup", str(tmp_path / "b"), "--data-dir", str(source)],
+                            cwd=ROOT, stdout=terminal, stderr=subprocess.PIPE)
+    os.close(terminal)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # EIO: the terminal's last writer is gone
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(controller)
+    assert proc.wait(30) == 0
+    assert b"\x1b[?25l" in shown, "rich's live display hides the cursor while it shows progress"
+    assert SUMMARY.search(shown.decode())
+
+    piped = run_cli("backup", str(tmp_path / "c"), "--data-dir", str(source))
+    assert "\x1b" not in piped.stdout and len(piped.stdout.splitlines()) == 1
