@@ -154,9 +154,10 @@ def _stats(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("domain", "events", "bytes", "first", "last")
+    columns = ("domain", "events", "bytes", "first", "last")
+    table = Table(*columns)
     for row in rows:
-        table.add_row(*(str(row[key] or "-") for key in ("domain", "events", "bytes", "first", "last")))
+        table.add_row(*("-" if row[key] is None else str(row[key]) for key in columns))
     Console().print(table)
     return 0
 
