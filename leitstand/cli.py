@@ -181,9 +181,12 @@ def _tail(args: argparse.Namespace) -> int:
     out.write(text)
     out.flush()
     if args.f:
-        for lines in tail.follow(path, end):
-            out.write(lines)
-            out.flush()
+        try:
+            for lines in tail.follow(path, end):
+                out.write(lines)
+                out.flush()
+        except KeyboardInterrupt:
+            pass  # Ctrl+C is how -f is meant to end.
     return 0
 
 
@@ -219,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         code = _COMMANDS[args.command](args)
     except KeyboardInterrupt:
-        code = 0
+        code = 130  # 128 + SIGINT, as a shell reports it
     except BrokenPipeError:
         # The reader went away (`| head`): nothing more to say, and nothing to flush.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

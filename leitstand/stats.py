@@ -10,10 +10,12 @@ time, the first time is unknown (``None``).
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from leitstand import datadir, domains
 
@@ -47,8 +49,14 @@ def stats(directory: Path) -> list[DomainStats]:
     return found
 
 
+@functools.cache
+def _statx() -> Any:
+    """glibc's statx (2.28 and later), or None: Python 3.11 has no birth time on Linux."""
+    return getattr(ctypes.CDLL(None, use_errno=True), "statx", None)
+
+
 def _birth_time(path: Path) -> float | None:
-    statx = getattr(ctypes.CDLL(None, use_errno=True), "statx", None)
+    statx = _statx()
     if statx is None:
         return None
     buf = ctypes.create_string_buffer(_STATX_SIZE)
