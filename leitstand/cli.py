@@ -1,7 +1,9 @@
-"""The command line: ``leitstand serve`` and friends.
+"""The command line: ``leitstand serve`` and the operator commands.
 
-Every flag mirrors a ``LEITSTAND_*`` variable; a flag given wins over the environment and
-is handed to the worker processes through it.
+Every flag of ``serve`` mirrors a ``LEITSTAND_*`` variable; a flag given wins over the
+environment and is handed to the worker processes through it. The operator commands find
+the data dir the same way (``--data-dir`` or ``LEITSTAND_DATA_DIR``). This module only
+parses and prints; exit codes: 0 all well, 1 problems found, 2 the command could not run.
 """
 
 from __future__ import annotations
@@ -9,9 +11,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NoReturn
 
-from leitstand import __version__, config, logs
+import orjson
+
+from leitstand import __version__, backup, config, configcheck, domains, journal, logs, stats, tail, verify
+from leitstand.datadir import Kind
 
 # The token has no flag: a flag shows up in `ps` for every user on the machine.
 _FLAGGED = [s for s in config.SETTINGS if s.env != "LEITSTAND_TOKEN"]
@@ -33,6 +41,21 @@ def _parser() -> argparse.ArgumentParser:
             metavar=setting.env.removeprefix("LEITSTAND_"),
             help=f"{setting.meaning} (env {setting.env}, default {setting.default})",
         )
+    data = argparse.ArgumentParser(add_help=False)
+    data.add_argument("--data-dir", type=Path, help="the data dir (default: LEITSTAND_DATA_DIR, else ./data)")
+    check = commands.add_parser("verify", parents=[data], help="check every journal file; exit 1 on problems")
+    check.add_argument("--repair", action="store_true", help="set torn tails aside, as the server does at start")
+    save = commands.add_parser("backup", parents=[data], help="copy the journal files to DEST, online, incrementally")
+    save.add_argument("dest", type=Path, metavar="DEST")
+    load = commands.add_parser("restore", parents=[data], help="copy a backup into an empty data dir, then verify")
+    load.add_argument("source", type=Path, metavar="SRC")
+    count = commands.add_parser("stats", parents=[data], help="events, bytes, first and last event time per domain")
+    count.add_argument("--json", action="store_true", help="machine-readable output")
+    follow = commands.add_parser("tail", parents=[data], help="the last lines of a domain's file")
+    follow.add_argument("domain", metavar="DOMAIN")
+    follow.add_argument("-n", type=int, default=10, metavar="N", help="how many lines (default 10)")
+    follow.add_argument("-f", action="store_true", help="keep printing lines as they are appended")
+    commands.add_parser("check-config", parents=[data], help="the effective settings and the problems they have")
     return parser
 
 
@@ -64,10 +87,156 @@ def serve(args: argparse.Namespace) -> None:
     )
 
 
+def _data_dir(args: argparse.Namespace) -> Path:
+    given: Path | None = args.data_dir
+    return given or Path(os.environ.get("LEITSTAND_DATA_DIR", "").strip() or config.DEFAULTS["LEITSTAND_DATA_DIR"])
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"leitstand: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def _verify(args: argparse.Namespace) -> int:
+    directory = _data_dir(args)
+    if args.repair:
+        for name, nbytes in sorted(journal.repair(directory).items()):
+            print(f"repaired  {name}: torn tail of {nbytes} bytes set aside")
+    return _print_verify(directory)
+
+
+def _print_verify(directory: Path) -> int:
+    reports = verify.verify(directory)
+    problems = 0
+    for report in reports:
+        if report.kind is Kind.PROBE:
+            print(f"ignored   {report.name}: probe file of the server (harmless; a crash can leave one)")
+        elif not report.problems:
+            print(f"ok        {report.name}: {report.lines} lines")
+        for problem in report.problems:
+            print(f"PROBLEM   {report.name}: {problem}")
+        if report.hidden:
+            print(f"PROBLEM   {report.name}: and {report.hidden} more")
+        problems += len(report.problems) + report.hidden
+    print(f"verify: {len(reports)} files, {problems} problems")
+    return 1 if problems else 0
+
+
+def _backup(args: argparse.Namespace) -> int:
+    run = backup.prepare(_data_dir(args), args.dest)
+    if sys.stdout.isatty():
+        from rich.progress import Progress
+
+        with Progress(transient=True) as bar:
+            task = bar.add_task("backup", total=run.total)
+            summary = run.run(lambda n: bar.advance(task, n))
+    else:
+        summary = run.run()
+    for name in summary.rewritten:
+        print(f"copied whole: {name} (truncated or rewritten since the last backup, or missing in DEST)")
+    print(f"backup: {summary.files} files, {summary.copied} bytes copied, {summary.skipped} bytes skipped, "
+          f"{summary.seconds:.2f} s")
+    return 0
+
+
+def _restore(args: argparse.Namespace) -> int:
+    target = _data_dir(args)
+    done = backup.restore(args.source, target)
+    print(f"restore: {done.files} files, {done.bytes} bytes")
+    for name in done.mismatched:
+        print(f"PROBLEM   {name}: differs from the backup manifest (size or sha256)")
+    return max(_print_verify(target), 1 if done.mismatched else 0)
+
+
+def _stats(args: argparse.Namespace) -> int:
+    found = stats.stats(_data_dir(args))
+    rows = [{"domain": s.domain, "file": s.file, "events": s.events, "bytes": s.bytes,
+             "first": _utc(s.first), "last": _utc(s.last)} for s in found]
+    if args.json:
+        print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    columns = ("domain", "events", "bytes", "first", "last")
+    table = Table(*columns)
+    for row in rows:
+        table.add_row(*("-" if row[key] is None else str(row[key]) for key in columns))
+    Console().print(table)
+    return 0
+
+
+def _utc(when: float | None) -> str | None:
+    return None if when is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
+
+
+def _tail(args: argparse.Namespace) -> int:
+    domain = domains.normalize(args.domain)
+    if domain is None:
+        _fail(f"invalid domain {args.domain!r}: use lowercase letters, digits and '-', in labels separated by dots")
+    path = _data_dir(args) / domains.file_name(domain)
+    out = sys.stdout.buffer
+    try:
+        text, end = tail.last(path, args.n)
+    except FileNotFoundError:
+        if not args.f:
+            _fail(f"no events for {domain} in the data dir yet")
+        text, end = b"", 0
+    out.write(text)
+    out.flush()
+    if args.f:
+        try:
+            for lines in tail.follow(path, end):
+                out.write(lines)
+                out.flush()
+        except KeyboardInterrupt:
+            pass  # Ctrl+C is how -f is meant to end.
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    environ = dict(os.environ)
+    if args.data_dir is not None:
+        environ["LEITSTAND_DATA_DIR"] = str(args.data_dir)
+    checkup = configcheck.check(environ)
+    width = max(len(s.env) for s in checkup.settings)
+    for shown in checkup.settings:
+        print(f"{shown.env:<{width}}  {shown.value}  ({shown.source})")
+    for problem in checkup.problems:
+        print(f"PROBLEM  {problem}")
+    print(f"check-config: {len(checkup.problems)} problems")
+    return 1 if checkup.problems else 0
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "verify": _verify,
+    "backup": _backup,
+    "restore": _restore,
+    "stats": _stats,
+    "tail": _tail,
+    "check-config": _check_config,
+}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         serve(args)
+        return
+    try:
+        code = _COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        code = 130  # 128 + SIGINT, as a shell reports it
+    except BrokenPipeError:
+        # The reader went away (`| head`): nothing more to say, and nothing to flush.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
+    except backup.BackupError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        _fail(f"{(exc.strerror or str(exc)).lower()}{where}")
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":

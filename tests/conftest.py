@@ -153,6 +153,15 @@ class Server:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``python -m leitstand ARGS`` as an operator runs it, with no LEITSTAND_* but those in ``env``."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("LEITSTAND_")} | (env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "leitstand", *args], cwd=ROOT, env=full_env, capture_output=True, text=True,
+        timeout=timeout, check=False,
+    )
+
+
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
     return tmp_path / "data"

@@ -1,0 +1,122 @@
+"""The data directory seen from outside the server: which file is what, and how much of it is whole.
+
+The operator commands (verify, backup, stats, tail, check-config) read the files while
+the service may be appending. A commit holds ``flock`` across write and sync, so the
+length read under that lock, cut back to the last ``\\n``, is a prefix that no running
+server changes any more: the journal only appends, and cuts a file back only to a
+length it had when the lock was last released.
+"""
+
+from __future__ import annotations
+
+import enum
+import fcntl
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from leitstand import domains, journal
+
+_READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
+CHUNK = 1 << 16
+_TORN = re.compile(r"(?P<journal>.+\.jsonl)\.torn-\d{8}T\d{6}Z(?:-\d+)?")
+# A name shortened by domains.file_name: the first labels, "_", 16 hex digits of the hash.
+_SHORTENED = re.compile(r"[a-z0-9.-]+_[0-9a-f]{16}\.jsonl")
+
+
+class Kind(enum.Enum):
+    JOURNAL = "journal"
+    TORN = "torn"
+    PROBE = "probe"
+    STRAY = "stray"
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    kind: Kind
+
+
+def kind_of(name: str, *, regular_file: bool = True) -> Kind:
+    """What the file ``name`` is: a journal, a set-aside torn tail, a probe, or a stray."""
+    if not regular_file:
+        return Kind.STRAY
+    if name.startswith(journal.PROBE + "-"):
+        return Kind.PROBE
+    torn = _TORN.fullmatch(name)
+    if torn is not None and is_journal_name(torn["journal"]):
+        return Kind.TORN
+    return Kind.JOURNAL if is_journal_name(name) else Kind.STRAY
+
+
+def is_journal_name(name: str) -> bool:
+    """Whether some valid domain owns the file ``name``."""
+    if not name.endswith(domains.SUFFIX):
+        return False
+    if len(name) == domains.MAX_FILE_NAME and _SHORTENED.fullmatch(name):
+        return True
+    domain = name.removesuffix(domains.SUFFIX)
+    return domains.normalize(domain) == domain and domains.file_name(domain) == name
+
+
+def scan(directory: Path) -> list[Entry]:
+    """Every entry of ``directory``, sorted by name; symbolic links and directories are strays."""
+    with os.scandir(directory) as entries:
+        found = [Entry(e.name, kind_of(e.name, regular_file=e.is_file(follow_symlinks=False))) for e in entries]
+    return sorted(found, key=lambda e: e.name)
+
+
+def journal_names(directory: Path) -> list[str]:
+    return [e.name for e in scan(directory) if e.kind is Kind.JOURNAL]
+
+
+@contextmanager
+def opened(path: Path) -> Iterator[int]:
+    """A read-only descriptor that never follows a symbolic link."""
+    fd = os.open(path, _READ_FLAGS)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class Length:
+    """How long a file was between two commits, and where its last whole line ends."""
+
+    size: int
+    whole: int
+
+    @property
+    def torn(self) -> bool:
+        return self.whole != self.size
+
+
+def length(fd: int) -> Length:
+    """The file's length between two commits: taken under the journal's lock, held only for a moment."""
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    try:
+        size = os.fstat(fd).st_size
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    return Length(size, journal.last_line_end(fd, size))
+
+
+def read_range(fd: int, start: int, end: int) -> Iterator[bytes]:
+    """The bytes from ``start`` to ``end`` in chunks."""
+    for offset in range(start, end, CHUNK):
+        chunk = os.pread(fd, min(CHUNK, end - offset), offset)
+        if not chunk:
+            raise OSError(f"file shrank while being read, at byte {offset}")
+        yield chunk
+
+
+def lines(fd: int, end: int) -> Iterator[bytes]:
+    """The lines before ``end``, without their ``\\n``; ``end`` is where a line ends."""
+    rest = b""
+    for chunk in read_range(fd, 0, end):
+        *complete, rest = (rest + chunk).split(b"\n")
+        yield from complete

@@ -1,0 +1,79 @@
+"""Verify: proof that a data dir holds only whole, parseable lines, each in the file of its domain.
+
+It reads while the service runs: each file is checked up to its length between two
+commits (see :mod:`leitstand.datadir`), so a write under way is never taken for a torn tail.
+Probe files (``.leitstand-probe-*``) are the server's own: it makes and removes one on
+every start and ``/ready``; a crash in between can leave one behind, harmless. They are
+listed as ignored, not as a problem.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+
+from leitstand import datadir, domains
+from leitstand.datadir import Kind
+
+# Enough to show what is wrong with a file without flooding the terminal.
+_MAX_SHOWN = 5
+
+
+@dataclass
+class FileReport:
+    name: str
+    kind: Kind
+    lines: int = 0
+    problems: list[str] = field(default_factory=list)
+    hidden: int = 0
+
+    def add(self, problem: str) -> None:
+        if len(self.problems) < _MAX_SHOWN:
+            self.problems.append(problem)
+        else:
+            self.hidden += 1
+
+
+def verify(directory: Path) -> list[FileReport]:
+    """One report per entry of ``directory``; problems are phrased for the operator."""
+    reports = []
+    for entry in datadir.scan(directory):
+        report = FileReport(entry.name, entry.kind)
+        if entry.kind is Kind.JOURNAL:
+            _check_journal(directory / entry.name, report)
+        elif entry.kind is Kind.TORN:
+            report.add("torn tail set aside by the server or verify --repair: look at it, then move it away")
+        elif entry.kind is Kind.STRAY:
+            report.add("stray file, not a journal: move it out of the data dir")
+        reports.append(report)
+    return reports
+
+
+def _check_journal(path: Path, report: FileReport) -> None:
+    with datadir.opened(path) as fd:
+        length = datadir.length(fd)
+        for number, line in enumerate(datadir.lines(fd, length.whole), 1):
+            report.lines = number
+            problem = _line_problem(line, report.name)
+            if problem:
+                report.add(f"line {number}: {problem}")
+    if length.torn:
+        report.add(f"torn tail: {length.size - length.whole} bytes after the last complete line "
+                   "(verify --repair sets it aside)")
+
+
+def _line_problem(line: bytes, name: str) -> str | None:
+    try:
+        event = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return "not JSON"
+    if type(event) is not dict:
+        return "not a JSON object"
+    domain = event.get("domain")
+    if type(domain) is not str or domains.normalize(domain) != domain:
+        return "no valid domain"
+    if domains.file_name(domain) != name:
+        return f"domain {domain!r} belongs in {domains.file_name(domain)}"
+    return None
