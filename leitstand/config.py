@@ -179,13 +179,7 @@ class Config:
 def load(environ: Mapping[str, str] | None = None) -> Config:
     """The settings, once the data directory has proved that it takes durable writes."""
     config = Config.from_env(environ)
-    config.keyring()
-    for name, tls_file in (
-        ("LEITSTAND_SSL_CERTFILE", config.ssl_certfile),
-        ("LEITSTAND_SSL_KEYFILE", config.ssl_keyfile),
-    ):
-        if tls_file is not None and not os.access(tls_file, os.R_OK):
-            raise ConfigError(f"{name} cannot be read: point it at a readable PEM file")
+    check_files(config)
     try:
         journal.probe(config.data_dir)
     except OSError as exc:
@@ -194,6 +188,17 @@ def load(environ: Mapping[str, str] | None = None) -> Config:
             "point LEITSTAND_DATA_DIR at a writable directory with free space"
         ) from None
     return config
+
+
+def check_files(config: Config) -> None:
+    """Raise :class:`ConfigError` if the token file or a TLS file named in ``config`` is not usable."""
+    config.keyring()
+    for name, tls_file in (
+        ("LEITSTAND_SSL_CERTFILE", config.ssl_certfile),
+        ("LEITSTAND_SSL_KEYFILE", config.ssl_keyfile),
+    ):
+        if tls_file is not None and not os.access(tls_file, os.R_OK):
+            raise ConfigError(f"{name} cannot be read: point it at a readable PEM file")
 
 
 def _int(name: str, raw: str, minimum: int, maximum: int | None = None) -> int:

@@ -50,10 +50,16 @@ def _settings(environ: Mapping[str, str], problems: list[str]) -> config.Config 
     """The parsed settings; a missing token is reported, and the rest still checked with a stand-in."""
     for env in (environ, {**environ, "LEITSTAND_TOKEN": "stand-in"}):
         try:
-            return config.Config.from_env(env)
+            settings = config.Config.from_env(env)
         except config.ConfigError as exc:
             if str(exc) not in problems:
                 problems.append(str(exc))
+            continue
+        try:
+            config.check_files(settings)
+        except config.ConfigError as exc:
+            problems.append(str(exc))
+        return settings
     return None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import selectors
 import signal
 import subprocess
@@ -93,8 +94,8 @@ def test_check_config_redacts_the_token(tmp_path: Path) -> None:
     result = run_cli("check-config", env=env)
     assert result.returncode == 0, result.stdout
     assert secret not in result.stdout + result.stderr
-    assert "LEITSTAND_TOKEN           <redacted>  (env)" in result.stdout
-    assert "LEITSTAND_MAX_BODY        1MiB  (default)" in result.stdout
+    assert re.search(r"^LEITSTAND_TOKEN +<redacted>  \(env\)$", result.stdout, re.M)
+    assert re.search(r"^LEITSTAND_MAX_BODY +1MiB  \(default\)$", result.stdout, re.M)
     assert "check-config: 0 problems" in result.stdout
     assert not (tmp_path / "data").exists(), "check-config creates nothing"
 
@@ -108,7 +109,7 @@ def test_check_config_reports_problems(tmp_path: Path) -> None:
     env = {"LEITSTAND_DATA_DIR": str(data), "LEITSTAND_PORT": "http"}
     result = run_cli("check-config", env=env)
     assert result.returncode == 1
-    assert "LEITSTAND_TOKEN           (not set)  (default)" in result.stdout
+    assert re.search(r"^LEITSTAND_TOKEN +\(not set\)  \(default\)$", result.stdout, re.M)
     assert "PROBLEM  LEITSTAND_TOKEN is not set" in result.stdout
     assert "PROBLEM  LEITSTAND_PORT='http' is not a number" in result.stdout
 
@@ -124,3 +125,8 @@ def test_check_config_reports_problems(tmp_path: Path) -> None:
     result = run_cli("check-config", env=env)
     assert result.returncode == 1
     assert "PROBLEM  LEITSTAND_DATA_DIR" in result.stdout and "not a directory" in result.stdout
+
+    env = {"LEITSTAND_TOKEN_FILE": str(tmp_path / "no-tokens"), "LEITSTAND_DATA_DIR": str(data)}
+    result = run_cli("check-config", env=env)
+    assert result.returncode == 1
+    assert "PROBLEM  LEITSTAND_TOKEN_FILE is not usable: cannot read it" in result.stdout
