@@ -171,8 +171,9 @@ def test_systemd_unit_is_sandboxed() -> None:
         assert keys[key] == [value], key
     env = dict(value.split("=", 1) for value in keys["Environment"])
     assert keys["ReadWritePaths"] == [env["LEITSTAND_DATA_DIR"]] == ["/var/lib/" + keys["StateDirectory"][0]]
-    credential = keys["LoadCredential"][0].split(":")[0]
-    assert env["LEITSTAND_TOKEN_FILE"] == "%d/" + credential
+    # Rotation without a restart: the token file is read in place and SIGHUP re-reads it.
+    assert env["LEITSTAND_TOKEN_FILE"] == "/etc/leitstand/tokens" and "LoadCredential" not in keys
+    assert keys["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
 
 
 def test_systemd_env_file_sets_only_known_settings() -> None:
