@@ -35,33 +35,15 @@ def test_an_unusable_token_file_stops_the_start(tmp_path: Path, content: str | N
     assert str(tmp_path) not in str(info.value)
 
 
-def test_security_settings_are_parsed() -> None:
-    cfg = Config.from_env(
-        {
-            "LEITSTAND_TOKEN": "t",
-            "LEITSTAND_DOMAINS_ALLOW": "Sensor-*, *.example.com",
-            "LEITSTAND_DOMAINS_DENY": "sensor-test",
-            "LEITSTAND_AUTH_FAIL_LIMIT": "5/h",
-            "LEITSTAND_RATE_LIMIT": "200/s",
-            "LEITSTAND_TRUSTED_PROXIES": "127.0.0.1, 10.0.0.0/8",
-            "LEITSTAND_FILE_MODE": "0640",
-        }
-    )
-    assert cfg.domains_allow == ("sensor-*", "*.example.com") and cfg.domains_deny == ("sensor-test",)
-    assert cfg.auth_fail_limit == (5, 3600.0) and cfg.rate_limit == (200, 1.0)
-    assert [str(n) for n in cfg.trusted_proxies] == ["127.0.0.1/32", "10.0.0.0/8"]
-    assert cfg.file_mode == 0o640
-    defaults = Config.from_env({"LEITSTAND_TOKEN": "t"})
-    assert defaults.auth_fail_limit == (10, 60.0) and defaults.rate_limit is None and defaults.file_mode == 0o600
-    assert Config.from_env({"LEITSTAND_TOKEN": "t", "LEITSTAND_AUTH_FAIL_LIMIT": "0"}).auth_fail_limit is None
-
-
 def test_defaults() -> None:
     cfg = Config.from_env({"LEITSTAND_TOKEN": "t"})
     assert cfg.data_dir == Path("data")
     assert cfg.max_body == 1 << 20
     assert cfg.fsync is True
     assert (cfg.host, cfg.port, cfg.workers) == ("0.0.0.0", 8788, 1)
+    assert cfg.domains_allow == cfg.domains_deny == cfg.trusted_proxies == ()
+    assert cfg.auth_fail_limit == (10, 60.0) and cfg.rate_limit is None and cfg.file_mode == 0o600
+    assert Config.from_env({"LEITSTAND_TOKEN": "t", "LEITSTAND_AUTH_FAIL_LIMIT": "0"}).auth_fail_limit is None
 
 
 def test_values_are_parsed() -> None:
@@ -72,9 +54,19 @@ def test_values_are_parsed() -> None:
             "LEITSTAND_FSYNC": "never",
             "LEITSTAND_LOG_FORMAT": "JSON",
             "LEITSTAND_WORKERS": "2",
+            "LEITSTAND_DOMAINS_ALLOW": "Sensor-*, *.example.com",
+            "LEITSTAND_DOMAINS_DENY": "sensor-test",
+            "LEITSTAND_AUTH_FAIL_LIMIT": "5/h",
+            "LEITSTAND_RATE_LIMIT": "200/s",
+            "LEITSTAND_TRUSTED_PROXIES": "127.0.0.1, 10.0.0.0/8",
+            "LEITSTAND_FILE_MODE": "0640",
         }
     )
     assert (cfg.max_body, cfg.fsync, cfg.log_format, cfg.workers) == (512 << 10, False, "json", 2)
+    assert cfg.domains_allow == ("sensor-*", "*.example.com") and cfg.domains_deny == ("sensor-test",)
+    assert cfg.auth_fail_limit == (5, 3600.0) and cfg.rate_limit == (200, 1.0)
+    assert [str(n) for n in cfg.trusted_proxies] == ["127.0.0.1/32", "10.0.0.0/8"]
+    assert cfg.file_mode == 0o640
 
 
 @pytest.mark.parametrize(
