@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from leitstand import auth, journal, ratelimit
+from leitstand import auth, events, journal, ratelimit
 from leitstand.proxies import Network, parse_networks
 
 
@@ -44,6 +44,14 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("LEITSTAND_DATA_DIR", "data", "Directory of the <domain>.jsonl files; created if missing."),
     Setting("LEITSTAND_MAX_BODY", "1MiB", "Largest request body, also after gzip decompression."),
+    Setting("LEITSTAND_MAX_EVENTS", "10000", "Most events in one request; more is 413 too many events."),
+    Setting("LEITSTAND_MAX_EVENT_SIZE", "256KiB", "Largest stored line of one event; larger is 413 event too large."),
+    Setting(
+        "LEITSTAND_MAX_DEPTH",
+        str(events.MAX_DEPTH),
+        f"Deepest nesting of one event (1 to {events.MAX_DEPTH}); deeper is 400 json too deep.",
+    ),
+    Setting("LEITSTAND_BODY_TIMEOUT", "30", "Seconds a client has to send its whole body; slower is 408."),
     Setting("LEITSTAND_FSYNC", "always", "always: 200 only after fdatasync. never: throwaway data only."),
     Setting("LEITSTAND_MAX_OPEN_FILES", "256", "Journal files kept open at once (least recently used closed)."),
     Setting("LEITSTAND_LOG_FORMAT", "text", "text or json, one line per request on stdout."),
@@ -87,6 +95,8 @@ class Config:
     token_file: Path | None = None
     data_dir: Path = Path("data")
     max_body: int = 1 << 20
+    limits: events.Limits = field(default_factory=events.Limits)
+    body_timeout: int = 30
     fsync: bool = True
     max_open_files: int = 256
     log_format: str = "text"
@@ -130,6 +140,12 @@ class Config:
             token_file=path("LEITSTAND_TOKEN_FILE"),
             data_dir=Path(get("LEITSTAND_DATA_DIR")),
             max_body=_size("LEITSTAND_MAX_BODY", get("LEITSTAND_MAX_BODY")),
+            limits=events.Limits(
+                events=_int("LEITSTAND_MAX_EVENTS", get("LEITSTAND_MAX_EVENTS"), 1),
+                event_size=_size("LEITSTAND_MAX_EVENT_SIZE", get("LEITSTAND_MAX_EVENT_SIZE")),
+                depth=_int("LEITSTAND_MAX_DEPTH", get("LEITSTAND_MAX_DEPTH"), 1, events.MAX_DEPTH),
+            ),
+            body_timeout=_int("LEITSTAND_BODY_TIMEOUT", get("LEITSTAND_BODY_TIMEOUT"), 1),
             fsync=_choice("LEITSTAND_FSYNC", get("LEITSTAND_FSYNC"), ("always", "never")) == "always",
             max_open_files=_int("LEITSTAND_MAX_OPEN_FILES", get("LEITSTAND_MAX_OPEN_FILES"), 1),
             log_format=_choice("LEITSTAND_LOG_FORMAT", get("LEITSTAND_LOG_FORMAT"), ("text", "json")),
@@ -162,6 +178,10 @@ class Config:
         return {
             "token_file": self.token_file is not None,
             "max_body": self.max_body,
+            "max_events": self.limits.events,
+            "max_event_size": self.limits.event_size,
+            "max_depth": self.limits.depth,
+            "body_timeout": self.body_timeout,
             "fsync": "always" if self.fsync else "never",
             "max_open_files": self.max_open_files,
             "log_format": self.log_format,

@@ -21,6 +21,7 @@ import orjson
 
 from leitstand import __version__, domains, events
 from leitstand.config import Config
+from leitstand.deadlines import Deadlines, Expired
 from leitstand.journal import Journal, StorageFull, StorageRefused, StorageUnavailable, probe, reason
 from leitstand.logs import RequestLog
 from leitstand.openapi import DOCS_HTML, OPENAPI
@@ -41,6 +42,7 @@ _RID_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012
 _RETRY_AFTER = (b"retry-after", b"1")
 # How often the token file is checked for changes.
 _TOKEN_FILE_POLL = 1.0
+_CLOSE = (b"connection", b"close")
 
 
 class ClientGone(Exception):
@@ -124,6 +126,7 @@ class Leitstand:
         )
         self._watch: asyncio.Task[None] | None = None
         self.request_log = request_log
+        self.body_deadlines = Deadlines(config.body_timeout)
         self._ids = itertools.count(1)
         self._id_prefix = secrets.token_hex(4) + "-"
         self._routes: dict[str, tuple[str, Callable[[], Awaitable[Response]]]] = {
@@ -287,7 +290,11 @@ class Leitstand:
             return _text(413, "payload too large") if length.isdigit() else _text(400, "invalid content-length")
         if encoding not in (None, b"identity", b"gzip"):
             return _text(415, "unsupported content-encoding")
-        body = await _read_body(receive, limit)
+        try:
+            # One deadline for the whole body: a client trickling it byte by byte is cut off.
+            body = await self.body_deadlines.run(_read_body(receive, limit))
+        except Expired:
+            return _text(408, "request timeout", _CLOSE)
         if body is None:
             return _text(413, "payload too large")
         nbytes = len(body)
@@ -301,9 +308,11 @@ class Leitstand:
         content_type = headers.content_type
         ndjson = content_type is not None and content_type.split(b";", 1)[0].strip().lower() in _NDJSON_TYPES
         try:
-            lines, count = events.encode(body, domain, ndjson=ndjson)
+            lines, count = events.encode(body, domain, ndjson=ndjson, limits=self.config.limits)
             if count:
                 await self.journal.append(domains.file_name(domain), lines)
+        except events.TooLarge as exc:
+            response = _text(413, exc.reason)
         except events.PayloadError as exc:
             response = _text(400, exc.reason)
         except StorageFull:

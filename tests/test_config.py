@@ -44,6 +44,8 @@ def test_defaults() -> None:
     assert cfg.domains_allow == cfg.domains_deny == cfg.trusted_proxies == ()
     assert cfg.auth_fail_limit == (10, 60.0) and cfg.rate_limit is None and cfg.file_mode == 0o600
     assert Config.from_env({"LEITSTAND_TOKEN": "t", "LEITSTAND_AUTH_FAIL_LIMIT": "0"}).auth_fail_limit is None
+    assert (cfg.limits.events, cfg.limits.event_size, cfg.limits.depth) == (10000, 256 << 10, 254)
+    assert cfg.body_timeout == 30
 
 
 def test_values_are_parsed() -> None:
@@ -69,6 +71,19 @@ def test_values_are_parsed() -> None:
     assert cfg.file_mode == 0o640
 
 
+def test_limits_are_parsed() -> None:
+    cfg = Config.from_env(
+        {
+            "LEITSTAND_TOKEN": "t",
+            "LEITSTAND_MAX_EVENTS": "5",
+            "LEITSTAND_MAX_EVENT_SIZE": "1KiB",
+            "LEITSTAND_MAX_DEPTH": "16",
+            "LEITSTAND_BODY_TIMEOUT": "2",
+        }
+    )
+    assert (cfg.limits.events, cfg.limits.event_size, cfg.limits.depth, cfg.body_timeout) == (5, 1024, 16, 2)
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [
@@ -84,6 +99,11 @@ def test_values_are_parsed() -> None:
         ("LEITSTAND_FILE_MODE", "0400"),
         ("LEITSTAND_FILE_MODE", "rw"),
         ("LEITSTAND_SSL_CERTFILE", "cert.pem"),
+        ("LEITSTAND_MAX_EVENTS", "0"),
+        ("LEITSTAND_MAX_EVENT_SIZE", "big"),
+        ("LEITSTAND_MAX_DEPTH", "400"),
+        ("LEITSTAND_MAX_DEPTH", "0"),
+        ("LEITSTAND_BODY_TIMEOUT", "0"),
     ],
 )
 def test_bad_values_name_the_variable(name: str, value: str) -> None:
