@@ -18,7 +18,8 @@ MAX_FILE_NAME = 255
 _REMEMBERED = 4096
 
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
-_DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+PATTERN = rf"{_LABEL}(?:\.{_LABEL})*"
+_DOMAIN = re.compile(PATTERN)
 
 
 def normalize(raw: str) -> str | None:

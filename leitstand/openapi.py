@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from leitstand import __version__
+from leitstand import __version__, domains
 
 
 def _text(description: str) -> dict[str, Any]:
@@ -43,8 +43,11 @@ OPENAPI: dict[str, Any] = {
                         "name": "domain",
                         "in": "path",
                         "required": True,
-                        "description": "Dot-separated labels of a-z, 0-9 and '-' (each 1-63, at most 253 in all).",
-                        "schema": {"type": "string", "maxLength": 253},
+                        "description": (
+                            "Dot-separated labels of a-z, 0-9 and '-' (each 1-63, at most 253 in all); "
+                            "stripped and lowercased first"
+                        ),
+                        "schema": {"type": "string", "maxLength": 253, "pattern": f"^{domains.PATTERN}$"},
                     },
                     {"name": "X-Request-ID", "in": "header", "required": False, "schema": {"type": "string"}},
                 ],
@@ -57,10 +60,17 @@ OPENAPI: dict[str, Any] = {
                 },
                 "responses": {
                     "200": _text("ok: every event is on disk (fdatasync'ed)"),
-                    "400": _text("invalid domain, invalid json, invalid payload, domain mismatch, invalid gzip"),
+                    "400": _text(
+                        "invalid domain, invalid json, number out of range, duplicate key, json too deep, "
+                        "invalid payload, domain mismatch, invalid gzip, invalid content-length"
+                    ),
                     "401": _text("unauthorized"),
-                    "413": _text("payload too large"),
+                    "403": _text("forbidden (the token may not write to this domain), domain not allowed"),
+                    "408": _text("request timeout: the body did not arrive in time; the connection is closed"),
+                    "413": _text("payload too large, too many events, event too large"),
                     "415": _text("unsupported content-encoding"),
+                    "429": _text("too many requests; retry after Retry-After seconds"),
+                    "500": _text("storage error, internal error"),
                     "503": _text("storage unavailable; retry after Retry-After seconds"),
                     "507": _text("insufficient storage"),
                 },
