@@ -9,9 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 import schemathesis
-from conftest import TOKEN, Server
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode, checks
+
+from conftest import TOKEN, Server
 
 CHECKS = [
     checks.not_a_server_error,
