@@ -125,8 +125,14 @@ class Server:
             return conn.recv(65536).split(b"\r\n", 1)[0]
 
     def raw_post(self, target: str, body: bytes = b"{}") -> bytes:
+        return self.raw_post_response(target, body).split(b"\r\n", 1)[0]
+
+    def raw_post_response(self, target: str, body: bytes = b"{}") -> bytes:
+        """The whole answer, headers and body, to a POST whose target is sent exactly as given."""
         head = f"POST {target} HTTP/1.1\r\nHost: x\r\nX-Auth: {TOKEN}\r\nContent-Length: {len(body)}\r\n"
-        return self.raw(head.encode() + b"Connection: close\r\n\r\n" + body)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as conn:
+            conn.sendall(head.encode() + b"Connection: close\r\n\r\n" + body)
+            return b"".join(iter(lambda: conn.recv(65536), b""))
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None

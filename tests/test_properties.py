@@ -148,9 +148,9 @@ def reference_events(body: bytes, domain: str, ndjson: bool) -> list[dict[str, A
     for item in items:
         if not isinstance(item, dict):
             return None
-        if "domain" in item and item["domain"] != domain:
-            if not isinstance(item["domain"], str) or domains.normalize(item["domain"]) != domain:
-                return None
+        given = item.get("domain", domain)
+        if given != domain and (not isinstance(given, str) or domains.normalize(given) != domain):
+            return None
         item["domain"] = domain
         events.append(item)
     return events
