@@ -23,13 +23,13 @@ class Expired(Exception):
 
 
 class Deadlines:
-    """Runs awaitables under one deadline each; cancels the late ones from a shared sweeper task."""
+    """Runs awaitables under one deadline each; a timer that runs only while one is waiting cancels the late ones."""
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
         self._deadlines: dict[asyncio.Task[Any], float] = {}
         self._expired: set[asyncio.Task[Any]] = set()
-        self._sweeper: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
 
     async def run(self, awaitable: Awaitable[T]) -> T:
         """What ``awaitable`` returns, or Expired once it has taken longer than ``seconds``."""
@@ -37,7 +37,7 @@ class Deadlines:
         assert task is not None
         self._deadlines[task] = time.monotonic() + self.seconds
         if self._sweeper is None:
-            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+            self._sweeper = asyncio.get_running_loop().call_later(_SWEEP_INTERVAL, self._sweep)
         try:
             return await awaitable
         except asyncio.CancelledError:
@@ -49,15 +49,11 @@ class Deadlines:
         finally:
             del self._deadlines[task]
 
-    async def _sweep(self) -> None:
-        # Ends when nothing is waiting, so an idle server has no timer; the next run() restarts it.
-        try:
-            while self._deadlines:
-                await asyncio.sleep(_SWEEP_INTERVAL)
-                now = time.monotonic()
-                for task, deadline in list(self._deadlines.items()):
-                    if deadline <= now and task not in self._expired:
-                        self._expired.add(task)
-                        task.cancel()
-        finally:
-            self._sweeper = None
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        for task, deadline in list(self._deadlines.items()):
+            if deadline <= now and task not in self._expired:
+                self._expired.add(task)
+                task.cancel()
+        # Stops when nothing is waiting, so an idle server has no timer; the next run() starts it again.
+        self._sweeper = asyncio.get_running_loop().call_later(_SWEEP_INTERVAL, self._sweep) if self._deadlines else None
