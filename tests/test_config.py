@@ -62,6 +62,10 @@ def test_values_are_parsed() -> None:
             "LEITSTAND_RATE_LIMIT": "200/s",
             "LEITSTAND_TRUSTED_PROXIES": "127.0.0.1, 10.0.0.0/8",
             "LEITSTAND_FILE_MODE": "0640",
+            "LEITSTAND_MAX_EVENTS": "5",
+            "LEITSTAND_MAX_EVENT_SIZE": "1KiB",
+            "LEITSTAND_MAX_DEPTH": "16",
+            "LEITSTAND_BODY_TIMEOUT": "2",
         }
     )
     assert (cfg.max_body, cfg.fsync, cfg.log_format, cfg.workers) == (512 << 10, False, "json", 2)
@@ -69,18 +73,6 @@ def test_values_are_parsed() -> None:
     assert cfg.auth_fail_limit == (5, 3600.0) and cfg.rate_limit == (200, 1.0)
     assert [str(n) for n in cfg.trusted_proxies] == ["127.0.0.1/32", "10.0.0.0/8"]
     assert cfg.file_mode == 0o640
-
-
-def test_limits_are_parsed() -> None:
-    cfg = Config.from_env(
-        {
-            "LEITSTAND_TOKEN": "t",
-            "LEITSTAND_MAX_EVENTS": "5",
-            "LEITSTAND_MAX_EVENT_SIZE": "1KiB",
-            "LEITSTAND_MAX_DEPTH": "16",
-            "LEITSTAND_BODY_TIMEOUT": "2",
-        }
-    )
     assert (cfg.limits.events, cfg.limits.event_size, cfg.limits.depth, cfg.body_timeout) == (5, 1024, 16, 2)
 
 

@@ -4,6 +4,7 @@ a strict reference parser (the standard library's, refusing what RFC 8259 leaves
 from __future__ import annotations
 
 import json
+import math
 import string
 from typing import Any
 
@@ -93,41 +94,31 @@ class Refused(Exception):
     pass
 
 
-def _int(literal: str) -> int:
-    value = int(literal)
-    if not INT64_MIN <= value <= UINT64_MAX:
-        raise Refused("integer beyond 64 bits")
-    return value
-
-
-def _float(literal: str) -> float:
-    value = float(literal)
-    if value in (float("inf"), float("-inf")):
-        raise Refused("float beyond the doubles")
-    return value
-
-
-def _constant(literal: str) -> None:
-    raise Refused(literal)
-
-
 def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     if len({k for k, _ in pairs}) != len(pairs):
         raise Refused("duplicate key")
     return dict(pairs)
 
 
-def _no_surrogates(value: Any) -> None:
+def _refuse_what_doubles_and_utf8_cannot_hold(value: Any) -> None:
+    """Lone surrogates (not UTF-8), integers beyond 64 bits, NaN and infinities (read from NaN,
+    Infinity or an overflowing literal such as 1e400)."""
     if isinstance(value, str):
         if any(0xD800 <= ord(c) <= 0xDFFF for c in value):
             raise Refused("lone surrogate")
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            _no_surrogates(k)
-            _no_surrogates(v)
-    elif isinstance(value, list):
-        for v in value:
-            _no_surrogates(v)
+    elif isinstance(value, bool) or value is None:
+        pass
+    elif isinstance(value, int):
+        if not INT64_MIN <= value <= UINT64_MAX:
+            raise Refused("integer beyond 64 bits")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise Refused("not a finite double")
+    else:
+        pairs = value.items() if isinstance(value, dict) else enumerate(value)
+        for k, v in pairs:
+            _refuse_what_doubles_and_utf8_cannot_hold(k)
+            _refuse_what_doubles_and_utf8_cannot_hold(v)
 
 
 def reference_events(body: bytes, domain: str, ndjson: bool) -> list[dict[str, Any]] | None:
@@ -137,9 +128,8 @@ def reference_events(body: bytes, domain: str, ndjson: bool) -> list[dict[str, A
         docs = [line for line in text.split("\n") if line.strip(" \t\r\n")] if ndjson else [text]
         values = []
         for doc in docs:
-            value = json.loads(doc, parse_int=_int, parse_float=_float, parse_constant=_constant,
-                               object_pairs_hook=_pairs)  # refuses a BOM itself
-            _no_surrogates(value)
+            value = json.loads(doc, object_pairs_hook=_pairs)  # refuses a BOM itself
+            _refuse_what_doubles_and_utf8_cannot_hold(value)
             values.append(value)
     except (Refused, ValueError):
         return None
