@@ -94,7 +94,7 @@ def encode(body: bytes, domain: str, *, ndjson: bool = False, limits: Limits = L
     # key once: fewer colons out than in (plus the added domains) means a key was dropped.
     elif lines.count(b":") != body.count(b":") + added:
         raise PayloadError("duplicate key")
-    if out and max(map(len, out)) > limits.event_size:
+    if len(lines) > limits.event_size and max(map(len, out)) > limits.event_size:
         raise TooLarge("event too large")
     return lines, len(out)
 
