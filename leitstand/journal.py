@@ -30,7 +30,7 @@ import stat
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from leitstand.keylog import RECORD, KeyIndex, KeyLog, key_hash, lines_hash, open_keys_dir
@@ -166,6 +166,7 @@ class Journal:
         self.keys = KeyIndex(key_window, max_keys)
         self._files: OrderedDict[str, _File] = OrderedDict()
         self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="journal")
+        self._key_syncs = ThreadPoolExecutor(max_workers=8, thread_name_prefix="journal-keys")
         self._dir_fd = -1
         # .leitstand/keys, once it exists; only commit threads touch it, under a file's lock.
         self._keys_dir: int | None = None
@@ -195,6 +196,7 @@ class Journal:
             self._dir_fd = -1
         await asyncio.get_running_loop().run_in_executor(self._executor, _close_all, fds)
         self._executor.shutdown(wait=True)
+        self._key_syncs.shutdown(wait=True)
 
     def _open_directory(self) -> dict[str, int]:
         self._dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -322,8 +324,9 @@ class Journal:
     def _append_locked(self, f: _File, fd: int, pending: list[bytes], keyed: dict[int, _Key]) -> list[Appended] | None:
         """Append ``pending`` to the file ``f`` has locked, or leave the file as it was.
 
-        Key records are written before the data and synced first: a record whose data did not
-        follow is cut off by the next commit's :meth:`KeyLog.catch_up`, never believed.
+        Key records are written before the data, and both files are synced at once (one journal
+        commit of the file system instead of two in a row): a record whose data did not follow
+        is cut off by the next commit's :meth:`KeyLog.catch_up`, never believed.
         """
         size = -1
         results = None
@@ -345,8 +348,14 @@ class Journal:
             _write_whole(fd, data)
             if self.fsync:
                 if records:
-                    f.keys.sync()
-                os.fdatasync(fd)
+                    synced = self._key_syncs.submit(f.keys.sync)
+                    try:
+                        os.fdatasync(fd)
+                    finally:
+                        wait([synced])
+                    synced.result()
+                else:
+                    os.fdatasync(fd)
             f.end = size + len(data)
         except Exception:
             if records:
@@ -485,6 +494,7 @@ def repair(directory: Path) -> dict[str, int]:
         if journal._dir_fd >= 0:
             os.close(journal._dir_fd)
         journal._executor.shutdown()
+        journal._key_syncs.shutdown()
 
 
 def last_line_end(fd: int, size: int) -> int:

@@ -80,29 +80,32 @@ def test_a_record_whose_data_never_arrived_is_cut_and_not_believed(tmp_path: Pat
     assert [r[3] for r in records(tmp_path)] == [12]
 
 
-def test_a_failed_sync_rolls_back_data_and_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("failing", ["a.jsonl", ".leitstand/keys/a.jsonl.keys"])
+def test_a_failed_sync_rolls_back_data_and_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str) -> None:
     real = os.fdatasync
-    calls: list[int] = []
+    failed: list[int] = []
 
-    def failing_second(fd: int) -> None:
-        calls.append(fd)
-        if len(calls) == 2:  # the key log is synced first, then the data
+    def fail_once(fd: int) -> None:
+        if not failed and os.fstat(fd).st_ino == (tmp_path / failing).stat().st_ino:
+            failed.append(fd)
             raise OSError(errno.EIO, "Input/output error")
         real(fd)
 
     async def main() -> None:
         journal = await opened(tmp_path)
-        monkeypatch.setattr(os, "fdatasync", failing_second)
+        await journal.append("a.jsonl", b"zero\n", b"k0")
+        monkeypatch.setattr(os, "fdatasync", fail_once)
         with pytest.raises(StorageUnavailable):
             await journal.append("a.jsonl", b"one\n", b"k")
-        monkeypatch.setattr(os, "fdatasync", real)
-        assert (tmp_path / "a.jsonl").read_bytes() == b""
-        assert records(tmp_path) == []
+        assert failed
+        assert (tmp_path / "a.jsonl").read_bytes() == b"zero\n"
+        assert len(records(tmp_path)) == 1
         assert await journal.append("a.jsonl", b"one\n", b"k") is Appended.STORED
         await journal.close()
 
     run(main())
-    assert (tmp_path / "a.jsonl").read_bytes() == b"one\n"
+    assert (tmp_path / "a.jsonl").read_bytes() == b"zero\none\n"
+    assert [r[3] for r in records(tmp_path)] == [5, 9]
 
 
 def test_a_key_log_that_cannot_be_written_writes_no_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
