@@ -14,9 +14,10 @@ import shlex
 import statistics
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
-from run import APPS, BODIES, CONNECTIONS, TOKEN, count_lines, ensure_tools, serve, wrk
+from run import APPS, BODIES, CONNECTIONS, TOKEN, count_lines, cpu_seconds, ensure_tools, serve, wrk
 
 VARIANTS = ("none", "unique", "replayed")
 _KEY = {
@@ -46,17 +47,26 @@ def lua(variant: str, directory: Path, tag: str) -> Path:
     return path
 
 
-def measure(variant: str, connections: int, args: argparse.Namespace, tmp: Path) -> tuple[float, float, bool]:
-    """Requests/s and p99 ms of one run, and whether it was valid (all 2xx, every acked event on disk)."""
+@dataclass(frozen=True)
+class Run:
+    rps: float
+    p99_ms: float
+    cpu_us: float  # server CPU (user + system) per request: steadier than req/s on a shared machine
+    valid: bool  # all 2xx, and every acknowledged event on disk
+
+
+def measure(variant: str, connections: int, args: argparse.Namespace, tmp: Path) -> Run:
     with serve(APPS[0], 1, tmp) as server:
         warm = wrk(server.url, lua(variant, tmp, "warm"), connections, args.warmup)
+        cpu = cpu_seconds(server.pid)
         load = wrk(server.url, lua(variant, tmp, "load"), connections, args.duration)
+        cpu = cpu_seconds(server.pid) - cpu
         server.stop()
         lines = count_lines(server.data_dir)
     acked = warm.ok + load.ok + 1
     stored_enough = lines >= acked if variant != "replayed" else lines <= 2
     valid = load.non2xx == 0 and load.socket_errors == 0 and stored_enough
-    return load.rps, load.p99_ms, valid
+    return Run(load.rps, load.p99_ms, cpu / max(load.requests, 1) * 1e6, valid)
 
 
 def main() -> None:
@@ -66,26 +76,31 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs per variant and cell (default 3)")
     args = parser.parse_args()
     ensure_tools()
-    results: dict[tuple[str, int], list[tuple[float, float, bool]]] = {}
+    results: dict[tuple[str, int], list[Run]] = {}
     with tempfile.TemporaryDirectory(prefix="leitstand-idem-") as tmp:
         for connections in CONNECTIONS:
             for rep in range(args.repeat):
                 for variant in VARIANTS:
                     run = measure(variant, connections, args, Path(tmp))
                     results.setdefault((variant, connections), []).append(run)
-                    print(f"c={connections:<2} rep {rep + 1} {variant:8} {run[0]:8.0f} req/s p99 {run[1]:6.2f} ms"
-                          f"{'' if run[2] else '  INVALID'}", file=sys.stderr)
-    rows = ["| conns | no key req/s (p99 ms) | unique keys req/s (p99 ms) | unique/no key "
-            "| replayed key req/s (p99 ms) | all runs valid |", "| --- | --- | --- | --- | --- | --- |"]
+                    print(f"c={connections:<2} rep {rep + 1} {variant:8} {run.rps:8.0f} req/s p99 {run.p99_ms:6.2f} ms "
+                          f"{run.cpu_us:5.0f} µs CPU/req{'' if run.valid else '  INVALID'}", file=sys.stderr)
+    header = "| conns | no key: req/s, p99 ms, CPU µs/req | unique keys | unique/no key req/s | replayed key | all valid |"
+    rows = [header, "| --- | --- | --- | --- | --- | --- |"]
     for connections in CONNECTIONS:
         cell = {v: results[(v, connections)] for v in VARIANTS}
-        rps = {v: statistics.median(r[0] for r in cell[v]) for v in VARIANTS}
-        p99 = {v: statistics.median(r[1] for r in cell[v]) for v in VARIANTS}
-        valid = all(r[2] for runs in cell.values() for r in runs)
+        rps = {v: statistics.median(r.rps for r in cell[v]) for v in VARIANTS}
+        shown = {
+            v: (
+                f"{rps[v]:,.0f}, {statistics.median(r.p99_ms for r in cell[v]):.2f}, "
+                f"{statistics.median(r.cpu_us for r in cell[v]):.0f}"
+            )
+            for v in VARIANTS
+        }
+        valid = all(r.valid for runs in cell.values() for r in runs)
         rows.append(
-            f"| {connections} | {rps['none']:,.0f} ({p99['none']:.2f}) | {rps['unique']:,.0f} ({p99['unique']:.2f}) "
-            f"| {rps['unique'] / rps['none']:.0%} | {rps['replayed']:,.0f} ({p99['replayed']:.2f}) "
-            f"| {'yes' if valid else '**no**'} |"
+            f"| {connections} | {shown['none']} | {shown['unique']} | {rps['unique'] / rps['none']:.0%} "
+            f"| {shown['replayed']} | {'yes' if valid else '**no**'} |"
         )
     print(f"    {shlex.join(['.venv/bin/python', *sys.argv])}\n")
     print("\n".join(rows))

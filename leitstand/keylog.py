@@ -121,18 +121,22 @@ class KeyLog:
         fd, self.fd, self.inode, self.end = self.fd, None, -1, 0
         return [] if fd is None else [fd]
 
+    def _close(self) -> None:
+        for fd in self.close():
+            os.close(fd)
+
     def catch_up(self, keys_dir: int, data_length: int, index: KeyIndex) -> None:
         """Read what other processes appended since this one last looked, and cut off records whose data
         is not in the journal file (``data_length`` long, its torn tail already repaired)."""
         try:
             st = os.stat(self.name, dir_fd=keys_dir, follow_symlinks=False)
         except FileNotFoundError:
-            _close(self.close())
+            self._close()
             return
         if not stat.S_ISREG(st.st_mode):
             raise OSError(errno.EISDIR, "key log is not a regular file")
         if st.st_ino != self.inode:
-            _close(self.close())
+            self._close()
             self.fd = os.open(self.name, _OPEN_FLAGS, dir_fd=keys_dir)
             self.inode = os.fstat(self.fd).st_ino
         if st.st_size == self.end:
@@ -180,7 +184,7 @@ class KeyLog:
             os.fsync(self.fd)
         except OSError as exc:
             log.error("key log rollback failed, the next commit cuts it: file=%s error=%s", self.name, exc.strerror)
-        _close(self.close())
+        self._close()
 
     def compact(self, keys_dir: int, index: KeyIndex, fsync: bool) -> None:
         """Once the log has doubled, rewrite it with only the records the index may still need."""
@@ -203,7 +207,7 @@ class KeyLog:
             raise
         if fsync:
             os.fsync(keys_dir)
-        _close(self.close())
+        self._close()
         self.fd, self.inode, self.end = fd, os.fstat(fd).st_ino, len(packed)
         self.compact_at = max(COMPACT_AT, 2 * len(packed))
         log.info("key log compacted: file=%s records=%d", self.name, len(kept))
@@ -245,11 +249,3 @@ def _open_dir(parent: int, name: str, create: bool, fsync: bool) -> int | None:
 def _write_whole(fd: int, data: bytes) -> None:
     if os.write(fd, data) != len(data):
         raise OSError(errno.EIO, "short write to a key log")
-
-
-def _close(fds: list[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass

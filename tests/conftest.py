@@ -206,7 +206,9 @@ class Load:
     Each request carries one of ``batches`` events (an object for one, an array for more),
     to a domain drawn from ``domains``, padded with up to ``pad`` bytes. A client never
     retries: a request that fails or dies with the server is simply not acknowledged, so
-    every acknowledged id must be on disk exactly once.
+    every acknowledged id must be on disk exactly once. With ``retry``, each batch carries
+    its own Idempotency-Key and is sent again (same key, same body) after a connection error
+    or a 5xx until it is answered: every batch sent is then acknowledged, and on disk once.
     """
 
     def __init__(
@@ -217,8 +219,10 @@ class Load:
         batches: Sequence[int] = (1,),
         pad: int = 0,
         seed: int = 0,
+        retry: bool = False,
     ) -> None:
         self.url = url
+        self.retry = retry
         self.domains = domains
         self.batches = batches
         self.pad = pad
@@ -226,6 +230,7 @@ class Load:
         self.acked: set[str] = set()
         self.statuses: Counter[int] = Counter()
         self.request_ids: set[str] = set()
+        self.retried = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._client, args=(n,), daemon=True) for n in range(clients)]
@@ -249,16 +254,26 @@ class Load:
                 ids = [f"{n}-{seq}-{i}" for i in range(rng.choice(self.batches))]
                 events = [{"id": i, "pad": "x" * rng.randrange(self.pad)} if self.pad else {"id": i} for i in ids]
                 body = orjson.dumps(events if len(events) > 1 else events[0])
-                try:
-                    response = client.post(f"{self.url}/ingest/{rng.choice(self.domains)}", content=body)
-                except httpx.HTTPError:
+                url = f"{self.url}/ingest/{rng.choice(self.domains)}"
+                headers = {"Idempotency-Key": f"{self.seed}-{n}-{seq}"} if self.retry else {}
+                # A batch once sent is retried until answered, even after the test asked to stop.
+                while not self._post(client, url, body, headers, ids) and self.retry:
+                    self.retried += 1
                     time.sleep(0.02)
-                    continue
-                with self._lock:
-                    self.statuses[response.status_code] += 1
-                    self.request_ids.add(response.headers.get("x-request-id", ""))
-                    if response.status_code == 200:
-                        self.acked.update(ids)
+
+    def _post(self, client: httpx.Client, url: str, body: bytes, headers: dict[str, str], ids: list[str]) -> bool:
+        """Whether the request was answered, other than with a 5xx."""
+        try:
+            response = client.post(url, content=body, headers=headers)
+        except httpx.HTTPError:
+            time.sleep(0.02)
+            return False
+        with self._lock:
+            self.statuses[response.status_code] += 1
+            self.request_ids.add(response.headers.get("x-request-id", ""))
+            if response.status_code == 200:
+                self.acked.update(ids)
+        return response.status_code < 500
 
 
 def stored_ids(data_dir: Path) -> Counter[str]:

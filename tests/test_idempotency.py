@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import itertools
 import random
 import threading
 import time
@@ -12,9 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import orjson
 import pytest
-from conftest import CLEAN_EXIT, TOKEN, Server, read_lines, run_cli, stored_ids
+from conftest import CLEAN_EXIT, TOKEN, Load, Server, read_lines, run_cli, stored_ids
 
 KEYS = Path(".leitstand") / "keys"
 
@@ -149,57 +147,6 @@ def test_two_workers_store_a_key_sent_to_both_at_once_only_once(make_server: Any
     assert stored_ids(server.data_dir) == Counter({f"key-{n}": 1 for n in range(40)})
 
 
-class RetryingClients:
-    """Clients that send batches of fresh event ids, each with its own key, and retry every batch
-    (same key, same body) until it is answered 200; whatever else comes back is counted."""
-
-    def __init__(self, url: str, domains: list[str], clients: int) -> None:
-        self.url = url
-        self.domains = domains
-        self.sent: set[str] = set()
-        self.retries = 0
-        self.unexpected: Counter[int] = Counter()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._client, args=(n,), daemon=True) for n in range(clients)]
-
-    def __enter__(self) -> RetryingClients:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(60)
-        assert not any(t.is_alive() for t in self._threads), "a client never got its batch stored"
-
-    def _client(self, n: int) -> None:
-        rng = random.Random(n)
-        with httpx.Client(headers={"X-Auth": TOKEN}, timeout=30) as client:
-            for seq in itertools.count():
-                if self._stop.is_set():
-                    return
-                ids = [f"{n}-{seq}-{i}" for i in range(rng.choice((1, 3)))]
-                body = orjson.dumps([{"id": i} for i in ids])
-                url = f"{self.url}/ingest/{rng.choice(self.domains)}"
-                headers = {"Idempotency-Key": f"client-{n}-batch-{seq}"}
-                # Once sent, a batch is retried until it is stored, even after the test asked to stop.
-                while True:
-                    try:
-                        status = client.post(url, content=body, headers=headers).status_code
-                    except httpx.HTTPError:
-                        status = 0
-                    with self._lock:
-                        if status == 200:
-                            self.sent.update(ids)
-                            break
-                        self.retries += 1
-                        if status not in (0, 503):
-                            self.unexpected[status] += 1
-                    time.sleep(0.02)
-
-
 @pytest.mark.parametrize("workers", [1, 2])
 def test_kill_9_while_clients_retry_stores_every_event_exactly_once(make_server: Any, workers: int) -> None:
     """The keys are recorded before the data and count only once the data is in the file, so a
@@ -209,7 +156,7 @@ def test_kill_9_while_clients_retry_stores_every_event_exactly_once(make_server:
     seed = rng.randrange(1 << 30)
     rng.seed(seed)
     server: Server = make_server(workers=workers, command="serve").start()
-    with RetryingClients(server.url, ["x1", "x2"], clients=24) as clients:
+    with Load(server.url, ["x1", "x2"], clients=24, batches=(1, 3), seed=seed, retry=True) as load:
         for _ in range(12):
             time.sleep(rng.uniform(0.2, 0.7))
             server.kill()
@@ -217,9 +164,9 @@ def test_kill_9_while_clients_retry_stores_every_event_exactly_once(make_server:
         time.sleep(0.3)
     server.stop()
     found = stored_ids(server.data_dir)
-    assert not clients.unexpected, f"seed {seed}: {clients.unexpected}"
-    assert clients.retries > 0 and len(clients.sent) > 300, f"seed {seed}"
-    assert clients.sent == set(found), f"seed {seed}: lost {len(clients.sent - set(found))}"
+    assert load.statuses.keys() <= {200, 503}, f"seed {seed}: {load.statuses}"
+    assert len(load.acked) > 300 and load.retried > 0, f"seed {seed}"
+    assert load.acked == set(found), f"seed {seed}: lost {len(load.acked - set(found))}"
     duplicated = {i: n for i, n in found.items() if n > 1}
     assert not duplicated, f"seed {seed}: stored twice: {list(duplicated)[:5]} of {len(duplicated)}"
 

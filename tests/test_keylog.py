@@ -10,23 +10,17 @@ import time
 from pathlib import Path
 
 import pytest
+from test_journal import opened, run
 
 from leitstand import keylog
-from leitstand.journal import Appended, Journal, StorageFull, StorageUnavailable
+from leitstand.journal import Appended, StorageFull, StorageUnavailable
 from leitstand.keylog import RECORD, key_hash, lines_hash
 
 KEYS = Path(".leitstand") / "keys"
 
 
-def run(coro):  # type: ignore[no-untyped-def]
-    return asyncio.run(coro)
-
-
-async def opened(directory: Path, **kw: object) -> Journal:
-    directory.mkdir(exist_ok=True)
-    journal = Journal(directory, **kw)  # type: ignore[arg-type]
-    await journal.open()
-    return journal
+def is_file(fd: int, path: Path) -> bool:
+    return os.fstat(fd).st_ino == path.stat().st_ino
 
 
 def records(directory: Path, name: str = "a.jsonl") -> list[tuple[float, bytes, bytes, int]]:
@@ -86,7 +80,7 @@ def test_a_failed_sync_rolls_back_data_and_key(tmp_path: Path, monkeypatch: pyte
     failed: list[int] = []
 
     def fail_once(fd: int) -> None:
-        if not failed and os.fstat(fd).st_ino == (tmp_path / failing).stat().st_ino:
+        if not failed and is_file(fd, tmp_path / failing):
             failed.append(fd)
             raise OSError(errno.EIO, "Input/output error")
         real(fd)
@@ -112,7 +106,7 @@ def test_a_key_log_that_cannot_be_written_writes_no_data(tmp_path: Path, monkeyp
     real = os.write
 
     def full_key_log(fd: int, data: bytes) -> int:
-        if os.fstat(fd).st_ino == (tmp_path / KEYS / "a.jsonl.keys").stat().st_ino:
+        if is_file(fd, tmp_path / KEYS / "a.jsonl.keys"):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(fd, data)
 
