@@ -159,6 +159,14 @@ class Server:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
+def crash_repeatedly(server: Server, rng: random.Random, times: int, pause: tuple[float, float]) -> None:
+    """kill -9 and restart ``server`` ``times`` times, each after a random pause."""
+    for _ in range(times):
+        time.sleep(rng.uniform(*pause))
+        server.kill()
+        server.start()
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """``python -m leitstand ARGS`` as an operator runs it, with no LEITSTAND_* but those in ``env``."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("LEITSTAND_")} | (env or {})

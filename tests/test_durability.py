@@ -7,7 +7,7 @@ import shutil
 import time
 from pathlib import Path
 
-from conftest import CLEAN_EXIT, Load, Server, assert_all_acked_stored_once, read_lines
+from conftest import CLEAN_EXIT, Load, Server, assert_all_acked_stored_once, crash_repeatedly, read_lines
 
 
 def test_32_concurrent_clients_lose_nothing(server: Server) -> None:
@@ -34,10 +34,7 @@ def test_kill_9_at_random_moments(make_server) -> None:  # type: ignore[no-untyp
     server: Server = make_server()
     server.start()
     with Load(server.url, ["k1", "k2", "k3"], clients=32, batches=(3,)) as load:
-        for _ in range(15):
-            time.sleep(rng.uniform(0.2, 0.8))
-            server.kill()
-            server.start()
+        crash_repeatedly(server, rng, 15, (0.2, 0.8))
         time.sleep(0.3)
     server.stop()
     assert len(load.acked) > 300, f"seed {seed}"

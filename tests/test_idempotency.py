@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import CLEAN_EXIT, TOKEN, Load, Server, read_lines, run_cli, stored_ids
+from conftest import CLEAN_EXIT, TOKEN, Load, Server, crash_repeatedly, read_lines, run_cli, stored_ids
 
 KEYS = Path(".leitstand") / "keys"
 
@@ -157,10 +157,7 @@ def test_kill_9_while_clients_retry_stores_every_event_exactly_once(make_server:
     rng.seed(seed)
     server: Server = make_server(workers=workers, command="serve").start()
     with Load(server.url, ["x1", "x2"], clients=24, batches=(1, 3), seed=seed, retry=True) as load:
-        for _ in range(12):
-            time.sleep(rng.uniform(0.2, 0.7))
-            server.kill()
-            server.start()
+        crash_repeatedly(server, rng, 12, (0.2, 0.7))
         time.sleep(0.3)
     server.stop()
     found = stored_ids(server.data_dir)
