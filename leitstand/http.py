@@ -24,6 +24,8 @@ from leitstand.config import Config
 from leitstand.deadlines import Deadlines, Expired
 from leitstand.journal import Journal, StorageFull, StorageRefused, StorageUnavailable, probe, reason
 from leitstand.logs import RequestLog
+from leitstand.metrics import CONTENT_TYPE as _METRICS
+from leitstand.metrics import Metrics
 from leitstand.openapi import DOCS_HTML, OPENAPI
 from leitstand.proxies import TrustedProxies
 from leitstand.ratelimit import FailureLimit, TokenBucket, retry_after
@@ -83,9 +85,9 @@ class _Headers:
 
 
 class Response:
-    """What a handler answers; ``events``, ``nbytes`` and ``domain`` only go to the log."""
+    """What a handler answers; ``events``, ``nbytes`` and ``domain`` only go to the log, ``reason`` to the metrics."""
 
-    __slots__ = ("status", "body", "content_type", "headers", "domain", "events", "nbytes")
+    __slots__ = ("status", "body", "content_type", "headers", "reason", "domain", "events", "nbytes")
 
     def __init__(
         self,
@@ -93,8 +95,10 @@ class Response:
         body: bytes,
         content_type: bytes = _TEXT,
         headers: tuple[tuple[bytes, bytes], ...] = (),
+        reason: str = "ok",
     ) -> None:
         self.status = status
+        self.reason = reason
         self.body = body
         self.content_type = content_type
         self.headers = headers
@@ -104,7 +108,7 @@ class Response:
 
 
 def _text(status: int, phrase: str, *headers: tuple[bytes, bytes]) -> Response:
-    return Response(status, phrase.encode() + b"\n", _TEXT, headers)
+    return Response(status, phrase.encode() + b"\n", _TEXT, headers, phrase)
 
 
 def _json(value: object, status: int = 200) -> Response:
@@ -121,20 +125,26 @@ class Leitstand:
         self.failures = FailureLimit(*config.auth_fail_limit) if config.auth_fail_limit else None
         self.rate = TokenBucket(*config.rate_limit) if config.rate_limit else None
         self.proxies = TrustedProxies(config.trusted_proxies)
+        self.metrics = Metrics(config)
         self.journal = Journal(
-            config.data_dir, fsync=config.fsync, max_open_files=config.max_open_files, file_mode=config.file_mode
+            config.data_dir,
+            fsync=config.fsync,
+            max_open_files=config.max_open_files,
+            file_mode=config.file_mode,
+            observer=self.metrics,
         )
         self._watch: asyncio.Task[None] | None = None
         self.request_log = request_log
         self.body_deadlines = Deadlines(config.body_timeout)
         self._ids = itertools.count(1)
         self._id_prefix = secrets.token_hex(4) + "-"
-        self._routes: dict[str, tuple[str, Callable[[], Awaitable[Response]]]] = {
+        self._routes: dict[str, tuple[str, Callable[[_Headers], Awaitable[Response]]]] = {
             "/health": ("GET", self._health),
             "/ready": ("GET", self._ready),
             "/version": ("GET", self._version),
             "/openapi.json": ("GET", self._openapi),
             "/docs": ("GET", self._docs),
+            "/metrics": ("GET", self._metrics),
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -169,6 +179,7 @@ class Leitstand:
                 if self._watch is not None:
                     self._watch.cancel()
                 await self.journal.close()
+                self.metrics.close()
                 if self.request_log is not None:
                     self.request_log.flush()
                 log.info("stopped: every acknowledged event is on disk")
@@ -212,17 +223,19 @@ class Leitstand:
             elif path in self._routes:
                 allowed, handler = self._routes[path]
                 if method in (allowed, "HEAD"):
-                    response = await handler()
+                    response = await handler(headers)
                 else:
                     response = _text(405, "method not allowed", (b"allow", allowed.encode()))
             else:
                 response = _text(404, "not found")
         except ClientGone:
+            self.metrics.answered(499, "client gone", time.perf_counter() - started)
             self._log(scope, 499, None, 0, 0, request_id, started, address)
             return
         except Exception:
             log.exception("internal error", extra={"request_id": request_id.decode()})
             response = _text(500, "internal error")
+        self.metrics.answered(response.status, response.reason, time.perf_counter() - started)
         await send(
             {
                 "type": "http.response.start",
@@ -324,14 +337,15 @@ class Leitstand:
         else:
             response = _text(200, "ok")
             response.events = count
+            self.metrics.stored(domain, count, len(lines))
         response.domain = domain
         response.nbytes = nbytes
         return response
 
-    async def _health(self) -> Response:
+    async def _health(self, _: _Headers) -> Response:
         return _json({"status": "ok"})
 
-    async def _ready(self) -> Response:
+    async def _ready(self, _: _Headers) -> Response:
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(None, probe, self.config.data_dir)
@@ -342,14 +356,20 @@ class Leitstand:
             return _text(503, "not ready: low disk space")
         return _json({"status": "ready"})
 
-    async def _version(self) -> Response:
+    async def _version(self, _: _Headers) -> Response:
         return _json({"version": __version__})
 
-    async def _openapi(self) -> Response:
+    async def _openapi(self, _: _Headers) -> Response:
         return _json(OPENAPI)
 
-    async def _docs(self) -> Response:
+    async def _docs(self, _: _Headers) -> Response:
         return Response(200, DOCS_HTML, b"text/html; charset=utf-8")
+
+    async def _metrics(self, headers: _Headers) -> Response:
+        if not self.config.metrics_public and self.keyring.find(headers.x_auth, headers.authorization) is None:
+            return _text(401, "unauthorized")
+        body = await asyncio.get_running_loop().run_in_executor(None, self.metrics.render)
+        return Response(200, body, _METRICS)
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes | None:
