@@ -214,13 +214,16 @@ class Leitstand:
         address: str = client[0] if client else "-"
         if headers.forwarded_for is not None and self.proxies:
             address = self.proxies.client(address, headers.forwarded_for)
+        route = "other"
         try:
             if path.startswith("/ingest/"):
+                route = "/ingest"
                 if method == "POST":
                     response = await self._ingest(headers, receive, path[8:], address)
                 else:
                     response = _text(405, "method not allowed", (b"allow", b"POST"))
             elif path in self._routes:
+                route = path
                 allowed, handler = self._routes[path]
                 if method in (allowed, "HEAD"):
                     response = await handler(headers)
@@ -229,13 +232,13 @@ class Leitstand:
             else:
                 response = _text(404, "not found")
         except ClientGone:
-            self.metrics.answered(499, "client gone", time.perf_counter() - started)
+            self.metrics.answered(route, 499, "client gone", time.perf_counter() - started)
             self._log(scope, 499, None, 0, 0, request_id, started, address)
             return
         except Exception:
             log.exception("internal error", extra={"request_id": request_id.decode()})
             response = _text(500, "internal error")
-        self.metrics.answered(response.status, response.reason, time.perf_counter() - started)
+        self.metrics.answered(route, response.status, response.reason, time.perf_counter() - started)
         await send(
             {
                 "type": "http.response.start",

@@ -69,10 +69,17 @@ class Metrics(journal.Observer):
         disable_created_metrics()
         own = CollectorRegistry(auto_describe=True)
         self._requests = Counter(
-            "leitstand_requests", "Requests answered, by status and reason phrase.", ["status", "reason"], registry=own
+            "leitstand_requests",
+            "Requests answered, by route, status and reason phrase.",
+            ["route", "status", "reason"],
+            registry=own,
         )
         self._latency = Histogram(
-            "leitstand_request_duration_seconds", "Time from request to answer.", buckets=_SECONDS, registry=own
+            "leitstand_request_duration_seconds",
+            "Time from request to answer, by route.",
+            ["route"],
+            buckets=_SECONDS,
+            registry=own,
         )
         self._events = Counter("leitstand_events_written", "Events stored, by domain.", ["domain"], registry=own)
         self._bytes = Counter("leitstand_bytes_written", "Bytes appended, by domain.", ["domain"], registry=own)
@@ -93,7 +100,7 @@ class Metrics(journal.Observer):
             "leitstand_storage_errors", "Failed commits, by kind (full, unavailable).", ["kind"], registry=own
         )
         self._full, self._unavailable = errors.labels("full"), errors.labels("unavailable")
-        self._by_status: dict[tuple[int, str], Any] = {}
+        self._by_status: dict[tuple[str, int, str], tuple[Any, Any]] = {}
         self._by_domain: dict[str, tuple[Any, Any]] = {}
         self._other = (self._events.labels(OTHER), self._bytes.labels(OTHER))
         if self.directory is None:
@@ -105,15 +112,20 @@ class Metrics(journal.Observer):
 
     # -- from the HTTP app, on the event loop, before the answer is sent ---------------
 
-    def answered(self, status: int, reason: str, seconds: float) -> None:
-        counter = self._by_status.get((status, reason))
-        if counter is None:
+    def answered(self, route: str, status: int, reason: str, seconds: float) -> None:
+        """``route`` is a fixed path, ``/ingest`` or ``other``: never the client's own text."""
+        key = (route, status, reason)
+        pair = self._by_status.get(key)
+        if pair is None:
             try:
-                counter = self._by_status[(status, reason)] = self._requests.labels(str(status), reason)
+                pair = self._by_status[key] = (
+                    self._requests.labels(route, str(status), reason),
+                    self._latency.labels(route),
+                )
             except OSError:  # the metrics dir is full: no answer is refused for a metric
                 return
-        counter.inc()
-        self._latency.observe(seconds)
+        pair[0].inc()
+        pair[1].observe(seconds)
 
     def stored(self, domain: str, events: int, nbytes: int) -> None:
         pair = self._by_domain.get(domain)
