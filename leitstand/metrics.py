@@ -66,7 +66,7 @@ class Metrics(journal.Observer):
             else prometheus_values.MutexValue
         )
         # Only the in-memory store has _created series; without them both modes look alike.
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         own = CollectorRegistry(auto_describe=True)
         self._requests = Counter(
             "leitstand_requests",
