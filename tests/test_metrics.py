@@ -3,6 +3,7 @@ figures summed over worker processes, whichever worker answers the scrape."""
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 from collections import Counter
@@ -142,19 +143,27 @@ def test_disk_full_is_counted_as_storage_error(make_server, small_tmpfs: Path) -
     assert value(samples, "leitstand_requests_total", route="/ingest", status="507", reason="insufficient storage") == 1
 
 
-def requests_per_process(metrics_dir: Path) -> dict[str, float]:
-    """Requests each worker counted, read from its own file in the metrics dir."""
+def requests_per_process(metrics_dir: Path, route: str) -> dict[str, float]:
+    """Requests to ``route`` each worker counted, read from its own file in the metrics dir."""
     counts: dict[str, float] = {}
     for path in metrics_dir.glob("counter_*.db"):
-        total = sum(v for key, v, _, _ in MmapedDict.read_all_values_from_file(str(path)) if "requests_total" in key)
-        counts[path.stem.removeprefix("counter_")] = total
+        keys = [(json.loads(key), v) for key, v, _, _ in MmapedDict.read_all_values_from_file(str(path))]
+        counts[path.stem] = sum(
+            v for key, v in keys if key[1] == "leitstand_requests_total" and key[2]["route"] == route
+        )
     return counts
 
 
-@pytest.mark.parametrize("command", ["serve", "uvicorn"])
-def test_workers_add_up_whichever_answers_the_scrape(make_server, tmp_path: Path, command: str) -> None:  # type: ignore[no-untyped-def]
-    metrics_dir = tmp_path / "metrics"
-    server: Server = make_server(command=command, workers=2, env={"LEITSTAND_METRICS_DIR": str(metrics_dir)}).start()
+@pytest.mark.parametrize(("command", "explicit_dir"), [("serve", True), ("uvicorn", True), ("uvicorn", False)])
+def test_workers_add_up_whichever_answers_the_scrape(
+    make_server, tmp_path: Path, command: str, explicit_dir: bool
+) -> None:  # type: ignore[no-untyped-def]
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {"LEITSTAND_METRICS_DIR": str(tmp_path / "metrics")} if explicit_dir else {"TMPDIR": str(temp)}
+    server: Server = make_server(command=command, workers=2, env=env).start()
+    # uvicorn's own workers, left alone, share a directory named after their supervisor.
+    (metrics_dir,) = [tmp_path / "metrics"] if explicit_dir else list(temp.iterdir())
     sent: Counter[tuple[int, str]] = Counter()
     lock = threading.Lock()
 
@@ -172,10 +181,11 @@ def test_workers_add_up_whichever_answers_the_scrape(make_server, tmp_path: Path
     for thread in threads:
         thread.join()
     assert sent == {(200, "ok"): 240, (400, "invalid json"): 60}
-    per_process = requests_per_process(metrics_dir)
-    assert len(per_process) == 2 and all(per_process.values()), per_process
+    ingests = requests_per_process(metrics_dir, "/ingest")
+    assert len(ingests) == 2 and all(ingests.values()) and sum(ingests.values()) == 300, ingests
 
-    for scrapes in range(8):
+    # Scrape until each worker has answered some scrapes; every answer must be exact.
+    for scrapes in range(60):
         samples = scrape(server)
         assert value(samples, "leitstand_requests_total", route="/ingest", status="200", reason="ok") == 240
         assert value(samples, "leitstand_requests_total", route="/ingest", status="400", reason="invalid json") == 60
@@ -186,6 +196,10 @@ def test_workers_add_up_whichever_answers_the_scrape(make_server, tmp_path: Path
             )
         assert value(samples, "leitstand_commit_appends_sum") == 240
         assert value(samples, "leitstand_open_files") == 6  # three files in each worker
+        answered = requests_per_process(metrics_dir, "/metrics")
+        if scrapes >= 7 and all(answered.values()):
+            break
+    assert len(answered) == 2 and all(answered.values()), answered
 
 
 @pytest.mark.parametrize("command", ["serve", "uvicorn"])
