@@ -12,10 +12,11 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import CLEAN_EXIT, ROOT, TOKEN, Server
+from conftest import CLEAN_EXIT, ROOT, TOKEN, Server, free_port
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
 from test_faults import batch, fill, small_tmpfs  # noqa: F401 (small_tmpfs is a fixture)
+from test_startup import assert_one_line_refusal, run
 
 from leitstand import __version__
 
@@ -220,6 +221,20 @@ def test_restart_with_the_same_metrics_dir_starts_from_zero(make_server, tmp_pat
     assert value(samples, "leitstand_requests_total", route="/ingest", status="200", reason="ok") == 0
     assert value(samples, "leitstand_requests_total", route="/metrics", status="200", reason="ok") == 0
     assert (metrics_dir / "notes.txt").read_text() == "not ours"
+
+
+@pytest.mark.parametrize(("kind", "workers"), [("uvicorn", 1), ("serve", 1), ("serve", 2)])
+def test_unusable_metrics_dir_refuses_to_start(tmp_path: Path, kind: str, workers: int) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    env = {
+        "LEITSTAND_TOKEN": TOKEN,
+        "LEITSTAND_DATA_DIR": str(tmp_path / "data"),
+        "LEITSTAND_METRICS_DIR": str(not_a_dir),
+    }
+    result = run(kind, env, free_port(), workers)
+    assert_one_line_refusal(result, "LEITSTAND_METRICS_DIR", "not a directory")
+    assert not_a_dir.read_text() == "x"
 
 
 def test_serve_removes_its_private_metrics_dir(make_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
