@@ -60,8 +60,11 @@ class Metrics(journal.Observer):
         self.max_domains = config.metrics_max_domains
         # prometheus-client picks its value store from the environment when it is imported,
         # which may be before the directory was known; pick it again, before any metric exists.
+        # Its pid check on every write (a getpid call) guards against fork; workers are
+        # spawned, never forked, so the pid is read once.
+        pid = os.getpid()
         prometheus_values.ValueClass = (
-            prometheus_values.MultiProcessValue()  # type: ignore[no-untyped-call]
+            prometheus_values.MultiProcessValue(lambda: pid)  # type: ignore[no-untyped-call]
             if self.directory
             else prometheus_values.MutexValue
         )
