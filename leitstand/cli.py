@@ -66,13 +66,10 @@ def serve(args: argparse.Namespace) -> None:
             os.environ[setting.env] = value
     try:
         settings = config.load()
-    except config.ConfigError as exc:
-        logs.fatal(str(exc))
-    logs.setup(settings.log_format)
-    try:
         metrics.share_between_workers(settings)
     except config.ConfigError as exc:
         logs.fatal(str(exc))
+    logs.setup(settings.log_format)
     import uvicorn
 
     uvicorn.run(

@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 from leitstand import __version__, domains, events
+from leitstand.auth import Grant
 from leitstand.config import Config
 from leitstand.deadlines import Deadlines, Expired
 from leitstand.journal import Journal, StorageFull, StorageRefused, StorageUnavailable, probe, reason
@@ -138,7 +139,7 @@ class Leitstand:
         self.body_deadlines = Deadlines(config.body_timeout)
         self._ids = itertools.count(1)
         self._id_prefix = secrets.token_hex(4) + "-"
-        self._routes: dict[str, tuple[str, Callable[[_Headers], Awaitable[Response]]]] = {
+        self._routes: dict[str, tuple[str, Callable[[_Headers, str], Awaitable[Response]]]] = {
             "/health": ("GET", self._health),
             "/ready": ("GET", self._ready),
             "/version": ("GET", self._version),
@@ -226,7 +227,7 @@ class Leitstand:
                 route = path
                 allowed, handler = self._routes[path]
                 if method in (allowed, "HEAD"):
-                    response = await handler(headers)
+                    response = await handler(headers, address)
                 else:
                     response = _text(405, "method not allowed", (b"allow", allowed.encode()))
             else:
@@ -281,9 +282,8 @@ class Leitstand:
             address,
         )
 
-    async def _ingest(self, headers: _Headers, receive: Receive, raw_domain: str, address: str) -> Response:
-        # Everything that can be judged from the headers is, before a byte of the body is read
-        # and before any file is touched.
+    def _authenticate(self, headers: _Headers, address: str) -> Grant | Response:
+        """The grant of the token presented, or the refusal: 429 while the address has failed too often, else 401."""
         if self.failures is not None and (wait := self.failures.blocked(address)):
             return _text(429, "too many requests", (b"retry-after", retry_after(wait)))
         grant = self.keyring.find(headers.x_auth, headers.authorization)
@@ -291,6 +291,14 @@ class Leitstand:
             if self.failures is not None:
                 self.failures.failed(address)
             return _text(401, "unauthorized")
+        return grant
+
+    async def _ingest(self, headers: _Headers, receive: Receive, raw_domain: str, address: str) -> Response:
+        # Everything that can be judged from the headers is, before a byte of the body is read
+        # and before any file is touched.
+        grant = self._authenticate(headers, address)
+        if isinstance(grant, Response):
+            return grant
         domain = domains.normalize(raw_domain)
         if domain is None:
             return _text(400, "invalid domain")
@@ -345,10 +353,10 @@ class Leitstand:
         response.nbytes = nbytes
         return response
 
-    async def _health(self, _: _Headers) -> Response:
+    async def _health(self, *_: object) -> Response:
         return _json({"status": "ok"})
 
-    async def _ready(self, _: _Headers) -> Response:
+    async def _ready(self, *_: object) -> Response:
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(None, probe, self.config.data_dir)
@@ -359,18 +367,19 @@ class Leitstand:
             return _text(503, "not ready: low disk space")
         return _json({"status": "ready"})
 
-    async def _version(self, _: _Headers) -> Response:
+    async def _version(self, *_: object) -> Response:
         return _json({"version": __version__})
 
-    async def _openapi(self, _: _Headers) -> Response:
+    async def _openapi(self, *_: object) -> Response:
         return _json(OPENAPI)
 
-    async def _docs(self, _: _Headers) -> Response:
+    async def _docs(self, *_: object) -> Response:
         return Response(200, DOCS_HTML, b"text/html; charset=utf-8")
 
-    async def _metrics(self, headers: _Headers) -> Response:
-        if not self.config.metrics_public and self.keyring.find(headers.x_auth, headers.authorization) is None:
-            return _text(401, "unauthorized")
+    async def _metrics(self, headers: _Headers, address: str) -> Response:
+        refusal = None if self.config.metrics_public else self._authenticate(headers, address)
+        if isinstance(refusal, Response):
+            return refusal
         body = await asyncio.get_running_loop().run_in_executor(None, self.metrics.render)
         return Response(200, body, _METRICS)
 

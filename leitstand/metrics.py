@@ -17,6 +17,7 @@ Where the directory comes from:
 from __future__ import annotations
 
 import atexit
+import errno
 import fcntl
 import multiprocessing
 import os
@@ -100,9 +101,10 @@ class Metrics(journal.Observer):
         )
         self._torn = Counter("leitstand_torn_tails_repaired", "Torn last lines set aside.", registry=own)
         errors = Counter(
-            "leitstand_storage_errors", "Failed commits, by kind (full, unavailable).", ["kind"], registry=own
+            "leitstand_storage_errors", "Failed commits, by kind (full, unavailable, refused).", ["kind"], registry=own
         )
-        self._full, self._unavailable = errors.labels("full"), errors.labels("unavailable")
+        self._unavailable = errors.labels("unavailable")
+        self._failures = {journal.StorageFull: errors.labels("full"), journal.StorageRefused: errors.labels("refused")}
         self._by_status: dict[tuple[str, int, str], tuple[Any, Any]] = {}
         self._by_domain: dict[str, tuple[Any, Any]] = {}
         self._other = (self._events.labels(OTHER), self._bytes.labels(OTHER))
@@ -165,7 +167,7 @@ class Metrics(journal.Observer):
             self._fsync.observe(sync_seconds)
 
     def failed(self, error: journal.JournalError) -> None:
-        (self._full if isinstance(error, journal.StorageFull) else self._unavailable).inc()
+        self._failures.get(type(error), self._unavailable).inc()
 
     def repaired(self) -> None:
         self._torn.inc()
@@ -199,12 +201,15 @@ def share_between_workers(config: Config) -> None:
     """
     if config.workers == 1:
         return
-    if config.metrics_dir is None:
-        directory = Path(tempfile.mkdtemp(prefix="leitstand-metrics-"))
-        atexit.register(shutil.rmtree, directory, ignore_errors=True)
-    else:
-        directory = config.metrics_dir
-        _claim(directory, f"serve {_identity(os.getpid())}")
+    try:
+        if config.metrics_dir is None:
+            directory = Path(tempfile.mkdtemp(prefix="leitstand-metrics-"))
+            atexit.register(shutil.rmtree, directory, ignore_errors=True)
+        else:
+            directory = config.metrics_dir
+            _claim(directory, f"serve {_identity(os.getpid())}")
+    except OSError as exc:
+        raise _unusable(exc) from None
     os.environ[_ENV] = str(directory)
 
 
@@ -217,32 +222,36 @@ def _directory(config: Config) -> Path | None:
         return None
     supervisor = os.getpid() if parent is None or parent.pid is None else parent.pid
     directory = config.metrics_dir or Path(tempfile.gettempdir()) / f"leitstand-metrics-{os.getuid()}-{supervisor}"
-    _claim(directory, _identity(supervisor))
+    try:
+        _claim(directory, _identity(supervisor))
+    except OSError as exc:
+        raise _unusable(exc) from None
     os.environ[_ENV] = str(directory)
     return directory
 
 
 def _claim(directory: Path, owner: str) -> None:
     """Make ``directory`` the metrics dir of ``owner``: emptied of metrics files unless it already is."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            if os.fstat(fd).st_uid != os.geteuid():
-                raise PermissionError(13, "owned by another user")
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            marker = directory / _OWNER
-            if not marker.exists() or marker.read_text() != owner:
-                for stale in directory.glob("*.db"):
-                    stale.unlink()
-                marker.write_text(owner)
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        raise ConfigError(
-            f"LEITSTAND_METRICS_DIR is not usable: {journal.reason(exc)}; "
-            "point it at a directory of this user on a local disk, or leave it unset"
-        ) from None
+        if os.fstat(fd).st_uid != os.geteuid():
+            raise PermissionError(errno.EACCES, "owned by another user")
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        marker = directory / _OWNER
+        if not marker.exists() or marker.read_text() != owner:
+            for stale in directory.glob("*.db"):
+                stale.unlink()
+            marker.write_text(owner)
+    finally:
+        os.close(fd)
+
+
+def _unusable(exc: OSError) -> ConfigError:
+    return ConfigError(
+        f"LEITSTAND_METRICS_DIR is not usable: {journal.reason(exc)}; point it at a writable directory "
+        "of this user, on a local disk or tmpfs (for several workers, also when the temp dir is read-only)"
+    )
 
 
 def _identity(pid: int) -> str:

@@ -69,6 +69,15 @@ def test_metrics_need_the_token(server: Server) -> None:
     assert value(samples, "leitstand_requests_total", route="/metrics", status="405", reason="method not allowed") == 1
 
 
+def test_wrong_tokens_on_metrics_count_against_the_address(make_server) -> None:  # type: ignore[no-untyped-def]
+    server: Server = make_server(env={"LEITSTAND_AUTH_FAIL_LIMIT": "2/min"}).start()
+    for _ in range(2):
+        assert httpx.get(server.url + "/metrics", headers={"X-Auth": "guess"}).status_code == 401
+    refused = httpx.get(server.url + "/metrics", headers={"X-Auth": TOKEN})
+    assert refused.status_code == 429 and refused.headers["retry-after"]
+    assert server.post("alpha", "{}").status_code == 429
+
+
 def test_public_metrics_need_no_token(make_server) -> None:  # type: ignore[no-untyped-def]
     server: Server = make_server(env={"LEITSTAND_METRICS_PUBLIC": "1"}).start()
     assert httpx.get(server.url + "/metrics").status_code == 200
@@ -141,6 +150,7 @@ def test_disk_full_is_counted_as_storage_error(make_server, small_tmpfs: Path) -
     samples = scrape(server)
     assert value(samples, "leitstand_storage_errors_total", kind="full") == 1
     assert value(samples, "leitstand_storage_errors_total", kind="unavailable") == 0
+    assert value(samples, "leitstand_storage_errors_total", kind="refused") == 0
     assert value(samples, "leitstand_requests_total", route="/ingest", status="507", reason="insufficient storage") == 1
 
 
