@@ -63,6 +63,7 @@ def test_metrics_need_the_token(server: Server) -> None:
     assert httpx.get(url, headers={"X-Auth": "wrong"}).status_code == 401
     assert httpx.get(url, headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert httpx.post(url, headers={"X-Auth": TOKEN}).status_code == 405
+    assert "/metrics" in httpx.get(server.url + "/openapi.json").json()["paths"]
     assert value(scrape(server, **{"X-Auth": TOKEN}), "leitstand_build_info", version=__version__) == 1
     samples = scrape(server, Authorization=f"Bearer {TOKEN}")
     assert value(samples, "leitstand_requests_total", route="/metrics", status="401", reason="unauthorized") == 3
