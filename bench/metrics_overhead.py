@@ -15,7 +15,6 @@ import subprocess
 import sys
 import tempfile
 import timeit
-from pathlib import Path
 
 N = 200_000
 
@@ -25,7 +24,7 @@ def measure() -> None:
     from leitstand.metrics import Metrics
 
     with tempfile.TemporaryDirectory() as data:
-        metrics = Metrics(Config(token="t", data_dir=Path(data)))
+        metrics = Metrics(Config.from_env({"LEITSTAND_TOKEN": "t", "LEITSTAND_DATA_DIR": data}))
         metrics.answered("/ingest", 200, "ok", 0.0004)
         metrics.stored("bench.example", 1, 210)
         best = {

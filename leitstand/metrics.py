@@ -48,6 +48,7 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST.encode()
 OTHER = "_other"
 _ENV = "PROMETHEUS_MULTIPROC_DIR"
 _OWNER = ".owner"
+_TEMP_PREFIX = "leitstand-metrics-"
 _SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _APPENDS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _BYTES = (256, 1 << 10, 4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20)
@@ -203,11 +204,12 @@ def share_between_workers(config: Config) -> None:
         return
     try:
         if config.metrics_dir is None:
-            directory = Path(tempfile.mkdtemp(prefix="leitstand-metrics-"))
+            _sweep()
+            directory = Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX))
             atexit.register(shutil.rmtree, directory, ignore_errors=True)
         else:
             directory = config.metrics_dir
-            _claim(directory, f"serve {_identity(os.getpid())}")
+        _claim(directory, _identity(os.getpid()))
     except OSError as exc:
         raise _unusable(exc) from None
     os.environ[_ENV] = str(directory)
@@ -221,8 +223,10 @@ def _directory(config: Config) -> Path | None:
     if config.metrics_dir is None and parent is None:
         return None
     supervisor = os.getpid() if parent is None or parent.pid is None else parent.pid
-    directory = config.metrics_dir or Path(tempfile.gettempdir()) / f"leitstand-metrics-{os.getuid()}-{supervisor}"
+    directory = config.metrics_dir or Path(tempfile.gettempdir()) / f"{_TEMP_PREFIX}{os.getuid()}-{supervisor}"
     try:
+        if config.metrics_dir is None:
+            _sweep()
         _claim(directory, _identity(supervisor))
     except OSError as exc:
         raise _unusable(exc) from None
@@ -245,6 +249,25 @@ def _claim(directory: Path, owner: str) -> None:
             marker.write_text(owner)
     finally:
         os.close(fd)
+
+
+def _sweep() -> None:
+    """Remove the temp dirs of supervisors that are gone without cleaning up (killed, or uvicorn's own)."""
+    for directory in Path(tempfile.gettempdir()).glob(f"{_TEMP_PREFIX}*"):
+        try:
+            owner = (directory / _OWNER).read_text()
+            if directory.lstat().st_uid != os.geteuid() or _alive(owner):
+                continue
+        except (OSError, ValueError):
+            continue  # not set up yet, or not ours
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _alive(owner: str) -> bool:
+    try:
+        return _identity(int(owner.split()[1])) == owner
+    except (OSError, IndexError):
+        return False
 
 
 def _unusable(exc: OSError) -> ConfigError:

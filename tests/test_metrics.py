@@ -4,6 +4,7 @@ figures summed over worker processes, whichever worker answers the scrape."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 from collections import Counter
@@ -248,17 +249,27 @@ def test_unusable_metrics_dir_refuses_to_start(tmp_path: Path, kind: str, worker
     assert not_a_dir.read_text() == "x"
 
 
-def test_serve_removes_its_private_metrics_dir(make_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_serve_removes_its_private_metrics_dir_and_those_left_behind(make_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     temp = tmp_path / "tmp"
     temp.mkdir()
+    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    started = Path("/proc/self/stat").read_text().rpartition(")")[2].split()[19]
+    planted = {"gone": f"{boot} 1 1", "alive": f"{boot} {os.getpid()} {started}", "unowned": None}
+    for name, owner in planted.items():
+        (temp / f"leitstand-metrics-{name}").mkdir()
+        (temp / f"leitstand-metrics-{name}" / "counter_1.db").write_bytes(b"")
+        if owner is not None:
+            (temp / f"leitstand-metrics-{name}" / ".owner").write_text(owner)
+    kept = {temp / "leitstand-metrics-alive", temp / "leitstand-metrics-unowned"}
+
     server: Server = make_server(command="serve", workers=2, env={"TMPDIR": str(temp)}).start()
     for _ in range(3):
         assert server.post("alpha", "{}").status_code == 200
     assert value(scrape(server), "leitstand_events_written_total", domain="alpha") == 3
-    (private,) = temp.iterdir()
+    (private,) = set(temp.iterdir()) - kept
     assert list(private.glob("counter_*.db"))
     assert server.stop() in CLEAN_EXIT
-    assert list(temp.iterdir()) == []
+    assert set(temp.iterdir()) == kept
 
 
 def test_alert_rules_use_metrics_that_exist(server: Server) -> None:
