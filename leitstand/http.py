@@ -377,9 +377,13 @@ class Leitstand:
         return Response(200, DOCS_HTML, b"text/html; charset=utf-8")
 
     async def _metrics(self, headers: _Headers, address: str) -> Response:
-        refusal = None if self.config.metrics_public else self._authenticate(headers, address)
-        if isinstance(refusal, Response):
-            return refusal
+        if not self.config.metrics_public:
+            grant = self._authenticate(headers, address)
+            if isinstance(grant, Response):
+                return grant
+            # The figures name every domain: a token scoped to some of them may not see them.
+            if not grant.all_domains:
+                return _text(403, "forbidden")
         body = await asyncio.get_running_loop().run_in_executor(None, self.metrics.render)
         return Response(200, body, _METRICS)
 

@@ -84,6 +84,7 @@ OPENAPI: dict[str, Any] = {
                 "responses": {
                     "200": _text("the metrics of all worker processes"),
                     "401": _text("unauthorized"),
+                    "403": _text("forbidden: the token is scoped to some domains and may not see all"),
                     "429": _text("too many requests: too many wrong tokens from this address"),
                 },
             }

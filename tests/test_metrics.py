@@ -80,6 +80,16 @@ def test_wrong_tokens_on_metrics_count_against_the_address(make_server) -> None:
     assert server.post("alpha", "{}").status_code == 429
 
 
+def test_a_scoped_token_may_not_read_the_metrics(make_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{TOKEN}\nsensor-only domains=sensor-*\n")
+    server: Server = make_server(env={"LEITSTAND_TOKEN": "", "LEITSTAND_TOKEN_FILE": str(tokens)}).start()
+    assert server.post("sensor-1", "{}", {"X-Auth": "sensor-only"}).status_code == 200
+    refused = httpx.get(server.url + "/metrics", headers={"X-Auth": "sensor-only"})
+    assert (refused.status_code, refused.text) == (403, "forbidden\n")
+    assert httpx.get(server.url + "/metrics", headers={"X-Auth": TOKEN}).status_code == 200
+
+
 def test_public_metrics_need_no_token(make_server) -> None:  # type: ignore[no-untyped-def]
     server: Server = make_server(env={"LEITSTAND_METRICS_PUBLIC": "1"}).start()
     assert httpx.get(server.url + "/metrics").status_code == 200
