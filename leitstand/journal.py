@@ -15,7 +15,8 @@ Why it is built this way:
   :mod:`leitstand.keylog`). Appends without a key pay one ``stat`` per commit for it.
 
 All file I/O runs on a small thread pool, never on the event loop. The journal knows
-file names and bytes; it knows nothing of HTTP or domains.
+file names and bytes; it knows nothing of HTTP or domains, and tells what it does only to
+an :class:`Observer` (the metrics).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
+from typing import NamedTuple
 
 from leitstand.keylog import RECORD, KeyIndex, KeyLog, key_hash, lines_hash, open_keys_dir
 
@@ -66,6 +68,22 @@ class StorageRefused(JournalError):
     """
 
 
+class Observer:
+    """Told what the journal does; this one ignores it. Called on pool threads too: be quick, be thread-safe."""
+
+    def committed(self, appends: int, nbytes: int, sync_seconds: float | None) -> None:
+        """One commit wrote ``appends`` appends in ``nbytes``; the sync took this long (None: no sync)."""
+
+    def failed(self, error: JournalError) -> None:
+        """One commit failed; its appends all get ``error``."""
+
+    def repaired(self) -> None:
+        """A torn tail was set aside."""
+
+    def opened(self, delta: int) -> None:
+        """The number of open journal files changed by ``delta``."""
+
+
 class Appended(enum.Enum):
     """What became of an append."""
 
@@ -82,6 +100,15 @@ _Waiter = asyncio.Future[Appended]
 # What a commit hands back to the event loop: its waiters, what became of each (None: all
 # stored), and the error they all get.
 _Outcome = tuple[list[_Waiter], list[Appended] | None, JournalError | None]
+
+
+class _Written(NamedTuple):
+    """What one commit did: what became of each append (None: all stored), and what it wrote."""
+
+    results: list[Appended] | None
+    appends: int
+    nbytes: int
+    sync_seconds: float | None
 
 
 def probe(directory: Path) -> None:
@@ -158,8 +185,10 @@ class Journal:
         file_mode: int = 0o600,
         key_window: float = 86400.0,
         max_keys: int = 100_000,
+        observer: Observer | None = None,
     ) -> None:
         self.directory = directory
+        self.observer = observer or Observer()
         self.fsync = fsync
         self.file_mode = file_mode
         self.max_open_files = max_open_files
@@ -185,6 +214,10 @@ class Journal:
         while any(f.busy for f in self._files.values()):
             await asyncio.sleep(0.005)
         fds = [f.fd for f in self._files.values() if f.fd is not None]
+        for f in self._files.values():
+            fds += f.keys.close()
+        self._files.clear()
+        self.observer.opened(-len(fds))
         for f in self._files.values():
             fds += f.keys.close()
         self._files.clear()
@@ -265,7 +298,10 @@ class Journal:
             idle = next((old for old in self._files.values() if not old.busy), None)
             if idle is not None:
                 del self._files[idle.name]
-                fds = idle.keys.close() + ([] if idle.fd is None else [idle.fd])
+                fds = idle.keys.close()
+                if idle.fd is not None:
+                    fds.append(idle.fd)
+                    self.observer.opened(-1)
                 if fds:
                     self._executor.submit(_close_all, fds)
         return f
@@ -278,6 +314,8 @@ class Journal:
 
     def _committed(self, f: _File, done: Future[_Outcome]) -> None:
         waiters, results, error = done.result()
+        if error is not None:
+            self.observer.failed(error)
         for n, waiter in enumerate(waiters):
             if waiter.done():
                 continue
@@ -301,6 +339,7 @@ class Journal:
         try:
             if f.fd is None:
                 f.fd = self._open_file(f.name)
+                self.observer.opened(1)
             fd = f.fd
             fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError as exc:
@@ -310,7 +349,7 @@ class Journal:
             # Taken only now that the lock is held: appends that came in while another
             # worker held it join this commit instead of waiting for the next one.
             pending, waiters, keyed = f.take()
-            results = self._append_locked(f, fd, pending, keyed)
+            written = self._append_locked(f, fd, pending, keyed)
         except OSError as exc:
             return waiters, None, _journal_error(f.name, "write", exc)
         except Exception as exc:
@@ -319,9 +358,10 @@ class Journal:
         finally:
             if f.fd == fd:
                 fcntl.flock(fd, fcntl.LOCK_UN)
-        return waiters, results, None
+        self.observer.committed(written.appends, written.nbytes, written.sync_seconds)
+        return waiters, written.results, None
 
-    def _append_locked(self, f: _File, fd: int, pending: list[bytes], keyed: dict[int, _Key]) -> list[Appended] | None:
+    def _append_locked(self, f: _File, fd: int, pending: list[bytes], keyed: dict[int, _Key]) -> _Written:
         """Append ``pending`` to the file ``f`` has locked, or leave the file as it was.
 
         Key records are written before the data, and both files are synced at once (one journal
@@ -331,6 +371,7 @@ class Journal:
         size = -1
         results = None
         records: list[tuple[float, bytes, bytes, int]] = []
+        synced = None
         try:
             size = os.fstat(fd).st_size
             if size != f.end:
@@ -341,21 +382,13 @@ class Journal:
                 f.keys.catch_up(keys_dir, size, self.keys)
             if keyed:
                 assert keys_dir is not None
-                pending, results, records = self._decide(f.name, size, pending, keyed)
+                pending, results, records = self._decide(size, pending, keyed)
                 if records:
                     f.keys.write(keys_dir, b"".join(RECORD.pack(*r) for r in records), self.fsync)
             data = b"".join(pending)
             _write_whole(fd, data)
             if self.fsync:
-                if records:
-                    synced = self._key_syncs.submit(f.keys.sync)
-                    try:
-                        os.fdatasync(fd)
-                    finally:
-                        wait([synced])
-                    synced.result()
-                else:
-                    os.fdatasync(fd)
+                synced = self._sync(f, fd, bool(records))
             f.end = size + len(data)
         except Exception:
             if records:
@@ -371,10 +404,24 @@ class Journal:
             except OSError as exc:
                 # The old key log stays; the next commit of this file tries again.
                 log.error("key log compaction failed: file=%s error=%s", f.keys.name, exc.strerror)
-        return results
+        return _Written(results, len(pending), len(data), synced)
+
+    def _sync(self, f: _File, fd: int, keys: bool) -> float:
+        """fdatasync the file, and at the same time its key log if the commit wrote to it; returns how long it took."""
+        started = time.perf_counter()
+        if keys:
+            key_sync = self._key_syncs.submit(f.keys.sync)
+            try:
+                os.fdatasync(fd)
+            finally:
+                wait([key_sync])
+            key_sync.result()
+        else:
+            os.fdatasync(fd)
+        return time.perf_counter() - started
 
     def _decide(
-        self, name: str, size: int, pending: list[bytes], keyed: dict[int, _Key]
+        self, size: int, pending: list[bytes], keyed: dict[int, _Key]
     ) -> tuple[list[bytes], list[Appended], list[tuple[float, bytes, bytes, int]]]:
         """Which appends to write (those without a key, and keys new within the window), and the
         key records for them, each with the file's length once its lines are in."""
@@ -431,6 +478,7 @@ class Journal:
         """
         old, f.fd, f.end = f.fd, None, -1
         assert old is not None
+        self.observer.opened(-1)
         fresh = -1
         try:
             fresh = os.open(f"/proc/self/fd/{old}", os.O_RDWR | os.O_CLOEXEC)
@@ -458,6 +506,7 @@ class Journal:
         torn = self._set_aside(fd, name, good, size)
         os.ftruncate(fd, good)
         os.fsync(fd)
+        self.observer.repaired()
         log.warning("torn tail set aside: file=%s bytes=%d kept_as=%s", name, size - good, torn)
         return good
 
