@@ -31,7 +31,7 @@ import stat
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -195,7 +195,6 @@ class Journal:
         self.keys = KeyIndex(key_window, max_keys)
         self._files: OrderedDict[str, _File] = OrderedDict()
         self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="journal")
-        self._key_syncs = ThreadPoolExecutor(max_workers=8, thread_name_prefix="journal-keys")
         self._dir_fd = -1
         # .leitstand/keys, once it exists; only commit threads touch it, under a file's lock.
         self._keys_dir: int | None = None
@@ -229,7 +228,6 @@ class Journal:
             self._dir_fd = -1
         await asyncio.get_running_loop().run_in_executor(self._executor, _close_all, fds)
         self._executor.shutdown(wait=True)
-        self._key_syncs.shutdown(wait=True)
 
     def _open_directory(self) -> dict[str, int]:
         self._dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -364,9 +362,9 @@ class Journal:
     def _append_locked(self, f: _File, fd: int, pending: list[bytes], keyed: dict[int, _Key]) -> _Written:
         """Append ``pending`` to the file ``f`` has locked, or leave the file as it was.
 
-        Key records are written before the data, and both files are synced at once (one journal
-        commit of the file system instead of two in a row): a record whose data did not follow
-        is cut off by the next commit's :meth:`KeyLog.catch_up`, never believed.
+        Key records are written and synced before the data is written: a record whose data did
+        not follow is cut off by the next commit's :meth:`KeyLog.catch_up`, never believed, and
+        no data reaches the disk without its key.
         """
         size = -1
         results = None
@@ -380,15 +378,20 @@ class Journal:
             keys_dir = self._keys_dir_fd(create=bool(keyed))
             if keys_dir is not None:
                 f.keys.catch_up(keys_dir, size, self.keys)
+            started = time.perf_counter()
             if keyed:
                 assert keys_dir is not None
                 pending, results, records = self._decide(size, pending, keyed)
                 if records:
                     f.keys.write(keys_dir, b"".join(RECORD.pack(*r) for r in records), self.fsync)
+                    if self.fsync:
+                        # Before the data is written: no data can reach the disk ahead of its key.
+                        f.keys.sync()
             data = b"".join(pending)
             _write_whole(fd, data)
             if self.fsync:
-                synced = self._sync(f, fd, bool(records))
+                os.fdatasync(fd)
+                synced = time.perf_counter() - started
             f.end = size + len(data)
         except Exception:
             if records:
@@ -405,20 +408,6 @@ class Journal:
                 # The old key log stays; the next commit of this file tries again.
                 log.error("key log compaction failed: file=%s error=%s", f.keys.name, exc.strerror)
         return _Written(results, len(pending), len(data), synced)
-
-    def _sync(self, f: _File, fd: int, keys: bool) -> float:
-        """fdatasync the file, and at the same time its key log if the commit wrote to it; returns how long it took."""
-        started = time.perf_counter()
-        if keys:
-            key_sync = self._key_syncs.submit(f.keys.sync)
-            try:
-                os.fdatasync(fd)
-            finally:
-                wait([key_sync])
-            key_sync.result()
-        else:
-            os.fdatasync(fd)
-        return time.perf_counter() - started
 
     def _decide(
         self, size: int, pending: list[bytes], keyed: dict[int, _Key]
@@ -543,7 +532,6 @@ def repair(directory: Path) -> dict[str, int]:
         if journal._dir_fd >= 0:
             os.close(journal._dir_fd)
         journal._executor.shutdown()
-        journal._key_syncs.shutdown()
 
 
 def last_line_end(fd: int, size: int) -> int:

@@ -6,14 +6,15 @@ Why it is built this way:
   binary records (commit time, hash of file name and key, hash of the stored lines, and the
   length the journal file has once those lines are in it). The file name is in the hash, so
   the same key in two domains is two keys.
-* **Records go in before the data**, in the same commit and under the journal file's lock,
-  and both are synced before the answer. A record counts only if the journal file is at
-  least as long as the record says; a record whose data never arrived (a crash between the
-  two writes, a rolled-back commit) is cut off by the next commit, before anything is
-  appended that could make it look true. So a crash never loses an event, and a retry
-  after a process crash finds its key exactly when its events are in the file. The two
-  files are synced at once (one file-system commit, not two in a row); only a power cut
-  during those syncs can keep the events and lose their key, and so store a retry twice.
+* **Records go in before the data**, in the same commit and under the journal file's lock:
+  written and synced before the data is written, so no data reaches the disk without its
+  key, not even by write-back before a power cut. A record counts only if the journal file
+  is at least as long as the record says; a record whose data never arrived (a crash
+  between the two writes, a rolled-back commit) is cut off by the next commit, before
+  anything is appended that could make it look true. So a crash at any moment neither loses
+  an event nor lets a retry store it twice: the retry finds its key exactly when its events
+  are in the file. (Syncing both files at once instead is about 10-25% faster with keys,
+  measured, but a power cut can then keep events without their key.)
 * **Bounded.** The index holds at most ``max_keys`` keys (the oldest go first: a retry of an
   evicted key stores again) and forgets keys older than the window. A key log is rewritten
   (tmp, fsync, rename, directory fsync) once it doubles, keeping only what the index may

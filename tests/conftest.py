@@ -238,7 +238,8 @@ class Load:
         self.acked: set[str] = set()
         self.statuses: Counter[int] = Counter()
         self.request_ids: set[str] = set()
-        self.retried = 0
+        # With retry: the ids of batches sent more than once.
+        self.retried: set[str] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._client, args=(n,), daemon=True) for n in range(clients)]
@@ -266,7 +267,8 @@ class Load:
                 headers = {"Idempotency-Key": f"{self.seed}-{n}-{seq}"} if self.retry else {}
                 # A batch once sent is retried until answered, even after the test asked to stop.
                 while not self._post(client, url, body, headers, ids) and self.retry:
-                    self.retried += 1
+                    with self._lock:
+                        self.retried.update(ids)
                     time.sleep(0.02)
 
     def _post(self, client: httpx.Client, url: str, body: bytes, headers: dict[str, str], ids: list[str]) -> bool:
