@@ -238,7 +238,8 @@ def _open_dir(parent: int, name: str, create: bool, fsync: bool) -> int | None:
         if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
             raise
         if create:
-            raise OSError(errno.ELOOP, f"{name} is not a directory") from None
+            log.error("state dir refused: %s in the data dir is not a directory (a symlink?); move it out", name)
+            raise OSError(errno.ELOOP, "the state dir is not a directory") from None
         return None
     with contextlib.suppress(FileExistsError):  # another worker was first
         os.mkdir(name, 0o700, dir_fd=parent)

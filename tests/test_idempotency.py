@@ -229,4 +229,5 @@ def test_operator_commands_know_the_state_dir(make_server: Any, tmp_path: Path) 
     server.start()
     assert keyed(server, "ops", '{"id":"2"}', "k2").status_code == 500
     assert server.post("ops", '{"id":"3"}').status_code == 200, "appends without a key go on"
+    assert "state dir refused: .leitstand in the data dir is not a directory" in server.output()
     assert list(tmp_path.glob("keys*")) == []
