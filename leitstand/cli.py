@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     follow.add_argument("-n", type=int, default=10, metavar="N", help="how many lines (default 10)")
     follow.add_argument("-f", action="store_true", help="keep printing lines as they are appended")
     commands.add_parser("check-config", parents=[data], help="the effective settings and the problems they have")
+    commands.add_parser(
+        "archive", parents=[data], help="copy broker mode's messages from NATS JetStream into the data dir"
+    )
     return parser
 
 
@@ -85,6 +88,26 @@ def serve(args: argparse.Namespace) -> None:
         ssl_certfile=settings.ssl_certfile,
         ssl_keyfile=settings.ssl_keyfile,
     )
+
+
+def archive(args: argparse.Namespace) -> None:
+    if args.data_dir is not None:
+        os.environ["LEITSTAND_DATA_DIR"] = str(args.data_dir)
+    try:
+        settings = config.load(need_token=False)
+    except config.ConfigError as exc:
+        logs.fatal(str(exc))
+    if settings.broker() is None:
+        logs.fatal("LEITSTAND_NATS_URL is not set: point it at the NATS servers the front ends publish to")
+    logs.setup(settings.log_format)
+    from leitstand import archive as archiver
+
+    try:
+        archiver.run(settings)
+    except archiver.ArchiveError as exc:
+        logs.fatal(str(exc))
+    except OSError as exc:
+        logs.fatal(f"data dir not usable: {journal.reason(exc)}")
 
 
 def _data_dir(args: argparse.Namespace) -> Path:
@@ -222,6 +245,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         serve(args)
+        return
+    if args.command == "archive":
+        archive(args)
         return
     try:
         code = _COMMANDS[args.command](args)

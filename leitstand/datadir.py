@@ -20,6 +20,8 @@ from pathlib import Path
 
 from leitstand import domains, journal
 
+# Where leitstand keeps state of its own (the archiver's write-ahead record): not a journal.
+STATE_DIR = ".leitstand"
 _READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
 CHUNK = 1 << 16
 _TORN = re.compile(r"(?P<journal>.+\.jsonl)\.torn-\d{8}T\d{6}Z(?:-\d+)?")
@@ -63,9 +65,16 @@ def is_journal_name(name: str) -> bool:
 
 
 def scan(directory: Path) -> list[Entry]:
-    """Every entry of ``directory``, sorted by name; symbolic links and directories are strays."""
+    """Every entry of ``directory`` but leitstand's own state dir, sorted by name.
+
+    Symbolic links and other directories are strays.
+    """
     with os.scandir(directory) as entries:
-        found = [Entry(e.name, kind_of(e.name, regular_file=e.is_file(follow_symlinks=False))) for e in entries]
+        found = [
+            Entry(e.name, kind_of(e.name, regular_file=e.is_file(follow_symlinks=False)))
+            for e in entries
+            if not (e.name == STATE_DIR and e.is_dir(follow_symlinks=False))
+        ]
     return sorted(found, key=lambda e: e.name)
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 from leitstand import __version__, domains, events
+from leitstand.broker import BrokerError, BrokerUnavailable, Publisher, TooLargeForBroker
 from leitstand.config import Config
 from leitstand.deadlines import Deadlines, Expired
 from leitstand.journal import Journal, StorageFull, StorageRefused, StorageUnavailable, probe, reason
@@ -60,11 +61,13 @@ class _Headers:
         "content_encoding",
         "request_id",
         "forwarded_for",
+        "idempotency_key",
     )
 
     def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
         self.x_auth = self.authorization = self.content_length = None
         self.content_type = self.content_encoding = self.request_id = self.forwarded_for = None
+        self.idempotency_key = None
         for name, value in raw:
             if name == b"x-auth":
                 self.x_auth = value
@@ -80,6 +83,8 @@ class _Headers:
                 self.request_id = value
             elif name == b"x-forwarded-for":
                 self.forwarded_for = value
+            elif name == b"idempotency-key":
+                self.idempotency_key = value
 
 
 class Response:
@@ -124,6 +129,9 @@ class Leitstand:
         self.journal = Journal(
             config.data_dir, fsync=config.fsync, max_open_files=config.max_open_files, file_mode=config.file_mode
         )
+        broker = config.broker()
+        # Broker mode: accepted requests go to NATS JetStream instead of the journal.
+        self.broker = Publisher(broker) if broker is not None else None
         self._watch: asyncio.Task[None] | None = None
         self.request_log = request_log
         self.body_deadlines = Deadlines(config.body_timeout)
@@ -155,6 +163,13 @@ class Leitstand:
                     log.error("data dir not usable: %s", reason(exc))
                     await send({"type": "lifespan.startup.failed", "message": reason(exc)})
                     return
+                if self.broker is not None:
+                    try:
+                        await self.broker.start()
+                    except BrokerError as exc:
+                        log.error("%s", exc)
+                        await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                        return
                 self._watch_token_file()
                 details = {
                     "version": __version__,
@@ -169,6 +184,8 @@ class Leitstand:
                 if self._watch is not None:
                     self._watch.cancel()
                 await self.journal.close()
+                if self.broker is not None:
+                    await self.broker.close()
                 if self.request_log is not None:
                     self.request_log.flush()
                 log.info("stopped: every acknowledged event is on disk")
@@ -284,6 +301,9 @@ class Leitstand:
             return _text(403, "forbidden")
         if self.rate is not None and (wait := self.rate.take(grant)):
             return _text(429, "too many requests", (b"retry-after", retry_after(wait)))
+        key = headers.idempotency_key
+        if key is not None and not (0 < len(key) <= 128 and key.isascii() and key.decode().isprintable()):
+            return _text(400, "invalid idempotency key")
         limit = self.config.max_body
         length, encoding = headers.content_length, headers.content_encoding
         if length is not None and (not length.isdigit() or int(length) > limit):
@@ -309,7 +329,9 @@ class Leitstand:
         ndjson = content_type is not None and content_type.split(b";", 1)[0].strip().lower() in _NDJSON_TYPES
         try:
             lines, count = events.encode(body, domain, ndjson=ndjson, limits=self.config.limits)
-            if count:
+            if count and self.broker is not None:
+                await self.broker.publish(domain, lines, key)
+            elif count:
                 await self.journal.append(domains.file_name(domain), lines)
         except events.TooLarge as exc:
             response = _text(413, exc.reason)
@@ -321,6 +343,10 @@ class Leitstand:
             response = _text(503, "storage unavailable", _RETRY_AFTER)
         except StorageRefused:
             response = _text(500, "storage error")
+        except BrokerUnavailable:
+            response = _text(503, "broker unavailable", _RETRY_AFTER)
+        except TooLargeForBroker:
+            response = _text(413, "payload too large")
         else:
             response = _text(200, "ok")
             response.events = count
@@ -332,6 +358,8 @@ class Leitstand:
         return _json({"status": "ok"})
 
     async def _ready(self) -> Response:
+        if self.broker is not None:
+            return _json({"status": "ready"}) if self.broker.connected else _text(503, "not ready: broker unavailable")
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(None, probe, self.config.data_dir)
