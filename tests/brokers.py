@@ -84,6 +84,10 @@ class Archiver(Server):
     def argv(self) -> list[str]:
         return [sys.executable, "-m", "leitstand", "archive"]
 
+    def spawn(self) -> subprocess.Popen[bytes]:
+        self.since = len(self.output())
+        return super().spawn()
+
     def start(self, timeout: float = 20.0) -> Archiver:
         self.spawn()
         self.wait_for("archiver standing by", timeout)
@@ -102,7 +106,8 @@ class Archiver(Server):
 
     @property
     def active(self) -> bool:
-        return "archiver active" in self.output()
+        """Whether this process (not an earlier one on the same log) became the active archiver."""
+        return "archiver active" in self.output()[self.since:]
 
     def pause(self) -> None:
         self.signal(signal.SIGSTOP)

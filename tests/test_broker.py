@@ -11,6 +11,9 @@ from pathlib import Path
 import httpx
 import nats
 import orjson
+from nats.js.api import KeyValueConfig
+
+from leitstand.archive import ArchiveError, Entry, Lease, LeaseLost, Record
 
 from brokers import Broker, broker, events_in, wait_stored  # noqa: F401 (broker is a fixture)
 from conftest import TOKEN, Load, assert_all_acked_stored_once, read_lines, run_cli
@@ -154,8 +157,11 @@ def test_archivers_killed_with_kill_9_in_a_loop_store_exactly_once_in_order(brok
     archivers = [broker.archiver(), broker.archiver()]
     with Load(front.url, ["k1", "k2", "k3"], clients=16, batches=(1, 3)) as load:
         for _ in range(10):
-            time.sleep(rng.uniform(0.3, 1.5))
-            victim = rng.choice(archivers)
+            deadline = time.monotonic() + 15
+            while not any(a.active for a in archivers) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.1, 1.0))
+            victim = next((a for a in archivers if a.active), archivers[0])
             victim.kill()
             victim.spawn()
     data_dir = archivers[0].data_dir
@@ -212,3 +218,52 @@ def test_cluster_node_killed_during_ingest_loses_no_acked_event(broker: Broker) 
     wait_stored([archiver.data_dir], load.acked, timeout=60)
     assert_all_acked_stored_once(archiver.data_dir, load.acked)
     assert_in_order(archiver.data_dir)
+
+
+def test_a_holder_stops_writing_before_a_standby_can_get_the_lease(broker: Broker) -> None:
+    """Fencing: with no renewal (a stalled holder), the holder's own check fails before the lease expires."""
+    node = broker.single()
+
+    async def race() -> tuple[float, float]:
+        nc = await nats.connect(node.url)
+        js = nc.jetstream()
+        kv = await js.create_key_value(KeyValueConfig(bucket="LEASE_TEST", history=1, ttl=2.0))
+        holder, standby = Lease(kv, 2.0), Lease(kv, 2.0)
+        assert await holder.acquire(asyncio.Event())
+        holder.check()
+        stopped = None
+        contender = asyncio.create_task(standby.acquire(asyncio.Event()))
+        while not contender.done():
+            try:
+                holder.check()
+            except LeaseLost:
+                stopped = stopped or time.monotonic()
+            await asyncio.sleep(0.01)
+        taken = time.monotonic()
+        await nc.close()
+        assert stopped is not None
+        return stopped, taken
+
+    stopped, taken = asyncio.run(race())
+    assert stopped < taken
+
+
+def test_recovery_cuts_an_unfinished_batch_and_refuses_a_foreign_write(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    record = Record(data)
+    (data / "a.jsonl").write_bytes(b"1\n2\n")
+    (data / "b.jsonl").write_bytes(b"x\n")
+    record.write("s1", {"a.jsonl": Entry(done=5, seq=9, offset=4, length=4), "b.jsonl": Entry(3, 7, 0, 2)})
+    (data / "a.jsonl").write_bytes(b"1\n2\n3")  # a crash in the middle of the append
+    assert record.recover("s1") == {"a.jsonl": 5, "b.jsonl": 7}
+    assert (data / "a.jsonl").read_bytes() == b"1\n2\n"
+    (data / "a.jsonl").write_bytes(b"1\n2\n3\n4\n")  # landed whole
+    assert record.recover("s1") == {"a.jsonl": 9, "b.jsonl": 7}
+    assert record.recover("other stream") == {}
+    (data / "b.jsonl").write_bytes(b"x\ny\n")  # someone else appended
+    try:
+        record.recover("s1")
+    except ArchiveError as exc:
+        assert "b.jsonl is 4 bytes but the archiver left it at 0 to 2" in str(exc)
+    else:
+        raise AssertionError("a file longer than the archiver left it went unnoticed")
