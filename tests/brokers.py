@@ -8,15 +8,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
-import pytest
-
-from conftest import ROOT, Server, free_port, read_lines
+from conftest import Server, free_port, read_lines
 
 NATS_SERVER = Path(sys.executable).parent / "nats-server"
 LEASE = "2"
@@ -55,9 +52,8 @@ class Nats:
 
     def start(self) -> Nats:
         self.store.mkdir(parents=True, exist_ok=True)
-        log = open(self.store.with_suffix(".log"), "ab")
-        self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
+        with open(self.store.with_suffix(".log"), "ab") as log:
+            self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         return self
 
     def wait_ready(self, timeout: float = 30) -> Nats:
@@ -160,13 +156,6 @@ class Broker:
             node.kill()
 
 
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    made = Broker(tmp_path)
-    yield made
-    made.close()
-
-
 def wait_stored(data_dirs: list[Path], ids: set[str], timeout: float = 30) -> None:
     """Until every one of ``ids`` is in some journal file of ``data_dirs``."""
     deadline = time.monotonic() + timeout
@@ -185,6 +174,3 @@ def wait_stored(data_dirs: list[Path], ids: set[str], timeout: float = 30) -> No
 def events_in(data_dir: Path) -> list[Any]:
     """Every event id in the journal files of ``data_dir``, file by file, in file order."""
     return [orjson.loads(line)["id"] for path in sorted(data_dir.glob("*.jsonl")) for line in read_lines(path)]
-
-
-__all__ = ["ROOT", "Archiver", "Broker", "Nats", "broker", "events_in", "wait_stored"]

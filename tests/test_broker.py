@@ -6,17 +6,25 @@ import asyncio
 import random
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import nats
 import orjson
+import pytest
+from brokers import Broker, events_in, wait_stored
+from conftest import TOKEN, Load, assert_all_acked_stored_once, read_lines, run_cli
 from nats.js.api import KeyValueConfig
 
 from leitstand.archive import ArchiveError, Entry, Lease, LeaseLost, Record
 
-from brokers import Broker, broker, events_in, wait_stored  # noqa: F401 (broker is a fixture)
-from conftest import TOKEN, Load, assert_all_acked_stored_once, read_lines, run_cli
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    made = Broker(tmp_path)
+    yield made
+    made.close()
 
 
 def post(url: str, domain: str, body: object, **headers: str) -> httpx.Response:
