@@ -75,20 +75,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LEITSTAND_HOST", "0.0.0.0", "Address leitstand serve binds."),
     Setting("LEITSTAND_PORT", "8788", "Port leitstand serve binds."),
     Setting("LEITSTAND_WORKERS", "1", "Worker processes of leitstand serve."),
-    Setting(
-        "LEITSTAND_NATS_URL",
-        "(none)",
-        "nats:// URL(s) of a NATS JetStream cluster, comma-separated: /ingest publishes there "
-        "instead of writing files (broker mode); leitstand archive reads from there.",
-    ),
+    # Broker mode: /ingest publishes to NATS JetStream, leitstand archive writes the files.
+    Setting("LEITSTAND_NATS_URL", "(none)", "nats:// URL(s), comma-separated, of NATS JetStream: broker mode."),
     Setting("LEITSTAND_NATS_STREAM", "LEITSTAND", "JetStream stream of broker mode, created if missing."),
     Setting("LEITSTAND_NATS_REPLICAS", "1", "Replicas of that stream (1, or 3 for a three-node cluster)."),
     Setting("LEITSTAND_NATS_TIMEOUT", "5", "Seconds to wait for the broker's ack; later is 503 broker unavailable."),
-    Setting(
-        "LEITSTAND_ARCHIVE_LEASE",
-        "10",
-        "Seconds the active leitstand archive holds its lease; a standby takes over that long after it dies.",
-    ),
+    Setting("LEITSTAND_ARCHIVE_LEASE", "10", "Seconds of leitstand archive's lease; a standby takes over after it."),
 )
 DEFAULTS = {s.env: s.default for s in SETTINGS}
 

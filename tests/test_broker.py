@@ -17,7 +17,11 @@ from brokers import Broker, events_in, wait_stored
 from conftest import TOKEN, Load, assert_all_acked_stored_once, read_lines, run_cli
 from nats.js.api import KeyValueConfig
 
+from leitstand import domains
 from leitstand.archive import ArchiveError, Entry, Lease, LeaseLost, Record
+
+# 253 characters, the longest domain: a subject of five tokens, a shortened file name.
+LONGEST = ".".join(["a" * 63] * 3 + ["b" * 61])
 
 
 @pytest.fixture
@@ -63,21 +67,25 @@ def test_round_trip_with_the_same_checks_as_direct_mode(broker: Broker, tmp_path
         post(front.url, "a.example", [{"id": "a2"}, {"id": "a3"}]),
         post(front.url, "b.example", {"id": "b1"}),
         post(front.url, "a.example", []),
+        post(front.url, LONGEST, {"id": "long"}),
     ]
-    assert [r.status_code for r in accepted] == [200, 200, 200, 200]
+    assert [r.status_code for r in accepted] == [200, 200, 200, 200, 200]
     archiver = broker.archiver()
-    wait_stored([archiver.data_dir], {"a1", "a2", "a3", "b1"})
+    wait_stored([archiver.data_dir], {"a1", "a2", "a3", "b1", "long"})
+    assert read_lines(archiver.data_dir / domains.file_name(LONGEST)) == [
+        f'{{"id":"long","domain":"{LONGEST}"}}'.encode()
+    ]
     time.sleep(1)  # anything rejected would have come by now
     assert read_lines(archiver.data_dir / "a.example.jsonl") == [
         '{"id":"a1","text":"ä €","domain":"a.example"}'.encode(),
         b'{"id":"a2","domain":"a.example"}',
         b'{"id":"a3","domain":"a.example"}',
     ]
-    assert events_in(archiver.data_dir) == ["a1", "a2", "a3", "b1"]
+    assert sorted(events_in(archiver.data_dir)) == ["a1", "a2", "a3", "b1", "long"]
     # The archiver's state dir is not a stray to the operator commands.
     checked = run_cli("verify", "--data-dir", str(archiver.data_dir))
     assert checked.returncode == 0, checked.stdout
-    assert "verify: 2 files, 0 problems" in checked.stdout
+    assert "verify: 3 files, 0 problems" in checked.stdout
     assert archiver.stop() == 0
     assert "archiver stopped: every acked message is on disk" in archiver.output()
 
@@ -275,3 +283,12 @@ def test_recovery_cuts_an_unfinished_batch_and_refuses_a_foreign_write(tmp_path:
         assert "b.jsonl is 4 bytes but the archiver left it at 0 to 2" in str(exc)
     else:
         raise AssertionError("a file longer than the archiver left it went unnoticed")
+
+
+def test_check_config_hides_the_credentials_in_a_nats_url(tmp_path: Path) -> None:
+    url = "nats://archiver:s3cret-pw@n1:4222,nats://n2:4222"
+    shown = run_cli("check-config", "--data-dir", str(tmp_path), env={"LEITSTAND_TOKEN": TOKEN,
+                                                                      "LEITSTAND_NATS_URL": url})
+    assert shown.returncode == 0, shown.stdout
+    assert "nats://<redacted>@n1:4222,nats://n2:4222  (env)" in shown.stdout
+    assert "s3cret" not in shown.stdout + shown.stderr
