@@ -294,6 +294,7 @@ class Archiver:
                 log.warning("broker unavailable, retrying: %s", exc)
                 await asyncio.sleep(_RETRY)
                 continue
+            sub = None
             try:
                 sub = await self._subscribe(js, lease)
                 while not self.stop.is_set():
@@ -303,6 +304,9 @@ class Archiver:
                 await asyncio.sleep(_RETRY)
             finally:
                 await journal.close()
+                if sub is not None:
+                    with contextlib.suppress(*_NATS_ERRORS):
+                        await sub.unsubscribe()
 
     async def _subscribe(self, js: JetStreamContext, lease: Lease) -> JetStreamContext.PullSubscription:
         """A consumer of this term's own, after deleting every other one (a former holder's)."""
