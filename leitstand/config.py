@@ -81,6 +81,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LEITSTAND_NATS_REPLICAS", "1", "Replicas of that stream (1, or 3 for a three-node cluster)."),
     Setting("LEITSTAND_NATS_TIMEOUT", "5", "Seconds to wait for the broker's ack; later is 503 broker unavailable."),
     Setting("LEITSTAND_ARCHIVE_LEASE", "10", "Seconds of leitstand archive's lease; a standby takes over after it."),
+    Setting("LEITSTAND_METRICS_PUBLIC", "0", "1: GET /metrics answers without the token."),
+    Setting("LEITSTAND_METRICS_MAX_DOMAINS", "500", "Domains with their own metrics label; the rest count as _other."),
+    Setting("LEITSTAND_METRICS_DIR", "(temp dir)", "Where worker processes share their metrics; emptied at start."),
 )
 DEFAULTS = {s.env: s.default for s in SETTINGS}
 
@@ -123,6 +126,9 @@ class Config:
     nats_replicas: int = 1
     nats_timeout: int = 5
     archive_lease: int = 10
+    metrics_public: bool = False
+    metrics_max_domains: int = 500
+    metrics_dir: Path | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, *, need_token: bool = True) -> Config:
@@ -178,6 +184,9 @@ class Config:
             nats_replicas=_int("LEITSTAND_NATS_REPLICAS", get("LEITSTAND_NATS_REPLICAS"), 1, 5),
             nats_timeout=_int("LEITSTAND_NATS_TIMEOUT", get("LEITSTAND_NATS_TIMEOUT"), 1, 60),
             archive_lease=_int("LEITSTAND_ARCHIVE_LEASE", get("LEITSTAND_ARCHIVE_LEASE"), 1, 600),
+            metrics_public=_choice("LEITSTAND_METRICS_PUBLIC", get("LEITSTAND_METRICS_PUBLIC"), ("0", "1")) == "1",
+            metrics_max_domains=_int("LEITSTAND_METRICS_MAX_DOMAINS", get("LEITSTAND_METRICS_MAX_DOMAINS"), 1),
+            metrics_dir=Path(metrics_dir) if (metrics_dir := env.get("LEITSTAND_METRICS_DIR", "").strip()) else None,
         )
 
     def keyring(self) -> auth.Keyring:
@@ -211,6 +220,8 @@ class Config:
             "file_mode": f"{self.file_mode:04o}",
             "tls": self.ssl_certfile is not None,
             "broker": f"nats stream={self.nats_stream} replicas={self.nats_replicas}" if self.nats_urls else "-",
+            "metrics_public": self.metrics_public,
+            "metrics_max_domains": self.metrics_max_domains,
         }
 
     def broker(self) -> broker.Settings | None:

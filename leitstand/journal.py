@@ -12,7 +12,8 @@ Why it is built this way:
   is moved aside to ``<name>.torn-<UTC time>`` before anything is appended after it.
 
 All file I/O runs on a small thread pool, never on the event loop. The journal knows
-file names and bytes; it knows nothing of HTTP or domains.
+file names and bytes; it knows nothing of HTTP or domains, and tells what it does only to
+an :class:`Observer` (the metrics).
 """
 
 from __future__ import annotations
@@ -58,6 +59,22 @@ class StorageRefused(JournalError):
 
     Retrying cannot help: an operator must look at the data dir.
     """
+
+
+class Observer:
+    """Told what the journal does; this one ignores it. Called on pool threads too: be quick, be thread-safe."""
+
+    def committed(self, appends: int, nbytes: int, sync_seconds: float | None) -> None:
+        """One commit wrote ``appends`` appends in ``nbytes``; the sync took this long (None: no sync)."""
+
+    def failed(self, error: JournalError) -> None:
+        """One commit failed; its appends all get ``error``."""
+
+    def repaired(self) -> None:
+        """A torn tail was set aside."""
+
+    def opened(self, delta: int) -> None:
+        """The number of open journal files changed by ``delta``."""
 
 
 # What a commit hands back to the event loop: its waiters, and the error they all get.
@@ -125,9 +142,16 @@ class _File:
 
 class Journal:
     def __init__(
-        self, directory: Path, *, fsync: bool = True, max_open_files: int = 256, file_mode: int = 0o600
+        self,
+        directory: Path,
+        *,
+        fsync: bool = True,
+        max_open_files: int = 256,
+        file_mode: int = 0o600,
+        observer: Observer | None = None,
     ) -> None:
         self.directory = directory
+        self.observer = observer or Observer()
         self.fsync = fsync
         self.file_mode = file_mode
         self.max_open_files = max_open_files
@@ -149,6 +173,7 @@ class Journal:
             await asyncio.sleep(0.005)
         fds = [f.fd for f in self._files.values() if f.fd is not None]
         self._files.clear()
+        self.observer.opened(-len(fds))
         if self._dir_fd >= 0:
             fds.append(self._dir_fd)
             self._dir_fd = -1
@@ -213,6 +238,7 @@ class Journal:
                 del self._files[idle.name]
                 if idle.fd is not None:
                     self._executor.submit(os.close, idle.fd)
+                    self.observer.opened(-1)
         return f
 
     def _commit_pending(self, f: _File) -> None:
@@ -223,6 +249,8 @@ class Journal:
 
     def _committed(self, f: _File, done: Future[_Outcome]) -> None:
         waiters, error = done.result()
+        if error is not None:
+            self.observer.failed(error)
         for waiter in waiters:
             if waiter.done():
                 continue
@@ -246,6 +274,7 @@ class Journal:
         try:
             if f.fd is None:
                 f.fd = self._open_file(f.name)
+                self.observer.opened(1)
             fd = f.fd
             fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError as exc:
@@ -254,7 +283,7 @@ class Journal:
             # Taken only now that the lock is held: appends that came in while another
             # worker held it join this commit instead of waiting for the next one.
             data, waiters = f.take()
-            self._append_locked(f, fd, data)
+            synced = self._append_locked(f, fd, data)
         except OSError as exc:
             return waiters, _journal_error(f.name, "write", exc)
         except Exception as exc:
@@ -263,11 +292,16 @@ class Journal:
         finally:
             if f.fd == fd:
                 fcntl.flock(fd, fcntl.LOCK_UN)
+        self.observer.committed(len(waiters), len(data), synced)
         return waiters, None
 
-    def _append_locked(self, f: _File, fd: int, data: bytes) -> None:
-        """Append ``data`` to the file ``f`` has locked, or leave the file as it was."""
+    def _append_locked(self, f: _File, fd: int, data: bytes) -> float | None:
+        """Append ``data`` to the file ``f`` has locked, or leave the file as it was.
+
+        Returns how long the sync took, None without one.
+        """
         size = -1
+        synced = None
         try:
             size = os.fstat(fd).st_size
             if size != f.end:
@@ -275,11 +309,14 @@ class Journal:
                 size = self._repair_tail(fd, f.name, size)
             _write_whole(fd, data)
             if self.fsync:
+                started = time.perf_counter()
                 os.fdatasync(fd)
+                synced = time.perf_counter() - started
             f.end = size + len(data)
         except Exception:
             self._roll_back(f, size)
             raise
+        return synced
 
     def _open_file(self, name: str) -> int:
         try:
@@ -306,6 +343,7 @@ class Journal:
         """
         old, f.fd, f.end = f.fd, None, -1
         assert old is not None
+        self.observer.opened(-1)
         fresh = -1
         try:
             fresh = os.open(f"/proc/self/fd/{old}", os.O_RDWR | os.O_CLOEXEC)
@@ -333,6 +371,7 @@ class Journal:
         torn = self._set_aside(fd, name, good, size)
         os.ftruncate(fd, good)
         os.fsync(fd)
+        self.observer.repaired()
         log.warning("torn tail set aside: file=%s bytes=%d kept_as=%s", name, size - good, torn)
         return good
 

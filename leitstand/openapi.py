@@ -50,6 +50,13 @@ OPENAPI: dict[str, Any] = {
                         "schema": {"type": "string", "maxLength": 253, "pattern": f"^{domains.PATTERN}$"},
                     },
                     {"name": "X-Request-ID", "in": "header", "required": False, "schema": {"type": "string"}},
+                    {
+                        "name": "Idempotency-Key",
+                        "in": "header",
+                        "required": False,
+                        "description": "1-128 printable ASCII characters; in broker mode a retry with it is stored once",
+                        "schema": {"type": "string", "minLength": 1, "maxLength": 128},
+                    },
                 ],
                 "requestBody": {
                     "required": True,
@@ -62,7 +69,7 @@ OPENAPI: dict[str, Any] = {
                     "200": _text("ok: every event is on disk (fdatasync'ed)"),
                     "400": _text(
                         "invalid domain, invalid json, number out of range, duplicate key, json too deep, "
-                        "invalid payload, domain mismatch, invalid gzip, invalid content-length"
+                        "invalid payload, domain mismatch, invalid gzip, invalid content-length, invalid idempotency key"
                     ),
                     "401": _text("unauthorized"),
                     "403": _text("forbidden (the token may not write to this domain), domain not allowed"),
@@ -71,12 +78,24 @@ OPENAPI: dict[str, Any] = {
                     "415": _text("unsupported content-encoding"),
                     "429": _text("too many requests; retry after Retry-After seconds"),
                     "500": _text("storage error, internal error"),
-                    "503": _text("storage unavailable; retry after Retry-After seconds"),
+                    "503": _text("storage unavailable, broker unavailable; retry after Retry-After seconds"),
                     "507": _text("insufficient storage"),
                 },
             }
         },
         "/health": {"get": {"summary": "Liveness", "responses": {"200": _status("the process answers")}}},
+        "/metrics": {
+            "get": {
+                "summary": "Metrics in the Prometheus text format (no token with LEITSTAND_METRICS_PUBLIC=1)",
+                "security": [{"xAuth": []}, {"bearer": []}],
+                "responses": {
+                    "200": _text("the metrics of all worker processes"),
+                    "401": _text("unauthorized"),
+                    "403": _text("forbidden: the token is scoped to some domains and may not see all"),
+                    "429": _text("too many requests: too many wrong tokens from this address"),
+                },
+            }
+        },
         "/ready": {
             "get": {
                 "summary": "Readiness: the data dir takes writes and has free space",
