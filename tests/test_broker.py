@@ -13,7 +13,7 @@ import httpx
 import nats
 import orjson
 import pytest
-from brokers import Broker, events_in, wait_stored
+from brokers import Broker, Nats, events_in, wait_stored
 from conftest import TOKEN, Load, assert_all_acked_stored_once, read_lines, run_cli
 from nats.js.api import KeyValueConfig
 
@@ -135,6 +135,23 @@ def test_a_front_end_refuses_to_start_on_a_stream_it_cannot_use(broker: Broker, 
         raise AssertionError("the front end started on a stream of other subjects")
     assert "stream LEITSTAND exists but subjects is ['other.>'], needs ['leitstand.ingest.>']" in message
     assert "Traceback" not in message
+
+
+def test_a_front_end_starts_without_the_broker_and_answers_503_until_it_is_there(broker: Broker, tmp_path: Path) -> None:
+    node = Nats(tmp_path / "nats-late", "late")
+    broker.nodes.append(node)
+    front = broker.frontend(LEITSTAND_NATS_TIMEOUT="1")
+    early = post(front.url, "a.example", {"id": "early"})
+    assert (early.status_code, early.text) == (503, "broker unavailable\n")
+    assert httpx.get(front.url + "/ready").text == "not ready: broker unavailable\n"
+    node.start().wait_ready()
+    deadline = time.monotonic() + 15
+    while post(front.url, "a.example", {"id": "late"}).status_code != 200:
+        assert time.monotonic() < deadline, "no 200 after the broker came up"
+        time.sleep(0.2)
+    archiver = broker.archiver()
+    wait_stored([archiver.data_dir], {"late"})
+    assert "early" not in events_in(archiver.data_dir)
 
 
 def test_broker_down_is_503_and_every_200_is_archived_after_it_is_back(broker: Broker) -> None:
