@@ -161,13 +161,13 @@ class Server:
 
 
 @contextmanager
-def serve(app: App, workers: int, session: Path) -> Iterator[Server]:
+def serve(app: App, workers: int, session: Path, extra_env: dict[str, str] | None = None) -> Iterator[Server]:
     """One server on a free port with a fresh data dir under ``session``, which outlives it."""
     tmp = tempfile.mkdtemp(prefix=f"{app.name}-", dir=session)
     port = free_port()
     flags = f"--host 127.0.0.1 --port {port} --workers {workers} --no-access-log --loop uvloop --http httptools"
     argv = [sys.executable, "-m", "uvicorn", *app.target, *flags.split()]
-    env = {**os.environ, "LEITSTAND_TOKEN": TOKEN, "LEITSTAND_DATA_DIR": str(Path(tmp) / "data")}
+    env = {**os.environ, "LEITSTAND_TOKEN": TOKEN, "LEITSTAND_DATA_DIR": str(Path(tmp) / "data"), **(extra_env or {})}
     stderr = Path(tmp) / "stderr.log"
     # leitstand writes a request line per request to stdout; /dev/null is its cheapest sink.
     with open(stderr, "wb") as err:

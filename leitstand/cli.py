@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     follow.add_argument("-n", type=int, default=10, metavar="N", help="how many lines (default 10)")
     follow.add_argument("-f", action="store_true", help="keep printing lines as they are appended")
     commands.add_parser("check-config", parents=[data], help="the effective settings and the problems they have")
+    commands.add_parser(
+        "archive", parents=[data], help="copy broker mode's messages from NATS JetStream into the data dir"
+    )
     return parser
 
 
@@ -88,6 +91,26 @@ def serve(args: argparse.Namespace) -> None:
     )
 
 
+def archive(args: argparse.Namespace) -> None:
+    if args.data_dir is not None:
+        os.environ["LEITSTAND_DATA_DIR"] = str(args.data_dir)
+    try:
+        settings = config.load(need_token=False)
+    except config.ConfigError as exc:
+        logs.fatal(str(exc))
+    if settings.broker() is None:
+        logs.fatal("LEITSTAND_NATS_URL is not set: point it at the NATS servers the front ends publish to")
+    logs.setup(settings.log_format)
+    from leitstand import archive as archiver
+
+    try:
+        archiver.run(settings)
+    except archiver.ArchiveError as exc:
+        logs.fatal(str(exc))
+    except OSError as exc:
+        logs.fatal(f"data dir not usable: {journal.reason(exc)}")
+
+
 def _data_dir(args: argparse.Namespace) -> Path:
     given: Path | None = args.data_dir
     return given or Path(os.environ.get("LEITSTAND_DATA_DIR", "").strip() or config.DEFAULTS["LEITSTAND_DATA_DIR"])
@@ -112,8 +135,6 @@ def _print_verify(directory: Path) -> int:
     for report in reports:
         if report.kind is Kind.PROBE:
             print(f"ignored   {report.name}: probe file of the server (harmless; a crash can leave one)")
-        elif report.kind is Kind.STATE:
-            print(f"ignored   {report.name}: state dir of the server (idempotency keys; not events)")
         elif not report.problems:
             print(f"ok        {report.name}: {report.lines} lines")
         for problem in report.problems:
@@ -225,6 +246,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         serve(args)
+        return
+    if args.command == "archive":
+        archive(args)
         return
     try:
         code = _COMMANDS[args.command](args)

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from leitstand import auth, events, journal, ratelimit
+from leitstand import auth, broker, events, journal, ratelimit
 from leitstand.proxies import Network, parse_networks
 
 
@@ -85,6 +85,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LEITSTAND_HOST", "0.0.0.0", "Address leitstand serve binds."),
     Setting("LEITSTAND_PORT", "8788", "Port leitstand serve binds."),
     Setting("LEITSTAND_WORKERS", "1", "Worker processes of leitstand serve."),
+    # Broker mode: /ingest publishes to NATS JetStream, leitstand archive writes the files.
+    Setting("LEITSTAND_NATS_URL", "(none)", "nats:// URL(s), comma-separated, of NATS JetStream: broker mode."),
+    Setting("LEITSTAND_NATS_STREAM", "LEITSTAND", "JetStream stream of broker mode, created if missing."),
+    Setting("LEITSTAND_NATS_REPLICAS", "1", "Replicas of that stream (1, or 3 for a three-node cluster)."),
+    Setting("LEITSTAND_NATS_TIMEOUT", "5", "Seconds to wait for the broker's ack; later is 503 broker unavailable."),
+    Setting("LEITSTAND_ARCHIVE_LEASE", "10", "Seconds of leitstand archive's lease; a standby takes over after it."),
     Setting("LEITSTAND_METRICS_PUBLIC", "0", "1: GET /metrics answers without the token."),
     Setting("LEITSTAND_METRICS_MAX_DOMAINS", "500", "Domains with their own metrics label; the rest count as _other."),
     Setting("LEITSTAND_METRICS_DIR", "(temp dir)", "Where worker processes share their metrics; emptied at start."),
@@ -129,12 +135,18 @@ class Config:
     host: str = "0.0.0.0"
     port: int = 8788
     workers: int = 1
+    nats_urls: tuple[str, ...] = ()
+    nats_stream: str = "LEITSTAND"
+    nats_replicas: int = 1
+    nats_timeout: int = 5
+    archive_lease: int = 10
     metrics_public: bool = False
     metrics_max_domains: int = 500
     metrics_dir: Path | None = None
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
+    def from_env(cls, environ: Mapping[str, str] | None = None, *, need_token: bool = True) -> Config:
+        """``need_token``: False for leitstand archive, which answers no client."""
         env = os.environ if environ is None else environ
 
         def get(name: str) -> str:
@@ -148,7 +160,7 @@ class Config:
             return Path(optional(name)) if optional(name) else None
 
         tokens = env.get("LEITSTAND_TOKEN", "")
-        if not auth.from_list(tokens) and not optional("LEITSTAND_TOKEN_FILE"):
+        if need_token and not auth.from_list(tokens) and not optional("LEITSTAND_TOKEN_FILE"):
             raise ConfigError(_NO_TOKEN)
         certfile, keyfile = path("LEITSTAND_SSL_CERTFILE"), path("LEITSTAND_SSL_KEYFILE")
         if (certfile is None) != (keyfile is None):
@@ -183,6 +195,11 @@ class Config:
             host=get("LEITSTAND_HOST"),
             port=_int("LEITSTAND_PORT", get("LEITSTAND_PORT"), 0, 65535),
             workers=_int("LEITSTAND_WORKERS", get("LEITSTAND_WORKERS"), 1),
+            nats_urls=_nats_urls(optional("LEITSTAND_NATS_URL")),
+            nats_stream=_stream(get("LEITSTAND_NATS_STREAM")),
+            nats_replicas=_int("LEITSTAND_NATS_REPLICAS", get("LEITSTAND_NATS_REPLICAS"), 1, 5),
+            nats_timeout=_int("LEITSTAND_NATS_TIMEOUT", get("LEITSTAND_NATS_TIMEOUT"), 1, 60),
+            archive_lease=_int("LEITSTAND_ARCHIVE_LEASE", get("LEITSTAND_ARCHIVE_LEASE"), 1, 600),
             metrics_public=_choice("LEITSTAND_METRICS_PUBLIC", get("LEITSTAND_METRICS_PUBLIC"), ("0", "1")) == "1",
             metrics_max_domains=_int("LEITSTAND_METRICS_MAX_DOMAINS", get("LEITSTAND_METRICS_MAX_DOMAINS"), 1),
             metrics_dir=Path(metrics_dir) if (metrics_dir := env.get("LEITSTAND_METRICS_DIR", "").strip()) else None,
@@ -220,14 +237,21 @@ class Config:
             "idempotency_window": self.idempotency_window,
             "idempotency_max_keys": self.idempotency_max_keys,
             "tls": self.ssl_certfile is not None,
+            "broker": f"nats stream={self.nats_stream} replicas={self.nats_replicas}" if self.nats_urls else "-",
             "metrics_public": self.metrics_public,
             "metrics_max_domains": self.metrics_max_domains,
         }
 
+    def broker(self) -> broker.Settings | None:
+        """The broker settings in broker mode, None in direct mode."""
+        if not self.nats_urls:
+            return None
+        return broker.Settings(self.nats_urls, self.nats_stream, self.nats_replicas, float(self.nats_timeout))
 
-def load(environ: Mapping[str, str] | None = None) -> Config:
+
+def load(environ: Mapping[str, str] | None = None, *, need_token: bool = True) -> Config:
     """The settings, once the data directory has proved that it takes durable writes."""
-    config = Config.from_env(environ)
+    config = Config.from_env(environ, need_token=need_token)
     check_files(config)
     try:
         journal.probe(config.data_dir)
@@ -307,6 +331,22 @@ def _networks(name: str, raw: str) -> tuple[Network, ...]:
         return parse_networks(raw)
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not a list of addresses: use e.g. 127.0.0.1,10.0.0.0/8") from None
+
+
+def _nats_urls(raw: str) -> tuple[str, ...]:
+    urls = tuple(part.strip() for part in raw.split(",") if part.strip())
+    for url in urls:
+        if not re.fullmatch(r"(nats|tls)://[^\s/]+", url):
+            raise ConfigError(
+                "LEITSTAND_NATS_URL has an entry that is not a NATS URL: use nats://host:4222, comma-separated"
+            )
+    return urls
+
+
+def _stream(raw: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", raw):
+        raise ConfigError(f"LEITSTAND_NATS_STREAM={raw!r} is not a stream name: use letters, digits, '_' and '-'")
+    return raw
 
 
 def _mode(name: str, raw: str) -> int:

@@ -7,6 +7,7 @@ and removed in the data dir), and it never creates the data dir.
 from __future__ import annotations
 
 import os
+import re
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -43,6 +44,9 @@ def _shown(setting: config.Setting, environ: Mapping[str, str]) -> Shown:
     raw = environ.get(setting.env, "").strip()
     if "TOKEN" in setting.env:
         return Shown(setting.env, REDACTED if raw else "(not set)", "env" if raw else "default")
+    if setting.env == "LEITSTAND_NATS_URL":
+        # nats://user:password@host: the credentials are as secret as a token.
+        raw = re.sub(r"//[^/@,]*@", f"//{REDACTED}@", raw)
     return Shown(setting.env, raw or setting.default, "env" if raw else "default")
 
 
@@ -97,7 +101,7 @@ def _entry_problems(data_dir: Path, entry: datadir.Entry) -> list[str]:
         return [f"stray file {entry.name} in the data dir: move it out"]
     if entry.kind is Kind.TORN:
         return [f"torn tail {entry.name} in the data dir: look at it, then move it away"]
-    if entry.kind in (Kind.PROBE, Kind.STATE):
+    if entry.kind is Kind.PROBE:
         return []
     path = data_dir / entry.name
     if not os.access(path, os.R_OK | os.W_OK):

@@ -20,6 +20,9 @@ from pathlib import Path
 
 from leitstand import domains, journal, keylog
 
+# Where leitstand keeps state of its own (idempotency key logs, the archiver's write-ahead
+# record): not a journal.
+STATE_DIR = keylog.STATE_DIR
 _READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
 CHUNK = 1 << 16
 _TORN = re.compile(r"(?P<journal>.+\.jsonl)\.torn-\d{8}T\d{6}Z(?:-\d+)?")
@@ -31,8 +34,6 @@ class Kind(enum.Enum):
     JOURNAL = "journal"
     TORN = "torn"
     PROBE = "probe"
-    # The server's own state (.leitstand/: the idempotency key logs), not events.
-    STATE = "state"
     STRAY = "stray"
 
 
@@ -42,10 +43,8 @@ class Entry:
     kind: Kind
 
 
-def kind_of(name: str, *, regular_file: bool = True, directory: bool = False) -> Kind:
-    """What the entry ``name`` is: a journal, a set-aside torn tail, a probe, the state dir, or a stray."""
-    if directory and name == keylog.STATE_DIR:
-        return Kind.STATE
+def kind_of(name: str, *, regular_file: bool = True) -> Kind:
+    """What the file ``name`` is: a journal, a set-aside torn tail, a probe, or a stray."""
     if not regular_file:
         return Kind.STRAY
     if name.startswith(journal.PROBE + "-"):
@@ -67,14 +66,15 @@ def is_journal_name(name: str) -> bool:
 
 
 def scan(directory: Path) -> list[Entry]:
-    """Every entry of ``directory``, sorted by name; symbolic links and directories but the state dir are strays."""
+    """Every entry of ``directory`` but leitstand's own state dir, sorted by name.
+
+    Symbolic links and other directories are strays.
+    """
     with os.scandir(directory) as entries:
         found = [
-            Entry(
-                e.name,
-                kind_of(e.name, regular_file=e.is_file(follow_symlinks=False), directory=e.is_dir(follow_symlinks=False)),
-            )
+            Entry(e.name, kind_of(e.name, regular_file=e.is_file(follow_symlinks=False)))
             for e in entries
+            if not (e.name == STATE_DIR and e.is_dir(follow_symlinks=False))
         ]
     return sorted(found, key=lambda e: e.name)
 

@@ -21,6 +21,7 @@ import orjson
 
 from leitstand import __version__, domains, events
 from leitstand.auth import Grant
+from leitstand.broker import BrokerError, BrokerUnavailable, Publisher, TooLargeForBroker
 from leitstand.config import Config
 from leitstand.deadlines import Deadlines, Expired
 from leitstand.journal import Appended, Journal, StorageFull, StorageRefused, StorageUnavailable, probe, reason
@@ -144,6 +145,9 @@ class Leitstand:
             max_keys=config.idempotency_max_keys,
             observer=self.metrics,
         )
+        broker = config.broker()
+        # Broker mode: accepted requests go to NATS JetStream instead of the journal.
+        self.broker = Publisher(broker) if broker is not None else None
         self._watch: asyncio.Task[None] | None = None
         self.request_log = request_log
         self.body_deadlines = Deadlines(config.body_timeout)
@@ -176,6 +180,13 @@ class Leitstand:
                     log.error("data dir not usable: %s", reason(exc))
                     await send({"type": "lifespan.startup.failed", "message": reason(exc)})
                     return
+                if self.broker is not None:
+                    try:
+                        await self.broker.start()
+                    except BrokerError as exc:
+                        log.error("%s", exc)
+                        await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                        return
                 self._watch_token_file()
                 details = {
                     "version": __version__,
@@ -190,6 +201,8 @@ class Leitstand:
                 if self._watch is not None:
                     self._watch.cancel()
                 await self.journal.close()
+                if self.broker is not None:
+                    await self.broker.close()
                 self.metrics.close()
                 if self.request_log is not None:
                     self.request_log.flush()
@@ -346,7 +359,11 @@ class Leitstand:
         ndjson = content_type is not None and content_type.split(b";", 1)[0].strip().lower() in _NDJSON_TYPES
         try:
             lines, count = events.encode(body, domain, ndjson=ndjson, limits=self.config.limits)
-            appended = await self.journal.append(domains.file_name(domain), lines, key) if count else Appended.STORED
+            appended = Appended.STORED
+            if count and self.broker is not None:
+                await self.broker.publish(domain, lines, key)
+            elif count:
+                appended = await self.journal.append(domains.file_name(domain), lines, key)
         except events.TooLarge as exc:
             response = _text(413, exc.reason)
         except events.PayloadError as exc:
@@ -357,6 +374,10 @@ class Leitstand:
             response = _text(503, "storage unavailable", _RETRY_AFTER)
         except StorageRefused:
             response = _text(500, "storage error")
+        except BrokerUnavailable:
+            response = _text(503, "broker unavailable", _RETRY_AFTER)
+        except TooLargeForBroker:
+            response = _text(413, "payload too large")
         else:
             if appended is Appended.STORED:
                 response = _text(200, "ok")
@@ -374,6 +395,8 @@ class Leitstand:
         return _json({"status": "ok"})
 
     async def _ready(self, *_: object) -> Response:
+        if self.broker is not None:
+            return _json({"status": "ready"}) if self.broker.connected else _text(503, "not ready: broker unavailable")
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(None, probe, self.config.data_dir)

@@ -55,9 +55,10 @@ OPENAPI: dict[str, Any] = {
                         "in": "header",
                         "required": False,
                         "description": (
-                            "1-128 printable ASCII characters. A retry with the same key and domain within the "
-                            "window is answered 200 (Idempotent-Replayed: true) without storing again; the same "
-                            "key with other events is 409"
+                            "1-128 printable ASCII characters. Direct mode: a retry with the same key and domain "
+                            "within the window is answered 200 (Idempotent-Replayed: true) without storing again, "
+                            "the same key with other events is 409. Broker mode: the message id, stored once "
+                            "within the stream's duplicate window"
                         ),
                         "schema": {"type": "string", "minLength": 1, "maxLength": 128, "pattern": "^[ -~]+$"},
                     },
@@ -81,8 +82,7 @@ OPENAPI: dict[str, Any] = {
                     },
                     "400": _text(
                         "invalid domain, invalid json, number out of range, duplicate key, json too deep, "
-                        "invalid payload, domain mismatch, invalid gzip, invalid content-length, "
-                        "invalid idempotency key"
+                        "invalid payload, domain mismatch, invalid gzip, invalid content-length, invalid idempotency key"
                     ),
                     "401": _text("unauthorized"),
                     "403": _text("forbidden (the token may not write to this domain), domain not allowed"),
@@ -92,7 +92,7 @@ OPENAPI: dict[str, Any] = {
                     "415": _text("unsupported content-encoding"),
                     "429": _text("too many requests; retry after Retry-After seconds"),
                     "500": _text("storage error, internal error"),
-                    "503": _text("storage unavailable; retry after Retry-After seconds"),
+                    "503": _text("storage unavailable, broker unavailable; retry after Retry-After seconds"),
                     "507": _text("insufficient storage"),
                 },
             }
