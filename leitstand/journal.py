@@ -213,9 +213,6 @@ class Journal:
         while any(f.busy for f in self._files.values()):
             await asyncio.sleep(0.005)
         fds = [f.fd for f in self._files.values() if f.fd is not None]
-        for f in self._files.values():
-            fds += f.keys.close()
-        self._files.clear()
         self.observer.opened(-len(fds))
         for f in self._files.values():
             fds += f.keys.close()
