@@ -153,6 +153,8 @@ def _print_verify(directory: Path) -> int:
     for report in reports:
         if report.kind is Kind.PROBE:
             print(f"ignored   {report.name}: probe file of the server (harmless; a crash can leave one)")
+        elif report.kind is Kind.STATE:
+            print(f"ignored   {report.name}: state dir of the server (idempotency keys; not events)")
         elif not report.problems:
             print(f"ok        {report.name}: {report.lines} lines")
         for problem in report.problems:

@@ -70,6 +70,16 @@ SETTINGS: tuple[Setting, ...] = (
         "Comma-separated addresses or networks of proxies whose X-Forwarded-For names the client.",
     ),
     Setting("LEITSTAND_FILE_MODE", "0600", "Permissions of new journal files (octal)."),
+    Setting(
+        "LEITSTAND_IDEMPOTENCY_WINDOW",
+        "24h",
+        "How long a request's Idempotency-Key is remembered per domain, e.g. 24h, 90m, 3600s.",
+    ),
+    Setting(
+        "LEITSTAND_IDEMPOTENCY_MAX_KEYS",
+        "100000",
+        "Most idempotency keys remembered (all domains together); the oldest are forgotten first.",
+    ),
     Setting("LEITSTAND_SSL_CERTFILE", "(none)", "PEM certificate: leitstand serve speaks HTTPS."),
     Setting("LEITSTAND_SSL_KEYFILE", "(none)", "PEM private key of LEITSTAND_SSL_CERTFILE."),
     Setting("LEITSTAND_HOST", "0.0.0.0", "Address leitstand serve binds."),
@@ -80,6 +90,8 @@ DEFAULTS = {s.env: s.default for s in SETTINGS}
 
 _SIZE = re.compile(r"(\d+)\s*(|b|k|kb|kib|m|mb|mib|g|gb|gib)", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+_DURATION = re.compile(r"(\d+)\s*(s|m|h|d|)", re.IGNORECASE)
+_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 _NO_TOKEN = (
@@ -107,6 +119,8 @@ class Config:
     rate_limit: tuple[int, float] | None = None
     trusted_proxies: tuple[Network, ...] = ()
     file_mode: int = 0o600
+    idempotency_window: int = 86400
+    idempotency_max_keys: int = 100_000
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
     host: str = "0.0.0.0"
@@ -156,6 +170,8 @@ class Config:
             rate_limit=_rate("LEITSTAND_RATE_LIMIT", get("LEITSTAND_RATE_LIMIT")),
             trusted_proxies=_networks("LEITSTAND_TRUSTED_PROXIES", optional("LEITSTAND_TRUSTED_PROXIES")),
             file_mode=_mode("LEITSTAND_FILE_MODE", get("LEITSTAND_FILE_MODE")),
+            idempotency_window=_duration("LEITSTAND_IDEMPOTENCY_WINDOW", get("LEITSTAND_IDEMPOTENCY_WINDOW")),
+            idempotency_max_keys=_int("LEITSTAND_IDEMPOTENCY_MAX_KEYS", get("LEITSTAND_IDEMPOTENCY_MAX_KEYS"), 1),
             ssl_certfile=certfile,
             ssl_keyfile=keyfile,
             host=get("LEITSTAND_HOST"),
@@ -192,6 +208,8 @@ class Config:
             "rate_limit": _rate_text(self.rate_limit),
             "trusted_proxies": ",".join(map(str, self.trusted_proxies)) or "-",
             "file_mode": f"{self.file_mode:04o}",
+            "idempotency_window": self.idempotency_window,
+            "idempotency_max_keys": self.idempotency_max_keys,
             "tls": self.ssl_certfile is not None,
         }
 
@@ -240,6 +258,13 @@ def _size(name: str, raw: str, minimum: int = 1) -> int:
     if value < minimum:
         raise ConfigError(f"{name}={raw!r} is too small: use at least {minimum} byte(s)")
     return value
+
+
+def _duration(name: str, raw: str) -> int:
+    match = _DURATION.fullmatch(raw)
+    if match is None or int(match.group(1)) == 0:
+        raise ConfigError(f"{name}={raw!r} is not a duration: use seconds or a unit, e.g. 3600s, 90m, 24h")
+    return int(match.group(1)) * _SECONDS[match.group(2).lower()]
 
 
 def _choice(name: str, raw: str, choices: tuple[str, ...]) -> str:

@@ -97,7 +97,7 @@ def _entry_problems(data_dir: Path, entry: datadir.Entry) -> list[str]:
         return [f"stray file {entry.name} in the data dir: move it out"]
     if entry.kind is Kind.TORN:
         return [f"torn tail {entry.name} in the data dir: look at it, then move it away"]
-    if entry.kind is Kind.PROBE:
+    if entry.kind in (Kind.PROBE, Kind.STATE):
         return []
     path = data_dir / entry.name
     if not os.access(path, os.R_OK | os.W_OK):

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from leitstand import domains, journal
+from leitstand import domains, journal, keylog
 
 _READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
 CHUNK = 1 << 16
@@ -31,6 +31,8 @@ class Kind(enum.Enum):
     JOURNAL = "journal"
     TORN = "torn"
     PROBE = "probe"
+    # The server's own state (.leitstand/: the idempotency key logs), not events.
+    STATE = "state"
     STRAY = "stray"
 
 
@@ -40,8 +42,10 @@ class Entry:
     kind: Kind
 
 
-def kind_of(name: str, *, regular_file: bool = True) -> Kind:
-    """What the file ``name`` is: a journal, a set-aside torn tail, a probe, or a stray."""
+def kind_of(name: str, *, regular_file: bool = True, directory: bool = False) -> Kind:
+    """What the entry ``name`` is: a journal, a set-aside torn tail, a probe, the state dir, or a stray."""
+    if directory and name == keylog.STATE_DIR:
+        return Kind.STATE
     if not regular_file:
         return Kind.STRAY
     if name.startswith(journal.PROBE + "-"):
@@ -63,9 +67,15 @@ def is_journal_name(name: str) -> bool:
 
 
 def scan(directory: Path) -> list[Entry]:
-    """Every entry of ``directory``, sorted by name; symbolic links and directories are strays."""
+    """Every entry of ``directory``, sorted by name; symbolic links and directories but the state dir are strays."""
     with os.scandir(directory) as entries:
-        found = [Entry(e.name, kind_of(e.name, regular_file=e.is_file(follow_symlinks=False))) for e in entries]
+        found = [
+            Entry(
+                e.name,
+                kind_of(e.name, regular_file=e.is_file(follow_symlinks=False), directory=e.is_dir(follow_symlinks=False)),
+            )
+            for e in entries
+        ]
     return sorted(found, key=lambda e: e.name)
 
 

@@ -22,7 +22,7 @@ import orjson
 from leitstand import __version__, domains, events
 from leitstand.config import Config
 from leitstand.deadlines import Deadlines, Expired
-from leitstand.journal import Journal, StorageFull, StorageRefused, StorageUnavailable, probe, reason
+from leitstand.journal import Appended, Journal, StorageFull, StorageRefused, StorageUnavailable, probe, reason
 from leitstand.logs import RequestLog
 from leitstand.openapi import DOCS_HTML, OPENAPI
 from leitstand.proxies import TrustedProxies
@@ -43,6 +43,9 @@ _RETRY_AFTER = (b"retry-after", b"1")
 # How often the token file is checked for changes.
 _TOKEN_FILE_POLL = 1.0
 _CLOSE = (b"connection", b"close")
+# 1-128 printable ASCII characters.
+_KEY_CHARS = frozenset(range(0x20, 0x7F))
+_REPLAYED = (b"idempotent-replayed", b"true")
 
 
 class ClientGone(Exception):
@@ -60,11 +63,13 @@ class _Headers:
         "content_encoding",
         "request_id",
         "forwarded_for",
+        "idempotency_key",
     )
 
     def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
         self.x_auth = self.authorization = self.content_length = None
         self.content_type = self.content_encoding = self.request_id = self.forwarded_for = None
+        self.idempotency_key: bytes | None = None
         for name, value in raw:
             if name == b"x-auth":
                 self.x_auth = value
@@ -80,6 +85,9 @@ class _Headers:
                 self.request_id = value
             elif name == b"x-forwarded-for":
                 self.forwarded_for = value
+            elif name == b"idempotency-key":
+                # Sent twice, it is no key at all.
+                self.idempotency_key = value if self.idempotency_key is None else b""
 
 
 class Response:
@@ -122,7 +130,12 @@ class Leitstand:
         self.rate = TokenBucket(*config.rate_limit) if config.rate_limit else None
         self.proxies = TrustedProxies(config.trusted_proxies)
         self.journal = Journal(
-            config.data_dir, fsync=config.fsync, max_open_files=config.max_open_files, file_mode=config.file_mode
+            config.data_dir,
+            fsync=config.fsync,
+            max_open_files=config.max_open_files,
+            file_mode=config.file_mode,
+            key_window=config.idempotency_window,
+            max_keys=config.idempotency_max_keys,
         )
         self._watch: asyncio.Task[None] | None = None
         self.request_log = request_log
@@ -284,6 +297,9 @@ class Leitstand:
             return _text(403, "forbidden")
         if self.rate is not None and (wait := self.rate.take(grant)):
             return _text(429, "too many requests", (b"retry-after", retry_after(wait)))
+        key = headers.idempotency_key
+        if key is not None and not (0 < len(key) <= 128 and _KEY_CHARS.issuperset(key)):
+            return _text(400, "invalid idempotency key")
         limit = self.config.max_body
         length, encoding = headers.content_length, headers.content_encoding
         if length is not None and (not length.isdigit() or int(length) > limit):
@@ -309,8 +325,7 @@ class Leitstand:
         ndjson = content_type is not None and content_type.split(b";", 1)[0].strip().lower() in _NDJSON_TYPES
         try:
             lines, count = events.encode(body, domain, ndjson=ndjson, limits=self.config.limits)
-            if count:
-                await self.journal.append(domains.file_name(domain), lines)
+            appended = await self.journal.append(domains.file_name(domain), lines, key) if count else Appended.STORED
         except events.TooLarge as exc:
             response = _text(413, exc.reason)
         except events.PayloadError as exc:
@@ -322,8 +337,13 @@ class Leitstand:
         except StorageRefused:
             response = _text(500, "storage error")
         else:
-            response = _text(200, "ok")
-            response.events = count
+            if appended is Appended.STORED:
+                response = _text(200, "ok")
+                response.events = count
+            elif appended is Appended.DUPLICATE:
+                response = _text(200, "ok", _REPLAYED)
+            else:
+                response = _text(409, "conflict")
         response.domain = domain
         response.nbytes = nbytes
         return response

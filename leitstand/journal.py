@@ -10,6 +10,9 @@ Why it is built this way:
   through a fresh descriptor (after a failed fsync the old one cannot be trusted).
 * **Torn tails.** A last line without ``\\n`` (a crash mid-write, a backup copied mid-write)
   is moved aside to ``<name>.torn-<UTC time>`` before anything is appended after it.
+* **Idempotency keys.** An append may carry a key; the key is looked up and recorded in the
+  commit, under the lock, so two workers with the same key never both store (see
+  :mod:`leitstand.keylog`). Appends without a key pay one ``stat`` per commit for it.
 
 All file I/O runs on a small thread pool, never on the event loop. The journal knows
 file names and bytes; it knows nothing of HTTP or domains.
@@ -18,6 +21,7 @@ file names and bytes; it knows nothing of HTTP or domains.
 from __future__ import annotations
 
 import asyncio
+import enum
 import errno
 import fcntl
 import logging
@@ -28,6 +32,8 @@ import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+
+from leitstand.keylog import RECORD, KeyIndex, KeyLog, key_hash, lines_hash, open_keys_dir
 
 log = logging.getLogger("leitstand.journal")
 
@@ -60,8 +66,22 @@ class StorageRefused(JournalError):
     """
 
 
-# What a commit hands back to the event loop: its waiters, and the error they all get.
-_Outcome = tuple[list[asyncio.Future[None]], JournalError | None]
+class Appended(enum.Enum):
+    """What became of an append."""
+
+    STORED = "stored"
+    # The key was stored before with the same lines, within the window: nothing written.
+    DUPLICATE = "duplicate"
+    # The key was stored before with other lines: nothing written.
+    CONFLICT = "conflict"
+
+
+# A key with the hash of the lines it stands for.
+_Key = tuple[bytes, bytes]
+_Waiter = asyncio.Future[Appended]
+# What a commit hands back to the event loop: its waiters, what became of each (None: all
+# stored), and the error they all get.
+_Outcome = tuple[list[_Waiter], list[Appended] | None, JournalError | None]
 
 
 def probe(directory: Path) -> None:
@@ -101,7 +121,7 @@ def reason(exc: OSError) -> str:
 class _File:
     """One journal file and the appends waiting for its next commit."""
 
-    __slots__ = ("name", "fd", "end", "pending", "waiters", "busy", "mutex")
+    __slots__ = ("name", "fd", "end", "pending", "waiters", "keyed", "keys", "busy", "mutex")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -109,31 +129,47 @@ class _File:
         # The length this process last left the file at; -1 until it has looked.
         self.end = -1
         self.pending: list[bytes] = []
-        self.waiters: list[asyncio.Future[None]] = []
+        self.waiters: list[_Waiter] = []
+        # The keys of the pending appends that have one, by their place in pending.
+        self.keyed: dict[int, _Key] = {}
+        self.keys = KeyLog(name)
         # A commit is under way or scheduled; only the event loop reads and sets it.
         self.busy = False
         # pending and waiters are filled on the event loop and taken on a pool thread.
         self.mutex = threading.Lock()
 
-    def take(self) -> tuple[bytes, list[asyncio.Future[None]]]:
+    def take(self) -> tuple[list[bytes], list[_Waiter], dict[int, _Key]]:
         """Everything that waits for a commit, leaving nothing behind."""
         with self.mutex:
-            pending, waiters = self.pending, self.waiters
+            pending, waiters, keyed = self.pending, self.waiters, self.keyed
             self.pending, self.waiters = [], []
-        return b"".join(pending), waiters
+            if keyed:
+                self.keyed = {}
+        return pending, waiters, keyed
 
 
 class Journal:
     def __init__(
-        self, directory: Path, *, fsync: bool = True, max_open_files: int = 256, file_mode: int = 0o600
+        self,
+        directory: Path,
+        *,
+        fsync: bool = True,
+        max_open_files: int = 256,
+        file_mode: int = 0o600,
+        key_window: float = 86400.0,
+        max_keys: int = 100_000,
     ) -> None:
         self.directory = directory
         self.fsync = fsync
         self.file_mode = file_mode
         self.max_open_files = max_open_files
+        self.keys = KeyIndex(key_window, max_keys)
         self._files: OrderedDict[str, _File] = OrderedDict()
         self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="journal")
         self._dir_fd = -1
+        # .leitstand/keys, once it exists; only commit threads touch it, under a file's lock.
+        self._keys_dir: int | None = None
+        self._keys_dir_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle -------------------------------------------------------------------
@@ -148,7 +184,12 @@ class Journal:
         while any(f.busy for f in self._files.values()):
             await asyncio.sleep(0.005)
         fds = [f.fd for f in self._files.values() if f.fd is not None]
+        for f in self._files.values():
+            fds += f.keys.close()
         self._files.clear()
+        if self._keys_dir is not None:
+            fds.append(self._keys_dir)
+            self._keys_dir = None
         if self._dir_fd >= 0:
             fds.append(self._dir_fd)
             self._dir_fd = -1
@@ -182,11 +223,12 @@ class Journal:
 
     # -- appending -------------------------------------------------------------------
 
-    async def append(self, name: str, data: bytes) -> None:
+    async def append(self, name: str, data: bytes, key: bytes | None = None) -> Appended:
         """Return once ``data`` is written (and synced, unless fsync is off) to ``name``.
 
         ``data`` is whole lines. Raises :class:`StorageFull` or :class:`StorageUnavailable`,
-        in which case none of it is in the file.
+        in which case none of it is in the file. With a ``key`` that ``name`` stored within
+        the window, nothing is written: the answer says whether it stood for the same lines.
         """
         f = self._files.get(name)
         if f is None:
@@ -194,14 +236,24 @@ class Journal:
         else:
             self._files.move_to_end(name)
         assert self._loop is not None, "Journal.open() was not awaited"
-        waiter = self._loop.create_future()
-        with f.mutex:
-            f.pending.append(data)
-            f.waiters.append(waiter)
+        waiter: _Waiter = self._loop.create_future()
+        if key is None:
+            with f.mutex:
+                f.pending.append(data)
+                f.waiters.append(waiter)
+        else:
+            hashed = key_hash(name, key), lines_hash(data)
+            known = self.keys.find(hashed[0], time.time())
+            if known is not None:
+                return Appended.DUPLICATE if known == hashed[1] else Appended.CONFLICT
+            with f.mutex:
+                f.keyed[len(f.pending)] = hashed
+                f.pending.append(data)
+                f.waiters.append(waiter)
         if not f.busy:
             f.busy = True
             self._commit_pending(f)
-        await waiter
+        return await waiter
 
     def _admit(self, name: str) -> _File:
         if "/" in name or not name.endswith(SUFFIX):
@@ -211,8 +263,9 @@ class Journal:
             idle = next((old for old in self._files.values() if not old.busy), None)
             if idle is not None:
                 del self._files[idle.name]
-                if idle.fd is not None:
-                    self._executor.submit(os.close, idle.fd)
+                fds = idle.keys.close() + ([] if idle.fd is None else [idle.fd])
+                if fds:
+                    self._executor.submit(_close_all, fds)
         return f
 
     def _commit_pending(self, f: _File) -> None:
@@ -222,12 +275,12 @@ class Journal:
         done.add_done_callback(lambda d: loop.call_soon_threadsafe(self._committed, f, d))
 
     def _committed(self, f: _File, done: Future[_Outcome]) -> None:
-        waiters, error = done.result()
-        for waiter in waiters:
+        waiters, results, error = done.result()
+        for n, waiter in enumerate(waiters):
             if waiter.done():
                 continue
             if error is None:
-                waiter.set_result(None)
+                waiter.set_result(Appended.STORED if results is None else results[n])
             else:
                 waiter.set_exception(error)
         # No commit of f runs now, so pending can be read without the mutex.
@@ -249,37 +302,100 @@ class Journal:
             fd = f.fd
             fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError as exc:
-            return f.take()[1], _journal_error(f.name, "open", exc)
+            return f.take()[1], None, _journal_error(f.name, "open", exc)
+        waiters: list[_Waiter] = []
         try:
             # Taken only now that the lock is held: appends that came in while another
             # worker held it join this commit instead of waiting for the next one.
-            data, waiters = f.take()
-            self._append_locked(f, fd, data)
+            pending, waiters, keyed = f.take()
+            results = self._append_locked(f, fd, pending, keyed)
         except OSError as exc:
-            return waiters, _journal_error(f.name, "write", exc)
+            return waiters, None, _journal_error(f.name, "write", exc)
         except Exception as exc:
             log.exception("commit failed: file=%s", f.name)
-            return waiters, StorageUnavailable(str(exc))
+            return waiters, None, StorageUnavailable(str(exc))
         finally:
             if f.fd == fd:
                 fcntl.flock(fd, fcntl.LOCK_UN)
-        return waiters, None
+        return waiters, results, None
 
-    def _append_locked(self, f: _File, fd: int, data: bytes) -> None:
-        """Append ``data`` to the file ``f`` has locked, or leave the file as it was."""
+    def _append_locked(self, f: _File, fd: int, pending: list[bytes], keyed: dict[int, _Key]) -> list[Appended] | None:
+        """Append ``pending`` to the file ``f`` has locked, or leave the file as it was.
+
+        Key records are written before the data and synced first: a record whose data did not
+        follow is cut off by the next commit's :meth:`KeyLog.catch_up`, never believed.
+        """
         size = -1
+        results = None
+        records: list[tuple[float, bytes, bytes, int]] = []
         try:
             size = os.fstat(fd).st_size
             if size != f.end:
                 # Someone else appended (another worker), or this is the first look.
                 size = self._repair_tail(fd, f.name, size)
+            keys_dir = self._keys_dir_fd(create=bool(keyed))
+            if keys_dir is not None:
+                f.keys.catch_up(keys_dir, size, self.keys)
+            if keyed:
+                assert keys_dir is not None
+                pending, results, records = self._decide(f.name, size, pending, keyed)
+                if records:
+                    f.keys.write(keys_dir, b"".join(RECORD.pack(*r) for r in records), self.fsync)
+            data = b"".join(pending)
             _write_whole(fd, data)
             if self.fsync:
+                if records:
+                    f.keys.sync()
                 os.fdatasync(fd)
             f.end = size + len(data)
         except Exception:
+            if records:
+                f.keys.roll_back()
             self._roll_back(f, size)
             raise
+        if records:
+            assert keys_dir is not None
+            f.keys.committed(len(records) * RECORD.size)
+            self.keys.add(((when, key, lines) for when, key, lines, _ in records), time.time())
+            try:
+                f.keys.compact(keys_dir, self.keys, self.fsync)
+            except OSError as exc:
+                # The old key log stays; the next commit of this file tries again.
+                log.error("key log compaction failed: file=%s error=%s", f.keys.name, exc.strerror)
+        return results
+
+    def _decide(
+        self, name: str, size: int, pending: list[bytes], keyed: dict[int, _Key]
+    ) -> tuple[list[bytes], list[Appended], list[tuple[float, bytes, bytes, int]]]:
+        """Which appends to write (those without a key, and keys new within the window), and the
+        key records for them, each with the file's length once its lines are in."""
+        now = time.time()
+        results = [Appended.STORED] * len(pending)
+        kept: list[bytes] = []
+        records: list[tuple[float, bytes, bytes, int]] = []
+        in_batch: dict[bytes, bytes] = {}
+        end = size
+        for n, data in enumerate(pending):
+            hashed = keyed.get(n)
+            if hashed is not None:
+                key, lines = hashed
+                known = in_batch.get(key) or self.keys.find(key, now)
+                if known is not None:
+                    results[n] = Appended.DUPLICATE if known == lines else Appended.CONFLICT
+                    continue
+                in_batch[key] = lines
+                records.append((now, key, lines, end + len(data)))
+            kept.append(data)
+            end += len(data)
+        return kept, results, records
+
+    def _keys_dir_fd(self, create: bool) -> int | None:
+        """``.leitstand/keys``, opened once it exists (made by the first key, here or in another worker)."""
+        if self._keys_dir is None:
+            with self._keys_dir_lock:
+                if self._keys_dir is None:
+                    self._keys_dir = open_keys_dir(self._dir_fd, create, self.fsync)
+        return self._keys_dir
 
     def _open_file(self, name: str) -> int:
         try:

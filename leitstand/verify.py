@@ -4,7 +4,8 @@ It reads while the service runs: each file is checked up to its length between t
 commits (see :mod:`leitstand.datadir`), so a write under way is never taken for a torn tail.
 Probe files (``.leitstand-probe-*``) are the server's own: it makes and removes one on
 every start and ``/ready``; a crash in between can leave one behind, harmless. They are
-listed as ignored, not as a problem.
+listed as ignored, not as a problem, and so is the state dir ``.leitstand/`` (the key logs
+of idempotency keys, see :mod:`leitstand.keylog`).
 """
 
 from __future__ import annotations

@@ -1,0 +1,251 @@
+"""Idempotency-Key against the real server: retries, conflicts, domains, the window, restarts, kill -9, workers."""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import random
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from conftest import CLEAN_EXIT, TOKEN, Server, read_lines, run_cli, stored_ids
+
+KEYS = Path(".leitstand") / "keys"
+
+
+def keyed(server: Server, domain: str, body: bytes | str, key: str, **headers: str) -> httpx.Response:
+    return server.post(domain, body, {"Idempotency-Key": key, **headers})
+
+
+def test_a_retry_is_answered_ok_and_stored_once(server: Server) -> None:
+    first = keyed(server, "orders", '{"id":"1"}', "batch-0001")
+    again = keyed(server, "orders", '{"id":"1"}', "batch-0001")
+    assert (first.status_code, first.text, again.status_code, again.text) == (200, "ok\n", 200, "ok\n")
+    assert "idempotent-replayed" not in first.headers
+    assert again.headers["idempotent-replayed"] == "true"
+    assert read_lines(server.data_dir / "orders.jsonl") == [b'{"id":"1","domain":"orders"}']
+
+
+def test_the_same_events_sent_differently_are_the_same_request(server: Server) -> None:
+    """The key stands for the stored lines: whitespace, gzip and the content type do not change them."""
+    assert keyed(server, "orders", '[{"id":"1"},{"id":"2"}]', "k").status_code == 200
+    spaced = keyed(server, "orders", '[ {"id": "1"},\n {"id": "2"} ]', "k")
+    zipped = keyed(server, "orders", gzip.compress(b'{"id":"1"}\n{"id":"2"}\n'), "k",
+                   **{"Content-Encoding": "gzip", "Content-Type": "application/x-ndjson"})
+    assert [r.headers.get("idempotent-replayed") for r in (spaced, zipped)] == ["true", "true"]
+    assert len(read_lines(server.data_dir / "orders.jsonl")) == 2
+
+
+def test_the_same_key_with_other_events_is_a_conflict_and_writes_nothing(server: Server) -> None:
+    assert keyed(server, "orders", '{"id":"1"}', "k-1").status_code == 200
+    before = (server.data_dir / "orders.jsonl").read_bytes()
+    conflict = keyed(server, "orders", '{"id":"2"}', "k-1")
+    assert (conflict.status_code, conflict.text) == (409, "conflict\n")
+    assert (server.data_dir / "orders.jsonl").read_bytes() == before
+
+
+def test_keys_are_per_domain(server: Server) -> None:
+    for domain in ("a", "b"):
+        response = keyed(server, domain, '{"id":"1"}', "shared-key")
+        assert (response.status_code, response.headers.get("idempotent-replayed")) == (200, None)
+    assert stored_ids(server.data_dir) == Counter({"1": 2})
+
+
+def test_requests_without_a_key_are_never_deduplicated(server: Server) -> None:
+    for _ in range(3):
+        assert server.post("plain", '{"id":"1"}').status_code == 200
+    assert stored_ids(server.data_dir) == Counter({"1": 3})
+    assert not (server.data_dir / ".leitstand").exists(), "no key, no state dir"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [b"", b"x" * 129, b"caf\xc3\xa9", b"tab\there", b"del\x7f"],
+    ids=["empty", "129-chars", "non-ascii", "control", "del"],
+)
+def test_an_invalid_key_is_refused_before_anything_is_written(server: Server, value: bytes) -> None:
+    body = b'{"id":"1"}'
+    head = b"POST /ingest/orders HTTP/1.1\r\nHost: x\r\nX-Auth: " + TOKEN.encode() + b"\r\nIdempotency-Key: "
+    answer = server.raw(head + value + b"\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+    assert answer == b"HTTP/1.1 400 Bad Request"
+    assert not (server.data_dir / "orders.jsonl").exists()
+
+
+def test_a_key_sent_twice_is_refused_and_the_longest_valid_one_is_taken(server: Server) -> None:
+    body = b'{"id":"1"}'
+    twice = (b"POST /ingest/orders HTTP/1.1\r\nHost: x\r\nX-Auth: %s\r\nIdempotency-Key: a\r\nIdempotency-Key: a\r\n"
+             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s") % (TOKEN.encode(), len(body), body)
+    assert server.raw(twice) == b"HTTP/1.1 400 Bad Request"
+    longest = "".join(chr(c) for c in range(0x21, 0x7F)) + "~ -" + "x" * 31
+    assert len(longest) == 128
+    assert keyed(server, "orders", body, longest).status_code == 200
+    assert keyed(server, "orders", body, longest).headers["idempotent-replayed"] == "true"
+
+
+def test_a_key_is_forgotten_after_the_window(make_server: Any) -> None:
+    server: Server = make_server(env={"LEITSTAND_IDEMPOTENCY_WINDOW": "2s"}).start()
+    assert keyed(server, "w", '{"id":"1"}', "k").status_code == 200
+    assert keyed(server, "w", '{"id":"1"}', "k").headers["idempotent-replayed"] == "true"
+    time.sleep(2.2)
+    late = keyed(server, "w", '{"id":"1"}', "k")
+    assert (late.status_code, late.headers.get("idempotent-replayed")) == (200, None)
+    # Stored anew, the key is remembered anew.
+    assert keyed(server, "w", '{"id":"1"}', "k").headers["idempotent-replayed"] == "true"
+    assert stored_ids(server.data_dir) == Counter({"1": 2})
+
+
+def test_keys_survive_a_restart_and_a_kill(make_server: Any) -> None:
+    server: Server = make_server().start()
+    assert keyed(server, "r", '{"id":"1"}', "k1").status_code == 200
+    assert server.stop() in CLEAN_EXIT
+    server.start()
+    assert keyed(server, "r", '{"id":"2"}', "k2").status_code == 200
+    server.kill()
+    server.start()
+    assert keyed(server, "r", '{"id":"1"}', "k1").headers["idempotent-replayed"] == "true"
+    assert keyed(server, "r", '{"id":"2"}', "k2").headers["idempotent-replayed"] == "true"
+    assert keyed(server, "r", '{"id":"x"}', "k1").status_code == 409
+    assert stored_ids(server.data_dir) == Counter({"1": 1, "2": 1})
+
+
+def test_the_oldest_keys_are_forgotten_beyond_max_keys(make_server: Any) -> None:
+    server: Server = make_server(env={"LEITSTAND_IDEMPOTENCY_MAX_KEYS": "2"}).start()
+    for n in range(3):
+        assert keyed(server, "m", f'{{"id":"{n}"}}', f"k{n}").status_code == 200
+    # k0 was evicted: its retry stores again, as documented; k2 is still known.
+    assert keyed(server, "m", '{"id":"0"}', "k0").headers.get("idempotent-replayed") is None
+    assert keyed(server, "m", '{"id":"2"}', "k2").headers["idempotent-replayed"] == "true"
+    assert stored_ids(server.data_dir) == Counter({"0": 2, "1": 1, "2": 1})
+    assert "idempotency key evicted inside the window" in server.output()
+
+
+def test_two_workers_store_a_key_sent_to_both_at_once_only_once(make_server: Any) -> None:
+    server: Server = make_server(workers=2, command="serve").start()
+    answered_by: set[str] = set()
+    statuses: Counter[int] = Counter()
+    lock = threading.Lock()
+
+    def send(key: str) -> None:
+        with httpx.Client(headers={"X-Auth": TOKEN, "Idempotency-Key": key}, timeout=30) as client:
+            response = client.post(f"{server.url}/ingest/both", content=f'{{"id":"{key}"}}')
+        with lock:
+            statuses[response.status_code] += 1
+            answered_by.add(response.headers["x-request-id"].split("-")[0])
+
+    for round_ in range(40):
+        threads = [threading.Thread(target=send, args=(f"key-{round_}",)) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert statuses == Counter({200: 320})
+    assert len(answered_by) == 2, "both workers answered"
+    assert stored_ids(server.data_dir) == Counter({f"key-{n}": 1 for n in range(40)})
+
+
+class RetryingClients:
+    """Clients that send batches of fresh event ids, each with its own key, and retry every batch
+    (same key, same body) until it is answered 200; whatever else comes back is counted."""
+
+    def __init__(self, url: str, domains: list[str], clients: int) -> None:
+        self.url = url
+        self.domains = domains
+        self.sent: set[str] = set()
+        self.retries = 0
+        self.unexpected: Counter[int] = Counter()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client, args=(n,), daemon=True) for n in range(clients)]
+
+    def __enter__(self) -> RetryingClients:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(60)
+        assert not any(t.is_alive() for t in self._threads), "a client never got its batch stored"
+
+    def _client(self, n: int) -> None:
+        rng = random.Random(n)
+        with httpx.Client(headers={"X-Auth": TOKEN}, timeout=30) as client:
+            for seq in itertools.count():
+                if self._stop.is_set():
+                    return
+                ids = [f"{n}-{seq}-{i}" for i in range(rng.choice((1, 3)))]
+                body = orjson.dumps([{"id": i} for i in ids])
+                url = f"{self.url}/ingest/{rng.choice(self.domains)}"
+                headers = {"Idempotency-Key": f"client-{n}-batch-{seq}"}
+                # Once sent, a batch is retried until it is stored, even after the test asked to stop.
+                while True:
+                    try:
+                        status = client.post(url, content=body, headers=headers).status_code
+                    except httpx.HTTPError:
+                        status = 0
+                    with self._lock:
+                        if status == 200:
+                            self.sent.update(ids)
+                            break
+                        self.retries += 1
+                        if status not in (0, 503):
+                            self.unexpected[status] += 1
+                    time.sleep(0.02)
+
+
+def test_kill_9_while_clients_retry_stores_every_event_exactly_once(make_server: Any) -> None:
+    """The keys are recorded before the data and count only once the data is in the file, so a
+    crash at any moment leaves each batch either stored with its key or not at all: no duplicates."""
+    rng = random.Random()
+    seed = rng.randrange(1 << 30)
+    rng.seed(seed)
+    server: Server = make_server().start()
+    with RetryingClients(server.url, ["x1", "x2"], clients=24) as clients:
+        for _ in range(12):
+            time.sleep(rng.uniform(0.2, 0.7))
+            server.kill()
+            server.start()
+        time.sleep(0.3)
+    server.stop()
+    found = stored_ids(server.data_dir)
+    assert not clients.unexpected, f"seed {seed}: {clients.unexpected}"
+    assert clients.retries > 0 and len(clients.sent) > 300, f"seed {seed}"
+    assert clients.sent == set(found), f"seed {seed}: lost {len(clients.sent - set(found))}"
+    duplicated = {i: n for i, n in found.items() if n > 1}
+    assert not duplicated, f"seed {seed}: stored twice: {list(duplicated)[:5]} of {len(duplicated)}"
+
+
+def test_operator_commands_know_the_state_dir(make_server: Any, tmp_path: Path) -> None:
+    server: Server = make_server().start()
+    assert keyed(server, "ops", '{"id":"1"}', "k").status_code == 200
+    assert (server.data_dir / KEYS / "ops.jsonl.keys").stat().st_size > 0
+    assert httpx.get(server.url + "/ready").status_code == 200
+    env = {"LEITSTAND_DATA_DIR": str(server.data_dir), "LEITSTAND_TOKEN": TOKEN}
+    verified = run_cli("verify", env=env)
+    assert verified.returncode == 0, verified.stdout
+    assert "ignored   .leitstand: state dir of the server" in verified.stdout
+    checked = run_cli("check-config", env=env)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    dest = tmp_path / "backup"
+    assert run_cli("backup", str(dest), env=env).returncode == 0
+    assert not (dest / ".leitstand").exists(), "key logs are not backed up"
+    assert (dest / "ops.jsonl").exists()
+    server.stop()
+    # A planted symlink under the state dir's name is a stray, never followed.
+    (server.data_dir / KEYS / "ops.jsonl.keys").unlink()
+    (server.data_dir / KEYS).rmdir()
+    (server.data_dir / ".leitstand").rmdir()
+    (server.data_dir / ".leitstand").symlink_to(tmp_path)
+    assert "PROBLEM   .leitstand: stray file" in run_cli("verify", env=env).stdout
+    server.start()
+    assert keyed(server, "ops", '{"id":"2"}', "k2").status_code == 500
+    assert server.post("ops", '{"id":"3"}').status_code == 200, "appends without a key go on"
+    assert list(tmp_path.glob("keys*")) == []
