@@ -249,7 +249,7 @@ def _backoff(attempt: int, outcome: Outcome) -> float:
 
 def _describe(outcome: Outcome) -> str:
     if isinstance(outcome, Reply):
-        return f"{outcome.status} {outcome.reason}"
+        return f"{outcome.status} {outcome.reason}".rstrip()
     return f"{type(outcome).__name__}: {outcome}" if str(outcome) else type(outcome).__name__
 
 
