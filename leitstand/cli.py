@@ -247,18 +247,9 @@ def _send(args: argparse.Namespace) -> int:
         _fail("no token: export LEITSTAND_TOKEN=<token> (or give --token, which other users can see in ps)")
     if args.tail is not None and args.tail < 0 or args.max_events < 1 or args.max_bytes < 2:
         _fail("--tail must be 0 or more, --max-events 1 or more, --max-bytes 2 or more")
-    options = send.Options(
-        url=args.url or os.environ.get("LEITSTAND_URL", "").strip() or "http://localhost:8788",
-        token=token,
-        outbox=args.outbox,
-        tail=args.tail,
-        dry_run=args.dry_run,
-        gzip=args.gzip,
-        max_events=args.max_events,
-        max_bytes=args.max_bytes,
-        timeout=args.timeout,
-        deadline=args.deadline,
-    )
+    url = args.url or os.environ.get("LEITSTAND_URL", "").strip() or "http://localhost:8788"
+    options = send.Options(url, token, args.outbox, args.tail, args.dry_run, args.gzip, args.max_events,
+                           args.max_bytes, args.timeout, args.deadline)
 
     def problem(line: str) -> None:
         print(line, file=sys.stderr, flush=True)

@@ -69,16 +69,9 @@ def run(
         for batch in client.batches(domain, events, refused, options.max_events, options.max_bytes):
             summary.batches += 1
     else:
-        with client.Client(
-            options.url,
-            options.token,
-            gzip=options.gzip,
-            max_events=options.max_events,
-            max_bytes=options.max_bytes,
-            timeout=options.timeout,
-            deadline=options.deadline,
-            outbox=options.outbox,
-        ) as sender:
+        with client.Client(options.url, options.token, gzip=options.gzip, max_events=options.max_events,
+                           max_bytes=options.max_bytes, timeout=options.timeout, deadline=options.deadline,
+                           outbox=options.outbox) as sender:
             result = sender.send(domain, events, on_rejected=refused)
         summary.stored, summary.pending, summary.unavailable = result.stored, result.pending, result.unavailable
     summary.seconds = time.perf_counter() - started

@@ -23,6 +23,11 @@ def send(server: Server | str, *args: str, token: str = TOKEN) -> subprocess.Com
     return run_cli("send", *args, env={"LEITSTAND_URL": url, "LEITSTAND_TOKEN": token})
 
 
+def producer_env(server: Server, token: str = TOKEN) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LEITSTAND_")}
+    return env | {"LEITSTAND_URL": server.url, "LEITSTAND_TOKEN": token}
+
+
 def write_lines(path: Path, start: int, stop: int, pad: str = "") -> Path:
     """JSONL of events with ids ``start`` to ``stop``, written in large pieces to be quick."""
     with open(path, "wb") as out:
@@ -63,8 +68,7 @@ def test_bad_items_are_reported_and_the_rest_is_delivered_in_order(server: Serve
 
 def test_stdin_and_tail_send_only_the_last_events(server: Server, tmp_path: Path) -> None:
     source = write_lines(tmp_path / "in.jsonl", 0, 100)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LEITSTAND_")}
-    env |= {"LEITSTAND_URL": server.url, "LEITSTAND_TOKEN": f"{TOKEN},other-token"}
+    env = producer_env(server, f"{TOKEN},other-token")
     with open(source, "rb") as stdin:
         done = subprocess.run([sys.executable, "-m", "leitstand", "send", "tailed", "--tail", "5"], cwd=ROOT, env=env,
                               stdin=stdin, capture_output=True, text=True, timeout=60, check=False)
@@ -101,8 +105,7 @@ def test_server_killed_mid_send_with_outbox_stores_every_event_once_in_order(mak
     outbox = tmp_path / "outbox"
     server = make_server().start()
     journal = server.data_dir / "killed.jsonl"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LEITSTAND_")}
-    env |= {"LEITSTAND_URL": server.url, "LEITSTAND_TOKEN": TOKEN}
+    env = producer_env(server)
     producer = subprocess.Popen(
         [sys.executable, "-m", "leitstand", "send", "killed", str(source), "--outbox", str(outbox),
          "--max-events", "200", "--deadline", "2"],
@@ -133,8 +136,7 @@ def test_a_200_mb_file_is_sent_in_bounded_memory(make_server: Any, tmp_path: Pat
     source = write_lines(tmp_path / "big.jsonl", 0, total, pad="x" * 190)
     assert source.stat().st_size >= 200_000_000
     server = make_server(env={"LEITSTAND_FSYNC": "never"}).start()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LEITSTAND_")}
-    env |= {"LEITSTAND_URL": server.url, "LEITSTAND_TOKEN": TOKEN}
+    env = producer_env(server)
     with open(tmp_path / "out", "wb") as out:
         producer = subprocess.Popen([sys.executable, "-m", "leitstand", "send", "big", str(source)], cwd=ROOT,
                                     env=env, stdout=out, stderr=subprocess.STDOUT)
