@@ -247,6 +247,9 @@ def _send(args: argparse.Namespace) -> int:
         _fail("no token: export LEITSTAND_TOKEN=<token> (or give --token, which other users can see in ps)")
     if args.tail is not None and args.tail < 0 or args.max_events < 1 or args.max_bytes < 2:
         _fail("--tail must be 0 or more, --max-events 1 or more, --max-bytes 2 or more")
+    for name in args.files:
+        if name != "-" and not os.access(name, os.R_OK):
+            _fail(f"cannot read {name}: {'no such file' if not os.path.exists(name) else 'permission denied'}")
     url = args.url or os.environ.get("LEITSTAND_URL", "").strip() or "http://localhost:8788"
     options = send.Options(url, token, args.outbox, args.tail, args.dry_run, args.gzip, args.max_events,
                            args.max_bytes, args.timeout, args.deadline)

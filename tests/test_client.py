@@ -130,8 +130,8 @@ def stub() -> Iterator[tuple[str, type[_Stub]]]:
 @pytest.mark.parametrize("status, header", [(429, "seconds"), (503, "date")])
 def test_retry_after_is_honoured(stub: tuple[str, type[_Stub]], status: int, header: str) -> None:
     url, handler = stub
-    # An HTTP date has whole seconds: two seconds ahead is at least one second of waiting.
-    wait = "1" if header == "seconds" else email.utils.formatdate(time.time() + 2, usegmt=True)
+    # An HTTP date has whole seconds: three seconds ahead is more than one second of waiting.
+    wait = "1" if header == "seconds" else email.utils.formatdate(time.time() + 3, usegmt=True)
     handler.answers.append((status, wait))
     with Client(url, TOKEN, deadline=30) as client:
         started = time.monotonic()

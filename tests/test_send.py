@@ -92,11 +92,12 @@ def test_without_a_service_or_an_outbox_it_says_how_many_were_not_delivered(make
     assert "--outbox" in done.stderr
 
 
-def test_the_token_flag_warns_about_ps_and_a_missing_token_is_one_line() -> None:
+def test_the_token_flag_warns_about_ps_and_what_cannot_run_is_one_line(tmp_path: Path) -> None:
     assert "ps" in run_cli("send", "--help").stdout
-    done = run_cli("send", "orders", "/dev/null")
-    assert (done.returncode, done.stderr.count("\n")) == (2, 1)
-    assert "LEITSTAND_TOKEN" in done.stderr
+    no_token = run_cli("send", "orders", "/dev/null")
+    missing = run_cli("send", "orders", str(tmp_path / "missing.jsonl"), "--dry-run")
+    assert [(done.returncode, done.stderr.count("\n")) for done in (no_token, missing)] == [(2, 1), (2, 1)]
+    assert "LEITSTAND_TOKEN" in no_token.stderr and "no such file" in missing.stderr
 
 
 def test_server_killed_mid_send_with_outbox_stores_every_event_once_in_order(make_server: Any, tmp_path: Path) -> None:
