@@ -9,9 +9,9 @@ from leitstand.http import Leitstand
 def _load() -> Leitstand:
     try:
         settings = config.load()
+        return Leitstand(settings, logs.setup(settings.log_format))
     except config.ConfigError as exc:
         logs.fatal(str(exc))
-    return Leitstand(settings, logs.setup(settings.log_format))
 
 
 app = _load()

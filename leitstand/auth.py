@@ -44,6 +44,11 @@ class Grant:
     def may_write(self, domain: str) -> bool:
         return self.write.match(domain)
 
+    @property
+    def all_domains(self) -> bool:
+        """Whether the token is unscoped (it may also read the figures of every domain)."""
+        return self.write.patterns == _ALL
+
 
 def grant(token: str, write: Iterable[str] = _ALL) -> Grant:
     return Grant(_digest(token.encode("utf-8")), Patterns(tuple(write)))

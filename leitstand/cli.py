@@ -18,18 +18,7 @@ from typing import NoReturn
 
 import orjson
 
-from leitstand import (
-    __version__,
-    backup,
-    config,
-    configcheck,
-    domains,
-    journal,
-    logs,
-    stats,
-    tail,
-    verify,
-)
+from leitstand import __version__, backup, config, configcheck, domains, journal, logs, metrics, stats, tail, verify
 from leitstand.datadir import Kind
 
 # The token has no flag: a flag shows up in `ps` for every user on the machine.
@@ -108,6 +97,7 @@ def serve(args: argparse.Namespace) -> None:
             os.environ[setting.env] = value
     try:
         settings = config.load()
+        metrics.share_between_workers(settings)
     except config.ConfigError as exc:
         logs.fatal(str(exc))
     logs.setup(settings.log_format)

@@ -85,6 +85,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LEITSTAND_HOST", "0.0.0.0", "Address leitstand serve binds."),
     Setting("LEITSTAND_PORT", "8788", "Port leitstand serve binds."),
     Setting("LEITSTAND_WORKERS", "1", "Worker processes of leitstand serve."),
+    Setting("LEITSTAND_METRICS_PUBLIC", "0", "1: GET /metrics answers without the token."),
+    Setting("LEITSTAND_METRICS_MAX_DOMAINS", "500", "Domains with their own metrics label; the rest count as _other."),
+    Setting("LEITSTAND_METRICS_DIR", "(temp dir)", "Where worker processes share their metrics; emptied at start."),
 )
 DEFAULTS = {s.env: s.default for s in SETTINGS}
 
@@ -126,6 +129,9 @@ class Config:
     host: str = "0.0.0.0"
     port: int = 8788
     workers: int = 1
+    metrics_public: bool = False
+    metrics_max_domains: int = 500
+    metrics_dir: Path | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
@@ -177,6 +183,9 @@ class Config:
             host=get("LEITSTAND_HOST"),
             port=_int("LEITSTAND_PORT", get("LEITSTAND_PORT"), 0, 65535),
             workers=_int("LEITSTAND_WORKERS", get("LEITSTAND_WORKERS"), 1),
+            metrics_public=_choice("LEITSTAND_METRICS_PUBLIC", get("LEITSTAND_METRICS_PUBLIC"), ("0", "1")) == "1",
+            metrics_max_domains=_int("LEITSTAND_METRICS_MAX_DOMAINS", get("LEITSTAND_METRICS_MAX_DOMAINS"), 1),
+            metrics_dir=Path(metrics_dir) if (metrics_dir := env.get("LEITSTAND_METRICS_DIR", "").strip()) else None,
         )
 
     def keyring(self) -> auth.Keyring:
@@ -211,6 +220,8 @@ class Config:
             "idempotency_window": self.idempotency_window,
             "idempotency_max_keys": self.idempotency_max_keys,
             "tls": self.ssl_certfile is not None,
+            "metrics_public": self.metrics_public,
+            "metrics_max_domains": self.metrics_max_domains,
         }
 
 

@@ -20,10 +20,13 @@ from typing import Any
 import orjson
 
 from leitstand import __version__, domains, events
+from leitstand.auth import Grant
 from leitstand.config import Config
 from leitstand.deadlines import Deadlines, Expired
 from leitstand.journal import Appended, Journal, StorageFull, StorageRefused, StorageUnavailable, probe, reason
 from leitstand.logs import RequestLog
+from leitstand.metrics import CONTENT_TYPE as _METRICS
+from leitstand.metrics import Metrics
 from leitstand.openapi import DOCS_HTML, OPENAPI
 from leitstand.proxies import TrustedProxies
 from leitstand.ratelimit import FailureLimit, TokenBucket, retry_after
@@ -91,9 +94,9 @@ class _Headers:
 
 
 class Response:
-    """What a handler answers; ``events``, ``nbytes`` and ``domain`` only go to the log."""
+    """What a handler answers; ``events``, ``nbytes`` and ``domain`` only go to the log, ``reason`` to the metrics."""
 
-    __slots__ = ("status", "body", "content_type", "headers", "domain", "events", "nbytes")
+    __slots__ = ("status", "body", "content_type", "headers", "reason", "domain", "events", "nbytes")
 
     def __init__(
         self,
@@ -101,8 +104,10 @@ class Response:
         body: bytes,
         content_type: bytes = _TEXT,
         headers: tuple[tuple[bytes, bytes], ...] = (),
+        reason: str = "ok",
     ) -> None:
         self.status = status
+        self.reason = reason
         self.body = body
         self.content_type = content_type
         self.headers = headers
@@ -112,7 +117,7 @@ class Response:
 
 
 def _text(status: int, phrase: str, *headers: tuple[bytes, bytes]) -> Response:
-    return Response(status, phrase.encode() + b"\n", _TEXT, headers)
+    return Response(status, phrase.encode() + b"\n", _TEXT, headers, phrase)
 
 
 def _json(value: object, status: int = 200) -> Response:
@@ -129,6 +134,7 @@ class Leitstand:
         self.failures = FailureLimit(*config.auth_fail_limit) if config.auth_fail_limit else None
         self.rate = TokenBucket(*config.rate_limit) if config.rate_limit else None
         self.proxies = TrustedProxies(config.trusted_proxies)
+        self.metrics = Metrics(config)
         self.journal = Journal(
             config.data_dir,
             fsync=config.fsync,
@@ -136,18 +142,20 @@ class Leitstand:
             file_mode=config.file_mode,
             key_window=config.idempotency_window,
             max_keys=config.idempotency_max_keys,
+            observer=self.metrics,
         )
         self._watch: asyncio.Task[None] | None = None
         self.request_log = request_log
         self.body_deadlines = Deadlines(config.body_timeout)
         self._ids = itertools.count(1)
         self._id_prefix = secrets.token_hex(4) + "-"
-        self._routes: dict[str, tuple[str, Callable[[], Awaitable[Response]]]] = {
+        self._routes: dict[str, tuple[str, Callable[[_Headers, str], Awaitable[Response]]]] = {
             "/health": ("GET", self._health),
             "/ready": ("GET", self._ready),
             "/version": ("GET", self._version),
             "/openapi.json": ("GET", self._openapi),
             "/docs": ("GET", self._docs),
+            "/metrics": ("GET", self._metrics),
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -182,6 +190,7 @@ class Leitstand:
                 if self._watch is not None:
                     self._watch.cancel()
                 await self.journal.close()
+                self.metrics.close()
                 if self.request_log is not None:
                     self.request_log.flush()
                 log.info("stopped: every acknowledged event is on disk")
@@ -216,26 +225,31 @@ class Leitstand:
         address: str = client[0] if client else "-"
         if headers.forwarded_for is not None and self.proxies:
             address = self.proxies.client(address, headers.forwarded_for)
+        route = "other"
         try:
             if path.startswith("/ingest/"):
+                route = "/ingest"
                 if method == "POST":
                     response = await self._ingest(headers, receive, path[8:], address)
                 else:
                     response = _text(405, "method not allowed", (b"allow", b"POST"))
             elif path in self._routes:
+                route = path
                 allowed, handler = self._routes[path]
                 if method in (allowed, "HEAD"):
-                    response = await handler()
+                    response = await handler(headers, address)
                 else:
                     response = _text(405, "method not allowed", (b"allow", allowed.encode()))
             else:
                 response = _text(404, "not found")
         except ClientGone:
+            self.metrics.answered(route, 499, "client gone", time.perf_counter() - started)
             self._log(scope, 499, None, 0, 0, request_id, started, address)
             return
         except Exception:
             log.exception("internal error", extra={"request_id": request_id.decode()})
             response = _text(500, "internal error")
+        self.metrics.answered(route, response.status, response.reason, time.perf_counter() - started)
         await send(
             {
                 "type": "http.response.start",
@@ -278,9 +292,8 @@ class Leitstand:
             address,
         )
 
-    async def _ingest(self, headers: _Headers, receive: Receive, raw_domain: str, address: str) -> Response:
-        # Everything that can be judged from the headers is, before a byte of the body is read
-        # and before any file is touched.
+    def _authenticate(self, headers: _Headers, address: str) -> Grant | Response:
+        """The grant of the token presented, or the refusal: 429 while the address has failed too often, else 401."""
         if self.failures is not None and (wait := self.failures.blocked(address)):
             return _text(429, "too many requests", (b"retry-after", retry_after(wait)))
         grant = self.keyring.find(headers.x_auth, headers.authorization)
@@ -288,6 +301,14 @@ class Leitstand:
             if self.failures is not None:
                 self.failures.failed(address)
             return _text(401, "unauthorized")
+        return grant
+
+    async def _ingest(self, headers: _Headers, receive: Receive, raw_domain: str, address: str) -> Response:
+        # Everything that can be judged from the headers is, before a byte of the body is read
+        # and before any file is touched.
+        grant = self._authenticate(headers, address)
+        if isinstance(grant, Response):
+            return grant
         domain = domains.normalize(raw_domain)
         if domain is None:
             return _text(400, "invalid domain")
@@ -340,6 +361,7 @@ class Leitstand:
             if appended is Appended.STORED:
                 response = _text(200, "ok")
                 response.events = count
+                self.metrics.stored(domain, count, len(lines))
             elif appended is Appended.DUPLICATE:
                 response = _text(200, "ok", _REPLAYED)
             else:
@@ -348,10 +370,10 @@ class Leitstand:
         response.nbytes = nbytes
         return response
 
-    async def _health(self) -> Response:
+    async def _health(self, *_: object) -> Response:
         return _json({"status": "ok"})
 
-    async def _ready(self) -> Response:
+    async def _ready(self, *_: object) -> Response:
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(None, probe, self.config.data_dir)
@@ -362,14 +384,25 @@ class Leitstand:
             return _text(503, "not ready: low disk space")
         return _json({"status": "ready"})
 
-    async def _version(self) -> Response:
+    async def _version(self, *_: object) -> Response:
         return _json({"version": __version__})
 
-    async def _openapi(self) -> Response:
+    async def _openapi(self, *_: object) -> Response:
         return _json(OPENAPI)
 
-    async def _docs(self) -> Response:
+    async def _docs(self, *_: object) -> Response:
         return Response(200, DOCS_HTML, b"text/html; charset=utf-8")
+
+    async def _metrics(self, headers: _Headers, address: str) -> Response:
+        if not self.config.metrics_public:
+            grant = self._authenticate(headers, address)
+            if isinstance(grant, Response):
+                return grant
+            # The figures name every domain: a token scoped to some of them may not see them.
+            if not grant.all_domains:
+                return _text(403, "forbidden")
+        body = await asyncio.get_running_loop().run_in_executor(None, self.metrics.render)
+        return Response(200, body, _METRICS)
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes | None:

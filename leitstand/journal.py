@@ -15,7 +15,8 @@ Why it is built this way:
   :mod:`leitstand.keylog`). Appends without a key pay one ``stat`` per commit for it.
 
 All file I/O runs on a small thread pool, never on the event loop. The journal knows
-file names and bytes; it knows nothing of HTTP or domains.
+file names and bytes; it knows nothing of HTTP or domains, and tells what it does only to
+an :class:`Observer` (the metrics).
 """
 
 from __future__ import annotations
@@ -64,6 +65,22 @@ class StorageRefused(JournalError):
 
     Retrying cannot help: an operator must look at the data dir.
     """
+
+
+class Observer:
+    """Told what the journal does; this one ignores it. Called on pool threads too: be quick, be thread-safe."""
+
+    def committed(self, appends: int, nbytes: int, sync_seconds: float | None) -> None:
+        """One commit wrote ``appends`` appends in ``nbytes``; the sync took this long (None: no sync)."""
+
+    def failed(self, error: JournalError) -> None:
+        """One commit failed; its appends all get ``error``."""
+
+    def repaired(self) -> None:
+        """A torn tail was set aside."""
+
+    def opened(self, delta: int) -> None:
+        """The number of open journal files changed by ``delta``."""
 
 
 class Appended(enum.Enum):
@@ -158,8 +175,10 @@ class Journal:
         file_mode: int = 0o600,
         key_window: float = 86400.0,
         max_keys: int = 100_000,
+        observer: Observer | None = None,
     ) -> None:
         self.directory = directory
+        self.observer = observer or Observer()
         self.fsync = fsync
         self.file_mode = file_mode
         self.max_open_files = max_open_files
@@ -184,6 +203,7 @@ class Journal:
         while any(f.busy for f in self._files.values()):
             await asyncio.sleep(0.005)
         fds = [f.fd for f in self._files.values() if f.fd is not None]
+        self.observer.opened(-len(fds))
         for f in self._files.values():
             fds += f.keys.close()
         self._files.clear()
@@ -266,6 +286,8 @@ class Journal:
                 fds = idle.keys.close() + ([] if idle.fd is None else [idle.fd])
                 if fds:
                     self._executor.submit(_close_all, fds)
+                if idle.fd is not None:
+                    self.observer.opened(-1)
         return f
 
     def _commit_pending(self, f: _File) -> None:
@@ -276,6 +298,8 @@ class Journal:
 
     def _committed(self, f: _File, done: Future[_Outcome]) -> None:
         waiters, results, error = done.result()
+        if error is not None:
+            self.observer.failed(error)
         for n, waiter in enumerate(waiters):
             if waiter.done():
                 continue
@@ -299,6 +323,7 @@ class Journal:
         try:
             if f.fd is None:
                 f.fd = self._open_file(f.name)
+                self.observer.opened(1)
             fd = f.fd
             fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError as exc:
@@ -308,7 +333,7 @@ class Journal:
             # Taken only now that the lock is held: appends that came in while another
             # worker held it join this commit instead of waiting for the next one.
             pending, waiters, keyed = f.take()
-            results = self._append_locked(f, fd, pending, keyed)
+            results, synced, nbytes = self._append_locked(f, fd, pending, keyed)
         except OSError as exc:
             return waiters, None, _journal_error(f.name, "write", exc)
         except Exception as exc:
@@ -317,16 +342,21 @@ class Journal:
         finally:
             if f.fd == fd:
                 fcntl.flock(fd, fcntl.LOCK_UN)
+        self.observer.committed(len(waiters), nbytes, synced)
         return waiters, results, None
 
-    def _append_locked(self, f: _File, fd: int, pending: list[bytes], keyed: dict[int, _Key]) -> list[Appended] | None:
+    def _append_locked(
+        self, f: _File, fd: int, pending: list[bytes], keyed: dict[int, _Key]
+    ) -> tuple[list[Appended] | None, float | None, int]:
         """Append ``pending`` to the file ``f`` has locked, or leave the file as it was.
 
         Key records are written before the data and synced first: a record whose data did not
-        follow is cut off by the next commit's :meth:`KeyLog.catch_up`, never believed.
+        follow is cut off by the next commit's :meth:`KeyLog.catch_up`, never believed. Returns what
+        became of each append (None: all stored), how long the sync took (None: none) and the bytes written.
         """
         size = -1
         results = None
+        synced = None
         records: list[tuple[float, bytes, bytes, int]] = []
         try:
             size = os.fstat(fd).st_size
@@ -344,9 +374,11 @@ class Journal:
             data = b"".join(pending)
             _write_whole(fd, data)
             if self.fsync:
+                started = time.perf_counter()
                 if records:
                     f.keys.sync()
                 os.fdatasync(fd)
+                synced = time.perf_counter() - started
             f.end = size + len(data)
         except Exception:
             if records:
@@ -362,7 +394,7 @@ class Journal:
             except OSError as exc:
                 # The old key log stays; the next commit of this file tries again.
                 log.error("key log compaction failed: file=%s error=%s", f.keys.name, exc.strerror)
-        return results
+        return results, synced, len(data)
 
     def _decide(
         self, name: str, size: int, pending: list[bytes], keyed: dict[int, _Key]
@@ -422,6 +454,7 @@ class Journal:
         """
         old, f.fd, f.end = f.fd, None, -1
         assert old is not None
+        self.observer.opened(-1)
         fresh = -1
         try:
             fresh = os.open(f"/proc/self/fd/{old}", os.O_RDWR | os.O_CLOEXEC)
@@ -449,6 +482,7 @@ class Journal:
         torn = self._set_aside(fd, name, good, size)
         os.ftruncate(fd, good)
         os.fsync(fd)
+        self.observer.repaired()
         log.warning("torn tail set aside: file=%s bytes=%d kept_as=%s", name, size - good, torn)
         return good
 

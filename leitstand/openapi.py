@@ -77,6 +77,18 @@ OPENAPI: dict[str, Any] = {
             }
         },
         "/health": {"get": {"summary": "Liveness", "responses": {"200": _status("the process answers")}}},
+        "/metrics": {
+            "get": {
+                "summary": "Metrics in the Prometheus text format (no token with LEITSTAND_METRICS_PUBLIC=1)",
+                "security": [{"xAuth": []}, {"bearer": []}],
+                "responses": {
+                    "200": _text("the metrics of all worker processes"),
+                    "401": _text("unauthorized"),
+                    "403": _text("forbidden: the token is scoped to some domains and may not see all"),
+                    "429": _text("too many requests: too many wrong tokens from this address"),
+                },
+            }
+        },
         "/ready": {
             "get": {
                 "summary": "Readiness: the data dir takes writes and has free space",

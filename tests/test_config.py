@@ -1,4 +1,5 @@
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -127,3 +128,22 @@ def test_every_setting_is_in_the_readme() -> None:
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     for setting in config.SETTINGS:
         assert f"`{setting.env}`" in readme, setting.env
+
+
+def test_every_answer_is_in_the_troubleshooting_table_and_the_readme() -> None:
+    """Each status and phrase the service can answer has a row that says what to do."""
+    root = Path(__file__).parent.parent
+    code = (root / "leitstand" / "http.py").read_text()
+    answers = set(re.findall(r'_text\((\d{3}), "([^"]+)"', code))
+    events = (root / "leitstand" / "events.py").read_text()
+    answers |= {("413" if kind == "TooLarge" else "400", phrase)
+                for kind, phrase in re.findall(r'raise (PayloadError|TooLarge)\("([^"]+)"\)', events)}
+    assert len(answers) >= 25
+    manual = (root / "docs" / "betriebshandbuch.md").read_text().split("## Fehlerbehebung", 1)[1]
+    readme = (root / "README.md").read_text()
+    for status, phrase in sorted(answers):
+        if phrase.startswith("not ready"):
+            assert f"`{status} not ready: ...`" in manual
+            continue
+        assert f"`{status} {phrase}`" in manual, (status, phrase)
+        assert re.search(rf"\| {status} \| `{re.escape(phrase)}` \|", readme), (status, phrase)
