@@ -31,7 +31,7 @@ import stat
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from leitstand.keylog import RECORD, KeyIndex, KeyLog, key_hash, lines_hash, open_keys_dir
@@ -185,6 +185,7 @@ class Journal:
         self.keys = KeyIndex(key_window, max_keys)
         self._files: OrderedDict[str, _File] = OrderedDict()
         self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="journal")
+        self._key_syncs = ThreadPoolExecutor(max_workers=8, thread_name_prefix="journal-keys")
         self._dir_fd = -1
         # .leitstand/keys, once it exists; only commit threads touch it, under a file's lock.
         self._keys_dir: int | None = None
@@ -215,6 +216,7 @@ class Journal:
             self._dir_fd = -1
         await asyncio.get_running_loop().run_in_executor(self._executor, _close_all, fds)
         self._executor.shutdown(wait=True)
+        self._key_syncs.shutdown(wait=True)
 
     def _open_directory(self) -> dict[str, int]:
         self._dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -350,8 +352,9 @@ class Journal:
     ) -> tuple[list[Appended] | None, float | None, int]:
         """Append ``pending`` to the file ``f`` has locked, or leave the file as it was.
 
-        Key records are written before the data and synced first: a record whose data did not
-        follow is cut off by the next commit's :meth:`KeyLog.catch_up`, never believed. Returns what
+        Key records are written before the data, and both files are synced at once (one journal
+        commit of the file system instead of two in a row): a record whose data did not follow
+        is cut off by the next commit's :meth:`KeyLog.catch_up`, never believed. Returns what
         became of each append (None: all stored), how long the sync took (None: none) and the bytes written.
         """
         size = -1
@@ -376,8 +379,14 @@ class Journal:
             if self.fsync:
                 started = time.perf_counter()
                 if records:
-                    f.keys.sync()
-                os.fdatasync(fd)
+                    key_sync = self._key_syncs.submit(f.keys.sync)
+                    try:
+                        os.fdatasync(fd)
+                    finally:
+                        wait([key_sync])
+                    key_sync.result()
+                else:
+                    os.fdatasync(fd)
                 synced = time.perf_counter() - started
             f.end = size + len(data)
         except Exception:
@@ -519,6 +528,7 @@ def repair(directory: Path) -> dict[str, int]:
         if journal._dir_fd >= 0:
             os.close(journal._dir_fd)
         journal._executor.shutdown()
+        journal._key_syncs.shutdown()
 
 
 def last_line_end(fd: int, size: int) -> int:

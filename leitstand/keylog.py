@@ -11,7 +11,9 @@ Why it is built this way:
   least as long as the record says; a record whose data never arrived (a crash between the
   two writes, a rolled-back commit) is cut off by the next commit, before anything is
   appended that could make it look true. So a crash never loses an event, and a retry
-  after a crash finds its key exactly when its events are in the file.
+  after a process crash finds its key exactly when its events are in the file. The two
+  files are synced at once (one file-system commit, not two in a row); only a power cut
+  during those syncs can keep the events and lose their key, and so store a retry twice.
 * **Bounded.** The index holds at most ``max_keys`` keys (the oldest go first: a retry of an
   evicted key stores again) and forgets keys older than the window. A key log is rewritten
   (tmp, fsync, rename, directory fsync) once it doubles, keeping only what the index may

@@ -50,6 +50,17 @@ OPENAPI: dict[str, Any] = {
                         "schema": {"type": "string", "maxLength": 253, "pattern": f"^{domains.PATTERN}$"},
                     },
                     {"name": "X-Request-ID", "in": "header", "required": False, "schema": {"type": "string"}},
+                    {
+                        "name": "Idempotency-Key",
+                        "in": "header",
+                        "required": False,
+                        "description": (
+                            "1-128 printable ASCII characters. A retry with the same key and domain within the "
+                            "window is answered 200 (Idempotent-Replayed: true) without storing again; the same "
+                            "key with other events is 409"
+                        ),
+                        "schema": {"type": "string", "minLength": 1, "maxLength": 128, "pattern": "^[ -~]+$"},
+                    },
                 ],
                 "requestBody": {
                     "required": True,
@@ -59,15 +70,25 @@ OPENAPI: dict[str, Any] = {
                     },
                 },
                 "responses": {
-                    "200": _text("ok: every event is on disk (fdatasync'ed)"),
+                    "200": {
+                        **_text("ok: every event is on disk (fdatasync'ed), now or by the first request with its key"),
+                        "headers": {
+                            "Idempotent-Replayed": {
+                                "description": "true when the Idempotency-Key was stored before: nothing written",
+                                "schema": {"type": "string", "enum": ["true"]},
+                            }
+                        },
+                    },
                     "400": _text(
                         "invalid domain, invalid json, number out of range, duplicate key, json too deep, "
-                        "invalid payload, domain mismatch, invalid gzip, invalid content-length"
+                        "invalid payload, domain mismatch, invalid gzip, invalid content-length, "
+                        "invalid idempotency key"
                     ),
                     "401": _text("unauthorized"),
                     "403": _text("forbidden (the token may not write to this domain), domain not allowed"),
                     "408": _text("request timeout: the body did not arrive in time; the connection is closed"),
                     "413": _text("payload too large, too many events, event too large"),
+                    "409": _text("conflict: the Idempotency-Key was stored with other events; nothing written"),
                     "415": _text("unsupported content-encoding"),
                     "429": _text("too many requests; retry after Retry-After seconds"),
                     "500": _text("storage error, internal error"),
