@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 
 from conftest import ROOT, TOKEN, Server, read_lines, run_cli
+from leitstand.jsonstream import Invalid, values
 
 
 def ids(path: Path) -> list[int]:
@@ -50,6 +51,30 @@ not json
 {"id": 7, "big": 1e400}
 {"id": 8}{"id": 9}
 """
+
+
+def split(text: bytes) -> list[bytes | Invalid]:
+    return list(values(text.splitlines(keepends=True), "f"))
+
+
+def test_values_are_passed_on_as_written_one_line_each() -> None:
+    items = [{"id": n, "tags": ["a", "b"]} for n in range(3)]
+    found = split(orjson.dumps(items, option=orjson.OPT_INDENT_2))
+    assert [orjson.loads(value) for value in found if isinstance(value, bytes)] == items
+    assert not any(b"\n" in value for value in found if isinstance(value, bytes))
+    assert split(b'{\n  "id": 1\n}\n') == [b'{   "id": 1 }']
+    assert split(b'{"a":"x\\ny", "b" : 1e400}\n[{"c":1} ,{"d":2}]{"e":3}\n') == [
+        b'{"a":"x\\ny", "b" : 1e400}', b'{"c":1}', b'{"d":2}', b'{"e":3}']
+
+
+def test_what_is_no_event_is_reported_once_per_stretch_and_reading_goes_on() -> None:
+    text = b'{"id": 1\n{"id": 2}\n\xff\n{\n  "id": tru,\n  "x": [\n    {\n      "y": 1\n    }\n  ]\n}\n3\n{"id": 4}\n{"id":'
+    assert split(text) == [
+        Invalid("f:1", "invalid json"), b'{"id": 2}', Invalid("f:3-12", "invalid json"), b'{"id": 4}',
+        Invalid("f:14", "invalid json"),
+    ]
+    # Outside a bad stretch, a value that is no object is reported on its own.
+    assert split(b'3\n{"id": 1}\n') == [Invalid("f:1", "invalid payload"), b'{"id": 1}']
 
 
 def test_bad_items_are_reported_and_the_rest_is_delivered_in_order(server: Server, tmp_path: Path) -> None:
