@@ -174,8 +174,14 @@ def test_the_outbox_keeps_what_the_service_did_not_take_and_the_next_run_deliver
 
     server.start()
     with Client(server.url, TOKEN, outbox=outbox) as client:
-        later = client.send("spool", [{"id": 35}])
-    assert (later.stored, later.pending) == (36, 0)
+        flushed = client.flush()
+    assert (flushed.stored, flushed.pending) == (35, 0)
+
+    async def later() -> int:
+        async with AsyncClient(server.url, TOKEN, outbox=outbox) as client:
+            return (await client.send("spool", [{"id": 35}])).stored
+
+    assert asyncio.run(later()) == 1
     assert ids(server.data_dir / "spool.jsonl") == list(range(36))
     assert not list(outbox.glob("*.jsonl"))
     # Sent again with the same keys: the service recognises every batch and stores nothing.
