@@ -1,4 +1,4 @@
-"""The command line: ``leitstand serve`` and the operator commands.
+"""The command line: ``leitstand serve``, the operator commands and ``leitstand send``.
 
 Every flag of ``serve`` mirrors a ``LEITSTAND_*`` variable; a flag given wins over the
 environment and is handed to the worker processes through it. The operator commands find
@@ -59,7 +59,38 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "archive", parents=[data], help="copy broker mode's messages from NATS JetStream into the data dir"
     )
+    _send_parser(commands)
     return parser
+
+
+def _send_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    push = commands.add_parser(
+        "send",
+        help="send JSON events from files or stdin to the service",
+        description="Send events (JSONL, JSON arrays, or JSON values one after another, as jq prints them) "
+        "in batches, with retries that never store an event twice. Exit 0: all stored; 1: some rejected "
+        "(listed on stderr, the rest delivered); 2: service unreachable, events not delivered (with --outbox: "
+        "kept there for the next run).",
+    )
+    push.add_argument("domain", metavar="DOMAIN")
+    push.add_argument("files", nargs="*", metavar="FILE", help="files to read (default, or '-': stdin)")
+    push.add_argument("--url", help="the service (default: LEITSTAND_URL, else http://localhost:8788)")
+    push.add_argument(
+        "--token",
+        help="the token; visible in `ps` to every user of the machine, so prefer the environment: "
+        "LEITSTAND_TOKEN (of several, comma-separated, the first is used)",
+    )
+    push.add_argument("--outbox", type=Path, metavar="DIR", help="keep events in DIR until the service has them")
+    push.add_argument("--tail", type=int, metavar="N", help="send only the last N events")
+    push.add_argument("--dry-run", action="store_true", help="read, batch and count; send nothing")
+    push.add_argument("--gzip", action="store_true", help="compress each request")
+    push.add_argument("--max-events", type=int, default=10000, metavar="N",
+                      help="events per request (default 10000, the server's default limit)")
+    push.add_argument("--max-bytes", type=int, default=1 << 20, metavar="N",
+                      help="bytes per request (default 1048576, the server's default limit)")
+    push.add_argument("--timeout", type=float, default=30.0, metavar="S", help="seconds per network operation")
+    push.add_argument("--deadline", type=float, default=30.0, metavar="S",
+                      help="seconds to retry a request before the service counts as unreachable (default 30)")
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -218,6 +249,56 @@ def _tail(args: argparse.Namespace) -> int:
     return 0
 
 
+def _send(args: argparse.Namespace) -> int:
+    # Imported here: httpx is not needed by the server's own commands.
+    from leitstand import client, outbox, send
+
+    token = args.token or next((t.strip() for t in os.environ.get("LEITSTAND_TOKEN", "").split(",") if t.strip()), "")
+    if not token and not args.dry_run:
+        _fail("no token: export LEITSTAND_TOKEN=<token> (or give --token, which other users can see in ps)")
+    if args.tail is not None and args.tail < 0 or args.max_events < 1 or args.max_bytes < 2:
+        _fail("--tail must be 0 or more, --max-events 1 or more, --max-bytes 2 or more")
+    for name in args.files:
+        if name != "-" and not os.access(name, os.R_OK):
+            _fail(f"cannot read {name}: {'no such file' if not os.path.exists(name) else 'permission denied'}")
+    url = args.url or os.environ.get("LEITSTAND_URL", "").strip() or "http://localhost:8788"
+    options = send.Options(url, token, args.outbox, args.tail, args.dry_run, args.gzip, args.max_events,
+                           args.max_bytes, args.timeout, args.deadline)
+
+    def problem(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    try:
+        if sys.stdout.isatty():
+            from rich.progress import Progress, SpinnerColumn, TextColumn
+
+            with Progress(SpinnerColumn(), TextColumn("{task.completed} events read"), transient=True) as bar:
+                task = bar.add_task("send")
+                done = send.run(args.domain, args.files, options, problem, lambda n: bar.advance(task, n))
+        else:
+            done = send.run(args.domain, args.files, options, problem)
+    except outbox.OutboxError as exc:
+        _fail(str(exc))
+    except client.Rejected as exc:
+        print(f"send: rejected ({exc}): nothing more can be delivered; check the token, its scope and the domain",
+              file=sys.stderr)
+        return 1
+    handled = done.read if args.dry_run else done.stored
+    rate = f", {handled / done.seconds:.0f} events/s" if done.seconds > 0 else ""
+    if args.dry_run:
+        print(f"send: dry run, {done.read} events read, {done.batches} requests, {done.rejected} rejected{rate}")
+        return 1 if done.rejected else 0
+    print(f"send: {done.stored} stored, {done.rejected} rejected, {done.pending} not delivered, "
+          f"{done.seconds:.1f} s{rate}")
+    if done.pending:
+        where = "they stay in the outbox; run again to deliver them" if args.outbox else (
+            "run again, or use --outbox DIR to keep them")
+        print(f"send: service unreachable ({done.unavailable}): {done.pending} events not delivered; {where}",
+              file=sys.stderr)
+        return 2
+    return 1 if done.rejected else 0
+
+
 def _check_config(args: argparse.Namespace) -> int:
     environ = dict(os.environ)
     if args.data_dir is not None:
@@ -239,11 +320,18 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "stats": _stats,
     "tail": _tail,
     "check-config": _check_config,
+    "send": _send,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse takes no positionals after an option has interrupted them: `send DOMAIN --tail 5 FILE`.
+    if args.command == "send" and not any(arg.startswith("-") and arg != "-" for arg in extra):
+        args.files += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "serve":
         serve(args)
         return
