@@ -246,7 +246,9 @@ class Config:
         """The broker settings in broker mode, None in direct mode."""
         if not self.nats_urls:
             return None
-        return broker.Settings(self.nats_urls, self.nats_stream, self.nats_replicas, float(self.nats_timeout))
+        return broker.Settings(
+            self.nats_urls, self.nats_stream, self.nats_replicas, float(self.nats_timeout), float(self.idempotency_window)
+        )
 
 
 def load(environ: Mapping[str, str] | None = None, *, need_token: bool = True) -> Config:

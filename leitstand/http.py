@@ -361,7 +361,7 @@ class Leitstand:
             lines, count = events.encode(body, domain, ndjson=ndjson, limits=self.config.limits)
             appended = Appended.STORED
             if count and self.broker is not None:
-                await self.broker.publish(domain, lines, key)
+                appended = await self.broker.publish(domain, lines, key)
             elif count:
                 appended = await self.journal.append(domains.file_name(domain), lines, key)
         except events.TooLarge as exc:

@@ -55,10 +55,9 @@ OPENAPI: dict[str, Any] = {
                         "in": "header",
                         "required": False,
                         "description": (
-                            "1-128 printable ASCII characters. Direct mode: a retry with the same key and domain "
-                            "within the window is answered 200 (Idempotent-Replayed: true) without storing again, "
-                            "the same key with other events is 409. Broker mode: the message id, stored once "
-                            "within the stream's duplicate window"
+                            "1-128 printable ASCII characters. A retry with the same key and domain within the "
+                            "window (LEITSTAND_IDEMPOTENCY_WINDOW) is answered 200 (Idempotent-Replayed: true) "
+                            "without storing again, the same key with other events is 409; in direct and broker mode"
                         ),
                         "schema": {"type": "string", "minLength": 1, "maxLength": 128, "pattern": "^[ -~]+$"},
                     },

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -19,6 +21,7 @@ from nats.js.api import KeyValueConfig
 
 from leitstand import domains
 from leitstand.archive import ArchiveError, Entry, Lease, LeaseLost, Record
+from leitstand.keylog import key_hash
 
 # 253 characters, the longest domain: a subject of five tokens, a shortened file name.
 LONGEST = ".".join(["a" * 63] * 3 + ["b" * 61])
@@ -91,20 +94,102 @@ def test_round_trip_with_the_same_checks_as_direct_mode(broker: Broker, tmp_path
 
 
 def test_a_retried_idempotency_key_is_stored_once(broker: Broker) -> None:
-    broker.single()
+    node = broker.single()
     front = broker.frontend()
     archiver = broker.archiver()
     key = {"Idempotency-Key": "order-4711"}
-    assert post(front.url, "a.example", {"id": "k1"}, **key).status_code == 200
-    assert post(front.url, "a.example", {"id": "k1"}, **key).status_code == 200
+    first = post(front.url, "a.example", {"id": "k1"}, **key)
+    again = post(front.url, "a.example", {"id": "k1"}, **key)
+    assert (first.status_code, "idempotent-replayed" in first.headers) == (200, False)
+    assert (again.status_code, again.headers["idempotent-replayed"]) == (200, "true")
     # The same key in another domain is another request.
     assert post(front.url, "b.example", {"id": "k1b"}, **key).status_code == 200
-    wait_stored([archiver.data_dir], {"k1", "k1b"})
+    # The same key with other events is refused and publishes nothing, as in direct mode.
+    other = post(front.url, "a.example", {"id": "k1-other"}, **key)
+    assert (other.status_code, other.text) == (409, "conflict\n")
+    # The same events sent another way are the same request: the key stands for the stored lines.
+    pair = {"Idempotency-Key": "pair"}
+    assert post(front.url, "a.example", [{"id": "p1"}, {"id": "p2"}], **pair).status_code == 200
+    ndjson = front.post("a.example", b'{"id":"p1"}\n{"id":"p2"}\n', headers={"Content-Type": "application/x-ndjson",
+                                                                        **pair})
+    assert (ndjson.status_code, ndjson.headers["idempotent-replayed"]) == (200, "true")
+    wait_stored([archiver.data_dir], {"k1", "k1b", "p1", "p2"})
     # Still within the duplicate window after the archiver has written and purged it.
     assert post(front.url, "a.example", {"id": "k1"}, **key).status_code == 200
+    assert post(front.url, "a.example", {"id": "k1-late"}, **key).status_code == 409
+    # A claim gone before the stream forgets the message (a retry published it late): other events
+    # under the key are stored, not taken for a duplicate of the first ones.
+    asyncio.run(forget(node, "a.example", "order-4711"))
+    assert post(front.url, "a.example", {"id": "k1-new"}, **key).status_code == 200
     assert post(front.url, "a.example", {"id": "k2"}).status_code == 200
-    wait_stored([archiver.data_dir], {"k2"})
-    assert Counter(events_in(archiver.data_dir)) == {"k1": 1, "k1b": 1, "k2": 1}
+    wait_stored([archiver.data_dir], {"k1-new", "k2"})
+    assert Counter(events_in(archiver.data_dir)) == {"k1": 1, "k1b": 1, "p1": 1, "p2": 1, "k1-new": 1, "k2": 1}
+
+
+async def forget(node: Nats, domain: str, key: str) -> None:
+    """Delete a key's claim from the key bucket, as its TTL would."""
+    nc = await nats.connect(node.url)
+    keys = await nc.jetstream().key_value("LEITSTAND_KEYS")
+    await keys.delete(key_hash(domain, key.encode()).hex())
+    await nc.close()
+
+
+def test_concurrent_requests_with_one_key_store_one_body_once(broker: Broker) -> None:
+    broker.single()
+    front = broker.frontend()
+    archiver = broker.archiver()
+    bodies = [{"id": f"race-{i % 2}"} for i in range(8)]
+    start = threading.Barrier(len(bodies))
+
+    def send(body: dict[str, str]) -> tuple[str, int]:
+        start.wait()
+        return body["id"], post(front.url, "a.example", body, **{"Idempotency-Key": "race"}).status_code
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(send, bodies))
+    assert {status for _, status in answers} <= {200, 409}
+    winners = {body for body, status in answers if status == 200}
+    assert len(winners) == 1, answers
+    assert post(front.url, "a.example", {"id": "after"}).status_code == 200
+    wait_stored([archiver.data_dir], winners | {"after"})
+    assert Counter(events_in(archiver.data_dir)) == {winners.pop(): 1, "after": 1}
+
+
+def test_a_key_is_forgotten_after_the_window_and_an_older_stream_is_updated(broker: Broker) -> None:
+    node = broker.single()
+
+    async def stream_as_an_older_leitstand_made_it() -> None:
+        nc = await nats.connect(node.url)
+        await nc.jetstream().add_stream(name="LEITSTAND", subjects=["leitstand.ingest.>"], storage="file")
+        await nc.close()
+
+    async def windows() -> tuple[float | None, float | None]:
+        nc = await nats.connect(node.url)
+        js = nc.jetstream()
+        stream, keys = await js.stream_info("LEITSTAND"), await js.stream_info("KV_LEITSTAND_KEYS")
+        await nc.close()
+        return stream.config.duplicate_window, keys.config.max_age
+
+    asyncio.run(stream_as_an_older_leitstand_made_it())
+    window = {"LEITSTAND_IDEMPOTENCY_WINDOW": "2s"}
+    front = broker.frontend(**window)
+    assert asyncio.run(windows()) == (2.0, 2.0)
+    assert "stream LEITSTAND updated to LEITSTAND_IDEMPOTENCY_WINDOW: duplicate_window 120.0s -> 2.0s" in front.output()
+    archiver = broker.archiver(**window)
+    key = {"Idempotency-Key": "short"}
+    assert post(front.url, "a.example", {"id": "w1"}, **key).status_code == 200
+    assert post(front.url, "a.example", {"id": "w1"}, **key).status_code == 200
+    assert post(front.url, "a.example", {"id": "w2"}, **key).status_code == 409
+    time.sleep(3)
+    # Forgotten, as in direct mode: the same events are stored again, other events are no conflict.
+    assert post(front.url, "a.example", {"id": "w1"}, **key).status_code == 200
+    time.sleep(3)
+    assert post(front.url, "a.example", {"id": "w2"}, **key).status_code == 200
+    wait_stored([archiver.data_dir], {"w1", "w2"})
+    deadline = time.monotonic() + 10
+    while Counter(events_in(archiver.data_dir)) != {"w1": 2, "w2": 1}:
+        assert time.monotonic() < deadline, Counter(events_in(archiver.data_dir))
+        time.sleep(0.1)
 
 
 def test_a_message_too_large_for_the_broker_is_413_and_not_stored(broker: Broker) -> None:
