@@ -112,7 +112,7 @@ class Record:
         written: dict[str, int] = {}
         for name, fields in saved["files"].items():
             entry = Entry(**fields)
-            if not datadir_name_ok(name):
+            if not datadir.is_journal_name(name):
                 raise ArchiveError(f"archive record names {name!r}, which is no journal file: remove {STATE_DIR}")
             size = self.size(name)
             if size == entry.offset + entry.length:
@@ -146,10 +146,6 @@ class Record:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def datadir_name_ok(name: str) -> bool:
-    return "/" not in name and name.endswith(domains.SUFFIX) and not name.startswith(".")
 
 
 class Lease:
