@@ -356,9 +356,10 @@ class Archiver:
             lines.setdefault(name, []).append(message.data)
             last[name] = seq
         data = {name: b"".join(chunks) for name, chunks in lines.items()}
-        entries = {name: Entry(done, done, self.record.size(name), 0) for name, done in written.items()}
-        for name, chunk in data.items():
-            entries[name] = Entry(written.get(name, 0), last[name], self.record.size(name), len(chunk))
+        entries = {}
+        for name in written | data:  # each file stat'ed once
+            done = written.get(name, 0)
+            entries[name] = Entry(done, last.get(name, done), self.record.size(name), len(data.get(name, b"")))
         loop = asyncio.get_running_loop()
         if data:
             await loop.run_in_executor(None, self.record.write, created, entries)
