@@ -202,7 +202,7 @@ class Config:
             archive_lease=_int("LEITSTAND_ARCHIVE_LEASE", get("LEITSTAND_ARCHIVE_LEASE"), 1, 600),
             metrics_public=_choice("LEITSTAND_METRICS_PUBLIC", get("LEITSTAND_METRICS_PUBLIC"), ("0", "1")) == "1",
             metrics_max_domains=_int("LEITSTAND_METRICS_MAX_DOMAINS", get("LEITSTAND_METRICS_MAX_DOMAINS"), 1),
-            metrics_dir=Path(metrics_dir) if (metrics_dir := env.get("LEITSTAND_METRICS_DIR", "").strip()) else None,
+            metrics_dir=path("LEITSTAND_METRICS_DIR"),
         )
 
     def keyring(self) -> auth.Keyring:
