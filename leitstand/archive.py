@@ -58,7 +58,6 @@ _CONSUMER = "archiver"
 _LEASE_KEY = "active"
 _BATCH = 256
 _RETRY = 1.0
-_NATS_ERRORS = (nats.errors.Error, TimeoutError)
 
 
 class ArchiveError(Exception):
@@ -167,7 +166,7 @@ class Lease:
                 self.revision = await self.kv.create(_LEASE_KEY, self.identity)
             except nats.js.errors.KeyWrongLastSequenceError:
                 pass
-            except _NATS_ERRORS as exc:
+            except broker.NATS_ERRORS as exc:
                 log.debug("lease: %s", exc)
             else:
                 self._lost = False
@@ -186,7 +185,7 @@ class Lease:
                 self.revision = await self.kv.update(_LEASE_KEY, self.identity, last=self.revision)
             except nats.js.errors.KeyWrongLastSequenceError:
                 self._lost = True
-            except _NATS_ERRORS as exc:
+            except broker.NATS_ERRORS as exc:
                 log.debug("lease renewal: %s", exc)
             else:
                 self._valid_until = sent + self.ttl * 0.75
@@ -197,7 +196,7 @@ class Lease:
             raise LeaseLost
 
     async def release(self) -> None:
-        with contextlib.suppress(*_NATS_ERRORS):
+        with contextlib.suppress(*broker.NATS_ERRORS):
             await self.kv.delete(_LEASE_KEY, last=self.revision)
 
 
@@ -255,7 +254,7 @@ class Archiver:
             try:
                 await broker.ensure_stream(js, self.settings)
                 return await js.create_key_value(bucket)
-            except (broker.BrokerUnavailable, *_NATS_ERRORS) as exc:
+            except (broker.BrokerUnavailable, *broker.NATS_ERRORS) as exc:
                 log.warning("broker unavailable, retrying: %s", exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), _RETRY)
@@ -286,7 +285,7 @@ class Archiver:
                 written = await loop.run_in_executor(None, self.record.recover, created)
                 journal = Journal(self.config.data_dir, fsync=self.config.fsync, file_mode=self.config.file_mode)
                 await journal.open()
-            except _NATS_ERRORS as exc:
+            except broker.NATS_ERRORS as exc:
                 log.warning("broker unavailable, retrying: %s", exc)
                 await asyncio.sleep(_RETRY)
                 continue
@@ -295,13 +294,13 @@ class Archiver:
                 sub = await self._subscribe(js, lease)
                 while not self.stop.is_set():
                     written = await self._batch(js, sub, journal, lease, created, written)
-            except (JournalError, OSError, *_NATS_ERRORS) as exc:
+            except (JournalError, OSError, *broker.NATS_ERRORS) as exc:
                 log.warning("batch not finished, recovering: %s", exc)
                 await asyncio.sleep(_RETRY)
             finally:
                 await journal.close()
                 if sub is not None:
-                    with contextlib.suppress(*_NATS_ERRORS):
+                    with contextlib.suppress(*broker.NATS_ERRORS):
                         await sub.unsubscribe()
 
     async def _subscribe(self, js: JetStreamContext, lease: Lease) -> JetStreamContext.PullSubscription:

@@ -52,6 +52,8 @@ SUBJECTS = SUBJECT_PREFIX + ">"
 _HEADER_ROOM = 1024
 # JetStream's own duplicate window for a KV bucket's stream, when the TTL is longer.
 _KV_DUPLICATE_WINDOW = 120.0
+# What the client library raises when the broker does not answer (or answers too late).
+NATS_ERRORS = (nats.errors.Error, TimeoutError)
 
 
 class BrokerError(Exception):
@@ -60,6 +62,10 @@ class BrokerError(Exception):
 
 class BrokerUnavailable(Exception):
     """The broker did not confirm in time, or is not connected; nothing was acknowledged."""
+
+
+def _unavailable(exc: Exception) -> BrokerUnavailable:
+    return BrokerUnavailable(str(exc) or type(exc).__name__)
 
 
 class TooLargeForBroker(Exception):
@@ -186,8 +192,8 @@ async def ensure_keys(js: JetStreamContext, settings: Settings) -> KeyValue:
     )
     try:
         return await js.key_value(wanted.bucket)
-    except (nats.errors.Error, TimeoutError) as exc:
-        raise BrokerUnavailable(str(exc) or type(exc).__name__) from None
+    except NATS_ERRORS as exc:
+        raise _unavailable(exc) from None
 
 
 async def _ensure(
@@ -228,8 +234,8 @@ async def _ensure(
             )
     except nats.js.errors.BadRequestError as exc:
         raise BrokerError(f"stream {name} cannot be created or updated: {exc.description}") from None
-    except (nats.errors.Error, TimeoutError) as exc:
-        raise BrokerUnavailable(str(exc) or type(exc).__name__) from None
+    except NATS_ERRORS as exc:
+        raise _unavailable(exc) from None
 
 
 def _value(enum_or_value: Any) -> Any:
@@ -308,8 +314,8 @@ class Publisher:
         except BrokerError as exc:
             log.error("%s", exc)
             raise BrokerUnavailable(str(exc)) from None
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise BrokerUnavailable(str(exc) or type(exc).__name__) from None
+        except NATS_ERRORS as exc:
+            raise _unavailable(exc) from None
         return Appended.DUPLICATE if ack.duplicate else Appended.STORED
 
 
