@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from fnmatch import fnmatchcase
+from functools import lru_cache
 
 MAX_DOMAIN = 253
 SUFFIX = ".jsonl"
@@ -54,7 +55,7 @@ class Patterns:
 
     def __init__(self, patterns: Sequence[str] = ()) -> None:
         self.patterns = tuple(pattern.strip().lower() for pattern in patterns if pattern.strip())
-        self._decided: dict[str, bool] = {}
+        self.match: Callable[[str], bool] = lru_cache(maxsize=_REMEMBERED)(self._match)
 
     def __bool__(self) -> bool:
         return bool(self.patterns)
@@ -62,14 +63,8 @@ class Patterns:
     def __repr__(self) -> str:
         return f"Patterns({', '.join(self.patterns)})"
 
-    def match(self, domain: str) -> bool:
-        matched = self._decided.get(domain)
-        if matched is None:
-            matched = any(fnmatchcase(domain, pattern) for pattern in self.patterns)
-            if len(self._decided) >= _REMEMBERED:
-                self._decided.clear()
-            self._decided[domain] = matched
-        return matched
+    def _match(self, domain: str) -> bool:
+        return any(fnmatchcase(domain, pattern) for pattern in self.patterns)
 
 
 class Policy:

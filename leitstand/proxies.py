@@ -9,7 +9,8 @@ the client and prove nothing.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import lru_cache
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _CACHE_LIMIT = 4096
@@ -23,24 +24,17 @@ def parse_networks(raw: str) -> tuple[Network, ...]:
 class TrustedProxies:
     def __init__(self, networks: Sequence[Network]) -> None:
         self.networks = tuple(networks)
-        self._trusted: dict[str, bool] = {}
+        self.trusts: Callable[[str], bool] = lru_cache(maxsize=_CACHE_LIMIT)(self._trusts)
 
     def __bool__(self) -> bool:
         return bool(self.networks)
 
-    def trusts(self, address: str) -> bool:
-        trusted = self._trusted.get(address)
-        if trusted is None:
-            try:
-                ip = ipaddress.ip_address(address)
-            except ValueError:
-                trusted = False
-            else:
-                trusted = any(ip in network for network in self.networks)
-            if len(self._trusted) >= _CACHE_LIMIT:
-                self._trusted.clear()
-            self._trusted[address] = trusted
-        return trusted
+    def _trusts(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self.networks)
 
     def client(self, peer: str, forwarded_for: bytes | None) -> str:
         """The address to hold a request's client to."""
