@@ -121,6 +121,10 @@ def _text(status: int, phrase: str, *headers: tuple[bytes, bytes]) -> Response:
     return Response(status, phrase.encode() + b"\n", _TEXT, headers, phrase)
 
 
+def _too_many(wait: float) -> Response:
+    return _text(429, "too many requests", (b"retry-after", retry_after(wait)))
+
+
 def _json(value: object, status: int = 200) -> Response:
     return Response(status, orjson.dumps(value), _JSON)
 
@@ -308,7 +312,7 @@ class Leitstand:
     def _authenticate(self, headers: _Headers, address: str) -> Grant | Response:
         """The grant of the token presented, or the refusal: 429 while the address has failed too often, else 401."""
         if self.failures is not None and (wait := self.failures.blocked(address)):
-            return _text(429, "too many requests", (b"retry-after", retry_after(wait)))
+            return _too_many(wait)
         grant = self.keyring.find(headers.x_auth, headers.authorization)
         if grant is None:
             if self.failures is not None:
@@ -330,7 +334,7 @@ class Leitstand:
         if not grant.may_write(domain):
             return _text(403, "forbidden")
         if self.rate is not None and (wait := self.rate.take(grant)):
-            return _text(429, "too many requests", (b"retry-after", retry_after(wait)))
+            return _too_many(wait)
         key = headers.idempotency_key
         if key is not None and not (0 < len(key) <= 128 and _KEY_CHARS.issuperset(key)):
             return _text(400, "invalid idempotency key")
