@@ -144,7 +144,7 @@ def archive(args: argparse.Namespace) -> None:
 
 def _data_dir(args: argparse.Namespace) -> Path:
     given: Path | None = args.data_dir
-    return given or Path(os.environ.get("LEITSTAND_DATA_DIR", "").strip() or config.DEFAULTS["LEITSTAND_DATA_DIR"])
+    return given or Path(config.raw_value(os.environ, "LEITSTAND_DATA_DIR"))
 
 
 def _fail(message: str) -> NoReturn:
