@@ -251,9 +251,9 @@ def _tail(args: argparse.Namespace) -> int:
 
 def _send(args: argparse.Namespace) -> int:
     # Imported here: httpx is not needed by the server's own commands.
-    from leitstand import client, outbox, send
+    from leitstand import auth, client, outbox, send
 
-    token = args.token or next((t.strip() for t in os.environ.get("LEITSTAND_TOKEN", "").split(",") if t.strip()), "")
+    token = args.token or next(iter(auth.split_list(os.environ.get("LEITSTAND_TOKEN", ""))), "")
     if not token and not args.dry_run:
         _fail("no token: export LEITSTAND_TOKEN=<token> (or give --token, which other users can see in ps)")
     if args.tail is not None and args.tail < 0 or args.max_events < 1 or args.max_bytes < 2:
