@@ -279,7 +279,7 @@ def _send(args: argparse.Namespace) -> int:
         print(line, file=sys.stderr, flush=True)
 
     try:
-        with _progress("send", counted="events read") as advance:
+        with _progress("send", total=None, counted="events read") as advance:
             done = send.run(args.domain, args.files, options, problem, advance)
     except outbox.OutboxError as exc:
         _fail(str(exc))
