@@ -45,7 +45,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
-from leitstand import broker, datadir, domains
+from leitstand import broker, datadir, domains, durable
 from leitstand.config import Config
 from leitstand.journal import Journal, JournalError
 
@@ -88,19 +88,7 @@ class Record:
 
     def write(self, stream_created: str, entries: dict[str, Entry]) -> None:
         data = orjson.dumps({"stream_created": stream_created, "files": {k: asdict(v) for k, v in entries.items()}})
-        tmp = self.directory / (_RECORD + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, self.directory / _RECORD)
-        dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        durable.write_atomically(self.directory / _RECORD, data)
 
     def recover(self, stream_created: str) -> dict[str, int]:
         """Cut back what did not land; returns per file the last sequence already in it."""

@@ -56,7 +56,7 @@ def grant(token: str, write: Iterable[str] = _ALL) -> Grant:
 
 def from_list(tokens: str) -> list[Grant]:
     """The grants of a comma-separated ``LEITSTAND_TOKEN``; each may write everywhere."""
-    return [grant(token) for token in _split(tokens)]
+    return [grant(token) for token in split_list(tokens)]
 
 
 def read_token_file(path: Path) -> list[Grant]:
@@ -78,9 +78,9 @@ def read_token_file(path: Path) -> list[Grant]:
         write = _ALL
         for option in options:
             key, sep, value = option.partition("=")
-            if not sep or key not in _OPTIONS or not _split(value):
+            if not sep or key not in _OPTIONS or not split_list(value):
                 raise TokenFileError(f"line {number}: unknown option (use domains=<pattern>,...)")
-            write = tuple(_split(value))
+            write = tuple(split_list(value))
         grants.append(grant(token, write))
     if not grants:
         raise TokenFileError("it holds no token")
@@ -145,7 +145,8 @@ def _digest(token: bytes) -> bytes:
     return hashlib.sha256(token).digest()
 
 
-def _split(value: str) -> list[str]:
+def split_list(value: str) -> list[str]:
+    """The parts of a comma-separated setting, stripped, empty ones dropped."""
     return [part.strip() for part in value.split(",") if part.strip()]
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 
-from leitstand import datadir
+from leitstand import datadir, durable
 
 MANIFEST = "leitstand-backup.json"
 _FORMAT = 1
@@ -73,8 +73,8 @@ class Backup:
         files: dict[str, Any] = self.manifest["files"]
         for name, length in self.lengths.items():
             files[name] = self._copy_file(name, length, files.get(name), summary, progress)
-        _sync_dir(self.dest)
-        _write_atomically(self.dest / MANIFEST, orjson.dumps(self.manifest, option=orjson.OPT_INDENT_2))
+        durable.sync_dir(self.dest)
+        durable.write_atomically(self.dest / MANIFEST, orjson.dumps(self.manifest, option=orjson.OPT_INDENT_2))
         summary.seconds = time.monotonic() - started
         return summary
 
@@ -170,26 +170,6 @@ def _copy_new(src: int, target: Path, length: int, hasher: Any, progress: Progre
         os.close(out)
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    out = os.open(tmp, _NEW_FILE, 0o600)
-    try:
-        os.write(out, data)
-        os.fsync(out)
-    finally:
-        os.close(out)
-    os.replace(tmp, path)
-    _sync_dir(path.parent)
-
-
-def _sync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @dataclass
 class Restored:
     files: int = 0
@@ -216,5 +196,5 @@ def restore(source: Path, target: Path) -> Restored:
             done.mismatched.append(name)
         done.files += 1
         done.bytes += size
-    _sync_dir(target)
+    durable.sync_dir(target)
     return done

@@ -12,7 +12,8 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
@@ -144,7 +145,7 @@ def archive(args: argparse.Namespace) -> None:
 
 def _data_dir(args: argparse.Namespace) -> Path:
     given: Path | None = args.data_dir
-    return given or Path(os.environ.get("LEITSTAND_DATA_DIR", "").strip() or config.DEFAULTS["LEITSTAND_DATA_DIR"])
+    return given or Path(config.raw_value(os.environ, "LEITSTAND_DATA_DIR"))
 
 
 def _fail(message: str) -> NoReturn:
@@ -179,19 +180,28 @@ def _print_verify(directory: Path) -> int:
 
 def _backup(args: argparse.Namespace) -> int:
     run = backup.prepare(_data_dir(args), args.dest)
-    if sys.stdout.isatty():
-        from rich.progress import Progress
-
-        with Progress(transient=True) as bar:
-            task = bar.add_task("backup", total=run.total)
-            summary = run.run(lambda n: bar.advance(task, n))
-    else:
-        summary = run.run()
+    with _progress("backup", total=run.total) as advance:
+        summary = run.run(advance)
     for name in summary.rewritten:
         print(f"copied whole: {name} (truncated or rewritten since the last backup, or missing in DEST)")
     print(f"backup: {summary.files} files, {summary.copied} bytes copied, {summary.skipped} bytes skipped, "
           f"{summary.seconds:.2f} s")
     return 0
+
+
+@contextmanager
+def _progress(name: str, total: float | None = 100.0, counted: str | None = None) -> Iterator[Callable[[int], None]]:
+    """What to advance: a transient rich bar on a terminal (with ``counted``, a spinner and a count
+    instead), a no-op when the output is piped, so that it stays plain text."""
+    if not sys.stdout.isatty():
+        yield lambda n: None
+        return
+    from rich.progress import Progress, SpinnerColumn, TextColumn
+
+    columns = (SpinnerColumn(), TextColumn(f"{{task.completed}} {counted}")) if counted else ()
+    with Progress(*columns, transient=True) as bar:
+        task = bar.add_task(name, total=total)
+        yield lambda n: bar.advance(task, n)
 
 
 def _restore(args: argparse.Namespace) -> int:
@@ -251,9 +261,9 @@ def _tail(args: argparse.Namespace) -> int:
 
 def _send(args: argparse.Namespace) -> int:
     # Imported here: httpx is not needed by the server's own commands.
-    from leitstand import client, outbox, send
+    from leitstand import auth, client, outbox, send
 
-    token = args.token or next((t.strip() for t in os.environ.get("LEITSTAND_TOKEN", "").split(",") if t.strip()), "")
+    token = args.token or next(iter(auth.split_list(os.environ.get("LEITSTAND_TOKEN", ""))), "")
     if not token and not args.dry_run:
         _fail("no token: export LEITSTAND_TOKEN=<token> (or give --token, which other users can see in ps)")
     if args.tail is not None and args.tail < 0 or args.max_events < 1 or args.max_bytes < 2:
@@ -269,14 +279,8 @@ def _send(args: argparse.Namespace) -> int:
         print(line, file=sys.stderr, flush=True)
 
     try:
-        if sys.stdout.isatty():
-            from rich.progress import Progress, SpinnerColumn, TextColumn
-
-            with Progress(SpinnerColumn(), TextColumn("{task.completed} events read"), transient=True) as bar:
-                task = bar.add_task("send")
-                done = send.run(args.domain, args.files, options, problem, lambda n: bar.advance(task, n))
-        else:
-            done = send.run(args.domain, args.files, options, problem)
+        with _progress("send", total=None, counted="events read") as advance:
+            done = send.run(args.domain, args.files, options, problem, advance)
     except outbox.OutboxError as exc:
         _fail(str(exc))
     except client.Rejected as exc:

@@ -97,6 +97,11 @@ SETTINGS: tuple[Setting, ...] = (
 )
 DEFAULTS = {s.env: s.default for s in SETTINGS}
 
+
+def raw_value(environ: Mapping[str, str], name: str) -> str:
+    """The raw text of setting ``name`` as the server reads it: the environment's, else the default."""
+    return environ.get(name, "").strip() or DEFAULTS[name]
+
 _SIZE = re.compile(r"(\d+)\s*(|b|k|kb|kib|m|mb|mib|g|gb|gib)", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 _DURATION = re.compile(r"(\d+)\s*(s|m|h|d|)", re.IGNORECASE)
@@ -150,7 +155,7 @@ class Config:
         env = os.environ if environ is None else environ
 
         def get(name: str) -> str:
-            return env.get(name, "").strip() or DEFAULTS[name]
+            return raw_value(env, name)
 
         def optional(name: str) -> str:
             value = get(name)

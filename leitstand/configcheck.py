@@ -35,7 +35,7 @@ class Checkup:
 def check(environ: Mapping[str, str]) -> Checkup:
     checkup = Checkup([_shown(s, environ) for s in config.SETTINGS])
     settings = _settings(environ, checkup.problems)
-    data_dir = Path(environ.get("LEITSTAND_DATA_DIR", "").strip() or config.DEFAULTS["LEITSTAND_DATA_DIR"])
+    data_dir = Path(config.raw_value(environ, "LEITSTAND_DATA_DIR"))
     checkup.problems += _data_dir_problems(data_dir, settings)
     return checkup
 

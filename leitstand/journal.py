@@ -531,14 +531,17 @@ def repair(directory: Path) -> dict[str, int]:
         journal._executor.shutdown()
 
 
-def last_line_end(fd: int, size: int) -> int:
-    """The offset just after the last ``\\n`` before ``size``, or 0 if there is none."""
+def last_line_end(fd: int, size: int, count: int = 1) -> int:
+    """The offset just after the ``count``-th ``\\n`` back from ``size``, or 0 if there are fewer."""
     pos = size
     while pos > 0:
         start = max(0, pos - _CHUNK)
-        newline = os.pread(fd, pos - start, start).rfind(b"\n")
-        if newline >= 0:
-            return start + newline + 1
+        chunk = os.pread(fd, pos - start, start)
+        index = len(chunk)
+        while (index := chunk.rfind(b"\n", 0, index)) >= 0:
+            count -= 1
+            if count == 0:
+                return start + index + 1
         pos = start
     return 0
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import orjson
 
+from leitstand import durable
+
 
 class OutboxError(Exception):
     """The outbox cannot be used; the message says what to do."""
@@ -70,18 +72,10 @@ class Outbox:
 
     def add(self, batch: Batch) -> None:
         """Keep ``batch`` durably, after every batch added before it."""
-        name = f"{self._next:016d}"
+        path = self.directory / f"{self._next:016d}.jsonl"
         self._next += 1
-        temporary, path = self.directory / f".{name}.tmp", self.directory / f"{name}.jsonl"
         header = orjson.dumps({"domain": batch.domain, "key": batch.key}, option=orjson.OPT_APPEND_NEWLINE)
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, header + batch.body)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(temporary, path)
-        self._sync_directory()
+        durable.write_atomically(path, header + batch.body, exclusive=True)
         self._paths[batch.key] = path
 
     def pending(self) -> Iterator[Batch]:
@@ -99,13 +93,6 @@ class Outbox:
     def remove(self, batch: Batch) -> None:
         """Forget an acknowledged batch. Not synced: if the deletion is lost, the resend is a no-op."""
         self._paths.pop(batch.key).unlink()
-
-    def _sync_directory(self) -> None:
-        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     def close(self) -> None:
         os.close(self._lock)

@@ -6,38 +6,20 @@ is never printed half, nor one that a failed commit is about to take back.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from leitstand import datadir
+from leitstand import datadir, journal
 
 
 def last(path: Path, count: int) -> tuple[bytes, int]:
     """The last ``count`` whole lines of the file, and the offset where they end."""
     with datadir.opened(path) as fd:
         end = datadir.length(fd).whole
-        start = _start_of_last(fd, end, count)
+        # They begin just after the newline ``count + 1`` back from ``end``, which ends a line.
+        start = journal.last_line_end(fd, end, count + 1) if count > 0 else end
         return b"".join(datadir.read_range(fd, start, end)), end
-
-
-def _start_of_last(fd: int, end: int, count: int) -> int:
-    """Where the last ``count`` lines before ``end`` begin: just after the newline ``count + 1`` from the end."""
-    if count <= 0:
-        return end
-    seen = 0
-    pos = end
-    while pos > 0:
-        start = max(0, pos - datadir.CHUNK)
-        chunk = os.pread(fd, pos - start, start)
-        index = len(chunk)
-        while (index := chunk.rfind(b"\n", 0, index)) >= 0:
-            seen += 1
-            if seen == count + 1:
-                return start + index + 1
-        pos = start
-    return 0
 
 
 def follow(path: Path, offset: int, interval: float = 0.2) -> Iterator[bytes]:

@@ -1,0 +1,37 @@
+"""Small files made durable whole: written under a temporary name, synced, renamed, and the rename synced.
+
+Whoever looks after a crash finds the old file or the new one, never a part of the new.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+
+
+def write_atomically(path: Path, data: bytes, *, exclusive: bool = False) -> None:
+    """Put ``data`` at ``path`` through ``.<name>.tmp`` beside it (mode 0600).
+
+    ``exclusive``: the temporary file must not exist, for a caller that removes stale ones
+    under its own lock; otherwise one left by a run cut short is overwritten.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    out = os.open(tmp, _NEW_FILE | (os.O_EXCL if exclusive else os.O_TRUNC), 0o600)
+    try:
+        os.write(out, data)
+        os.fsync(out)
+    finally:
+        os.close(out)
+    os.replace(tmp, path)
+    sync_dir(path.parent)
+
+
+def sync_dir(directory: Path) -> None:
+    """Make the names in ``directory`` durable: a new or renamed file is not, until its directory is synced."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
