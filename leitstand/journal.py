@@ -263,20 +263,18 @@ class Journal:
         else:
             self._files.move_to_end(name)
         assert self._loop is not None, "Journal.open() was not awaited"
-        waiter: _Waiter = self._loop.create_future()
-        if key is None:
-            with f.mutex:
-                f.pending.append(data)
-                f.waiters.append(waiter)
-        else:
+        hashed = None
+        if key is not None:
             hashed = key_hash(name, key), lines_hash(data)
             known = self.keys.find(hashed[0], time.time())
             if known is not None:
                 return Appended.DUPLICATE if known == hashed[1] else Appended.CONFLICT
-            with f.mutex:
+        waiter: _Waiter = self._loop.create_future()
+        with f.mutex:
+            if hashed is not None:
                 f.keyed[len(f.pending)] = hashed
-                f.pending.append(data)
-                f.waiters.append(waiter)
+            f.pending.append(data)
+            f.waiters.append(waiter)
         if not f.busy:
             f.busy = True
             self._commit_pending(f)
