@@ -212,10 +212,7 @@ class Journal:
         """Wait for every commit under way, then close all files."""
         while any(f.busy for f in self._files.values()):
             await asyncio.sleep(0.005)
-        fds = [f.fd for f in self._files.values() if f.fd is not None]
-        self.observer.opened(-len(fds))
-        for f in self._files.values():
-            fds += f.keys.close()
+        fds = [fd for f in self._files.values() for fd in self._release(f)]
         self._files.clear()
         if self._keys_dir is not None:
             fds.append(self._keys_dir)
@@ -266,20 +263,18 @@ class Journal:
         else:
             self._files.move_to_end(name)
         assert self._loop is not None, "Journal.open() was not awaited"
-        waiter: _Waiter = self._loop.create_future()
-        if key is None:
-            with f.mutex:
-                f.pending.append(data)
-                f.waiters.append(waiter)
-        else:
+        hashed = None
+        if key is not None:
             hashed = key_hash(name, key), lines_hash(data)
             known = self.keys.find(hashed[0], time.time())
             if known is not None:
                 return Appended.DUPLICATE if known == hashed[1] else Appended.CONFLICT
-            with f.mutex:
+        waiter: _Waiter = self._loop.create_future()
+        with f.mutex:
+            if hashed is not None:
                 f.keyed[len(f.pending)] = hashed
-                f.pending.append(data)
-                f.waiters.append(waiter)
+            f.pending.append(data)
+            f.waiters.append(waiter)
         if not f.busy:
             f.busy = True
             self._commit_pending(f)
@@ -293,13 +288,18 @@ class Journal:
             idle = next((old for old in self._files.values() if not old.busy), None)
             if idle is not None:
                 del self._files[idle.name]
-                fds = idle.keys.close()
-                if idle.fd is not None:
-                    fds.append(idle.fd)
-                    self.observer.opened(-1)
+                fds = self._release(idle)
                 if fds:
                     self._executor.submit(_close_all, fds)
         return f
+
+    def _release(self, f: _File) -> list[int]:
+        """The descriptors of a file no longer kept (journal file and key log), for the caller to close."""
+        fds = f.keys.close()
+        if f.fd is not None:
+            fds.append(f.fd)
+            self.observer.opened(-1)
+        return fds
 
     def _commit_pending(self, f: _File) -> None:
         loop = self._loop

@@ -84,13 +84,13 @@ class KeyIndex:
         return found[1] if found is not None and found[0] > now - self.window else None
 
     def add(self, records: Iterable[tuple[float, bytes, bytes]], now: float) -> None:
+        horizon = now - self.window
         with self._lock:
             keys = self._keys
             for when, key, lines in records:
-                if when > now - self.window:
+                if when > horizon:
                     keys[key] = (when, lines)
                     keys.move_to_end(key)
-            horizon = now - self.window
             while keys and (len(keys) > self.max_keys or next(iter(keys.values()))[0] <= horizon):
                 _, (when, _) = keys.popitem(last=False)
                 if when > horizon and now - self._warned > _EVICTION_WARNING_EVERY:
