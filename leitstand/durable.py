@@ -5,6 +5,7 @@ Whoever looks after a crash finds the old file or the new one, never a part of t
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -20,7 +21,7 @@ def write_atomically(path: Path, data: bytes, *, exclusive: bool = False) -> Non
     tmp = path.with_name(f".{path.name}.tmp")
     out = os.open(tmp, _NEW_FILE | (os.O_EXCL if exclusive else os.O_TRUNC), 0o600)
     try:
-        os.write(out, data)
+        write_whole(out, data)
         os.fsync(out)
     finally:
         os.close(out)
@@ -35,3 +36,12 @@ def sync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_whole(fd: int, data: bytes) -> None:
+    """One ``write`` call for all of ``data``; a short write is an error, not retried."""
+    written = os.write(fd, data)
+    if written != len(data):
+        # The rest tells why (ENOSPC, EFBIG, ...); it is never kept either way.
+        os.write(fd, data[written:])
+        raise OSError(errno.EIO, "short write")

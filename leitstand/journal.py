@@ -35,6 +35,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
+from leitstand.durable import write_whole
 from leitstand.keylog import RECORD, KeyIndex, KeyLog, key_hash, lines_hash, open_keys_dir
 
 log = logging.getLogger("leitstand.journal")
@@ -385,7 +386,7 @@ class Journal:
                         # Before the data is written: no data can reach the disk ahead of its key.
                         f.keys.sync()
             data = b"".join(pending)
-            _write_whole(fd, data)
+            write_whole(fd, data)
             if self.fsync:
                 os.fdatasync(fd)
                 synced = time.perf_counter() - started
@@ -509,7 +510,7 @@ class Journal:
             raise FileExistsError(errno.EEXIST, "no free name for the torn tail")
         try:
             for offset in range(start, end, _CHUNK):
-                _write_whole(out, os.pread(fd, min(_CHUNK, end - offset), offset))
+                write_whole(out, os.pread(fd, min(_CHUNK, end - offset), offset))
             os.fsync(out)
         finally:
             os.close(out)
@@ -544,15 +545,6 @@ def last_line_end(fd: int, size: int, count: int = 1) -> int:
                 return start + index + 1
         pos = start
     return 0
-
-
-def _write_whole(fd: int, data: bytes) -> None:
-    """One ``write`` call for all of ``data``; a short write is an error, not retried."""
-    written = os.write(fd, data)
-    if written != len(data):
-        # The rest tells why (ENOSPC, EFBIG, ...); it is never kept either way.
-        os.write(fd, data[written:])
-        raise OSError(errno.EIO, "short write")
 
 
 def _close_all(fds: list[int]) -> None:

@@ -37,6 +37,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable
 
+from leitstand.durable import write_whole
+
 log = logging.getLogger("leitstand.journal")
 
 STATE_DIR = ".leitstand"
@@ -167,7 +169,7 @@ class KeyLog:
             self.inode = os.fstat(self.fd).st_ino
             if fsync:
                 os.fsync(keys_dir)
-        _write_whole(self.fd, records)
+        write_whole(self.fd, records)
 
     def sync(self) -> None:
         assert self.fd is not None
@@ -198,7 +200,7 @@ class KeyLog:
         tmp = f".{self.name}.tmp"
         fd = os.open(tmp, _OPEN_FLAGS | os.O_CREAT | os.O_TRUNC, 0o600, dir_fd=keys_dir)
         try:
-            _write_whole(fd, packed)
+            write_whole(fd, packed)
             if fsync:
                 os.fsync(fd)
             os.rename(tmp, self.name, src_dir_fd=keys_dir, dst_dir_fd=keys_dir)
@@ -246,8 +248,3 @@ def _open_dir(parent: int, name: str, create: bool, fsync: bool) -> int | None:
         if fsync:
             os.fsync(parent)
     return os.open(name, _DIR_FLAGS, dir_fd=parent)
-
-
-def _write_whole(fd: int, data: bytes) -> None:
-    if os.write(fd, data) != len(data):
-        raise OSError(errno.EIO, "short write to a key log")
