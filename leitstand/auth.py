@@ -117,6 +117,7 @@ class Keyring:
     def reload(self) -> bool:
         """Read the token file again; True if its tokens are now in force."""
         if self.path is None:
+            log.info("nothing to reload: tokens come from LEITSTAND_TOKEN, which takes a restart to change")
             return False
         self._seen = self._stamp()
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -107,6 +108,8 @@ def serve(args: argparse.Namespace) -> None:
     logs.setup(settings.log_format)
     import uvicorn
 
+    if settings.workers > 1:
+        _pass_sighup_to_workers()
     uvicorn.run(
         "leitstand.asgi:app",
         host=settings.host,
@@ -121,6 +124,20 @@ def serve(args: argparse.Namespace) -> None:
         ssl_certfile=settings.ssl_certfile,
         ssl_keyfile=settings.ssl_keyfile,
     )
+
+
+def _pass_sighup_to_workers() -> None:
+    """On SIGHUP uvicorn's supervisor replaces every worker, and connections in flight can be
+    reset. leitstand's workers reload their token file in place, so it hands them the signal.
+    """
+    from uvicorn.supervisors.multiprocess import Multiprocess
+
+    def handle_hup(supervisor: Multiprocess) -> None:
+        for worker in supervisor.processes:
+            if worker.pid is not None:
+                os.kill(worker.pid, signal.SIGHUP)
+
+    Multiprocess.handle_hup = handle_hup  # type: ignore[method-assign,assignment]
 
 
 def archive(args: argparse.Namespace) -> None:

@@ -215,14 +215,16 @@ class Leitstand:
                 return
 
     def _watch_token_file(self) -> None:
-        """Reload the token file on SIGHUP and whenever it changes, without a restart."""
-        if self.keyring.path is None:
-            return
+        """Reload the token file on SIGHUP and whenever it changes, without a restart.
+
+        SIGHUP is taken even without a token file: its default action would end the process.
+        """
         loop = asyncio.get_running_loop()
         # Only the main thread may take signals; under a test harness there may be none.
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
             loop.add_signal_handler(signal.SIGHUP, self.keyring.reload)
-        self._watch = loop.create_task(self._poll_token_file())
+        if self.keyring.path is not None:
+            self._watch = loop.create_task(self._poll_token_file())
 
     async def _poll_token_file(self) -> None:
         while True:

@@ -228,15 +228,60 @@ def test_tls_with_a_self_signed_certificate(make_server: Any, tmp_path: Path) ->
 
 def test_sighup_to_leitstand_serve_with_workers_reloads_every_worker(make_server: Any, tmp_path: Path) -> None:
     tokens = tmp_path / "tokens"
-    tokens.write_text("token-aaaa\n")
+    tokens.write_text(f"{TOKEN}\ntoken-aaaa\n")
     server = make_server(command="serve", workers=2, env=token_file_env(tokens)).start()
     before = tokens.stat()
     with open(tokens, "r+") as f:
-        f.write("token-bbbb\n")
+        f.write(f"{TOKEN}\ntoken-bbbb\n")
     os.utime(tokens, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert server.proc is not None
-    os.kill(server.proc.pid, signal.SIGHUP)  # what `systemctl reload` sends: to the main process only
-    # uvicorn restarts the workers one by one; every new connection must then see the new token.
-    wait_until(lambda: all(status(server, "a", "token-bbbb") == 200 for _ in range(8)), timeout=30)
-    assert [status(server, "a", "token-aaaa") for _ in range(8)] == [401] * 8
+    wait_until(lambda: server.output().count(" INFO started ") == 2)  # both workers take SIGHUP now
+    pids = worker_pids(server.proc.pid)
+    assert len(pids) == 2
+    statuses: Counter[int] = Counter()
+    stop = threading.Event()
+
+    def steady_client() -> None:
+        with httpx.Client(timeout=10) as client:
+            while not stop.is_set():
+                # A new connection each time, so that both workers take some.
+                answer = client.post(f"{server.url}/ingest/steady", content=b"{}", headers={"X-Auth": TOKEN,
+                                                                                         "Connection": "close"})
+                statuses[answer.status_code] += 1
+
+    client = threading.Thread(target=steady_client)
+    client.start()
+    try:
+        os.kill(server.proc.pid, signal.SIGHUP)  # what `systemctl reload` sends: to the main process only
+
+        # Every worker reloads in place: whichever takes a connection knows the new token only.
+        def only_the_new_token() -> bool:
+            answers = [(status(server, "a", "token-bbbb"), status(server, "a", "token-aaaa")) for _ in range(8)]
+            return answers == [(200, 401)] * 8
+
+        wait_until(only_the_new_token, timeout=10)
+    finally:
+        stop.set()
+        client.join()
+    assert [status(server, "a", "token-aaaa") for _ in range(16)] == [401] * 16
+    assert worker_pids(server.proc.pid) == pids, "the workers were restarted, not reloaded"
+    assert statuses[200] > 0 and set(statuses) == {200}, statuses
     assert server.proc.poll() is None
+
+
+def worker_pids(parent: int) -> set[int]:
+    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    # uvicorn's workers, not the multiprocessing resource tracker.
+    return {int(pid) for pid in children if b"leitstand" in Path(f"/proc/{pid}/cmdline").read_bytes()
+            or b"multiprocessing.spawn" in Path(f"/proc/{pid}/cmdline").read_bytes()}
+
+
+def test_sighup_without_a_token_file_stops_nothing(make_server: Any) -> None:
+    server = make_server(command="serve", workers=2).start()
+    assert server.proc is not None
+    wait_until(lambda: server.output().count(" INFO started ") == 2)
+    pids = worker_pids(server.proc.pid)
+    server.signal(signal.SIGHUP)  # the main process and both workers
+    wait_until(lambda: server.output().count("nothing to reload") == 2)
+    assert server.post("a", "{}").status_code == 200
+    assert worker_pids(server.proc.pid) == pids and server.proc.poll() is None
