@@ -145,7 +145,7 @@ def _kept_prefix(
             return None
     except FileNotFoundError:
         return None
-    for chunk in datadir.read_range(src, 0, size):
+    for chunk in durable.read_range(src, 0, size):
         hasher.update(chunk)
         progress(len(chunk))
     return size if hasher.hexdigest() == digest else None
@@ -153,7 +153,7 @@ def _kept_prefix(
 
 def _copy(src: int, out: int, start: int, end: int, hasher: Any, progress: Progress) -> None:
     """Copy bytes ``start`` to ``end`` of ``src`` to where ``out`` stands, hash them, and sync ``out``."""
-    for chunk in datadir.read_range(src, start, end):
+    for chunk in durable.read_range(src, start, end):
         hasher.update(chunk)
         view = memoryview(chunk)
         while view:

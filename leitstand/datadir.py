@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from leitstand import domains, journal, keylog
+from leitstand.durable import read_range
 
 # Where leitstand keeps state of its own (idempotency key logs, the archiver's write-ahead
 # record): not a journal.
 STATE_DIR = keylog.STATE_DIR
 _READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
-CHUNK = 1 << 16
 _TORN = re.compile(r"(?P<journal>.+\.jsonl)\.torn-\d{8}T\d{6}Z(?:-\d+)?")
 # A name shortened by domains.file_name: the first labels, "_", 16 hex digits of the hash.
 _SHORTENED = re.compile(r"[a-z0-9.-]+_[0-9a-f]{16}\.jsonl")
@@ -113,15 +113,6 @@ def length(fd: int) -> Length:
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
     return Length(size, journal.last_line_end(fd, size))
-
-
-def read_range(fd: int, start: int, end: int) -> Iterator[bytes]:
-    """The bytes from ``start`` to ``end`` in chunks."""
-    for offset in range(start, end, CHUNK):
-        chunk = os.pread(fd, min(CHUNK, end - offset), offset)
-        if not chunk:
-            raise OSError(f"file shrank while being read, at byte {offset}")
-        yield chunk
 
 
 def lines(fd: int, end: int) -> Iterator[bytes]:

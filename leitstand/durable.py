@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Iterator
 from pathlib import Path
+
+CHUNK = 1 << 16
 
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
 
@@ -45,3 +48,12 @@ def write_whole(fd: int, data: bytes) -> None:
         # The rest tells why (ENOSPC, EFBIG, ...); it is never kept either way.
         os.write(fd, data[written:])
         raise OSError(errno.EIO, "short write")
+
+
+def read_range(fd: int, start: int, end: int) -> Iterator[bytes]:
+    """The bytes from ``start`` to ``end`` in chunks, so that no file is read into memory whole."""
+    for offset in range(start, end, CHUNK):
+        chunk = os.pread(fd, min(CHUNK, end - offset), offset)
+        if not chunk:
+            raise OSError(f"file shrank while being read, at byte {offset}")
+        yield chunk

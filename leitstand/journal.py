@@ -35,7 +35,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
-from leitstand.durable import write_whole
+from leitstand.durable import CHUNK, read_range, write_whole
 from leitstand.keylog import RECORD, KeyIndex, KeyLog, key_hash, lines_hash, open_keys_dir
 
 log = logging.getLogger("leitstand.journal")
@@ -46,7 +46,6 @@ _NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOF
 _FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 # O_NOFOLLOW on a symlink gives ELOOP; O_RDWR on a directory EISDIR.
 _REFUSED = frozenset({errno.ELOOP, errno.EISDIR})
-_CHUNK = 1 << 16
 PROBE = ".leitstand-probe"
 
 
@@ -509,8 +508,8 @@ class Journal:
         else:
             raise FileExistsError(errno.EEXIST, "no free name for the torn tail")
         try:
-            for offset in range(start, end, _CHUNK):
-                write_whole(out, os.pread(fd, min(_CHUNK, end - offset), offset))
+            for chunk in read_range(fd, start, end):
+                write_whole(out, chunk)
             os.fsync(out)
         finally:
             os.close(out)
@@ -536,7 +535,7 @@ def last_line_end(fd: int, size: int, count: int = 1) -> int:
     """The offset just after the ``count``-th ``\\n`` back from ``size``, or 0 if there are fewer."""
     pos = size
     while pos > 0:
-        start = max(0, pos - _CHUNK)
+        start = max(0, pos - CHUNK)
         chunk = os.pread(fd, pos - start, start)
         index = len(chunk)
         while (index := chunk.rfind(b"\n", 0, index)) >= 0:

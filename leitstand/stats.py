@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from leitstand import datadir, domains
+from leitstand import datadir, domains, durable
 
 _AT_FDCWD = -100
 _AT_SYMLINK_NOFOLLOW = 0x100
@@ -43,7 +43,7 @@ def stats(directory: Path) -> list[DomainStats]:
         path = directory / name
         with datadir.opened(path) as fd:
             length = datadir.length(fd)
-            events = sum(chunk.count(b"\n") for chunk in datadir.read_range(fd, 0, length.whole))
+            events = sum(chunk.count(b"\n") for chunk in durable.read_range(fd, 0, length.whole))
             mtime = os.fstat(fd).st_mtime
         found.append(DomainStats(name, name.removesuffix(domains.SUFFIX), events, length.size, _birth_time(path), mtime))
     return found

@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from leitstand import datadir, journal
+from leitstand import datadir, durable, journal
 
 
 def last(path: Path, count: int) -> tuple[bytes, int]:
@@ -19,7 +19,7 @@ def last(path: Path, count: int) -> tuple[bytes, int]:
         end = datadir.length(fd).whole
         # They begin just after the newline ``count + 1`` back from ``end``, which ends a line.
         start = journal.last_line_end(fd, end, count + 1) if count > 0 else end
-        return b"".join(datadir.read_range(fd, start, end)), end
+        return b"".join(durable.read_range(fd, start, end)), end
 
 
 def follow(path: Path, offset: int, interval: float = 0.2) -> Iterator[bytes]:
@@ -34,7 +34,7 @@ def follow(path: Path, offset: int, interval: float = 0.2) -> Iterator[bytes]:
                 if end < offset:
                     offset = 0
                 if end > offset:
-                    yield b"".join(datadir.read_range(fd, offset, end))
+                    yield b"".join(durable.read_range(fd, offset, end))
                     offset = end
         except FileNotFoundError:
             offset = 0
