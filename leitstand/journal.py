@@ -97,6 +97,8 @@ class Appended(enum.Enum):
 # A key with the hash of the lines it stands for.
 _Key = tuple[bytes, bytes]
 _Waiter = asyncio.Future[Appended]
+# One append: its lines, who waits for it, and its key.
+_Append = tuple[bytes, _Waiter, _Key | None]
 # What a commit hands back to the event loop: its waiters, what became of each (None: all
 # stored), and the error they all get.
 _Outcome = tuple[list[_Waiter], list[Appended] | None, JournalError | None]
@@ -145,34 +147,43 @@ def reason(exc: OSError) -> str:
     return _REASONS.get(exc.errno or 0) or (exc.strerror or "unknown error").lower()
 
 
+class _Batch:
+    """The appends waiting for the next commit of one file.
+
+    A commit takes the batch whole and leaves a new one behind, so nothing that later appends
+    add can reach a commit under way.
+    """
+
+    __slots__ = ("appends", "keyed")
+
+    def __init__(self) -> None:
+        self.appends: list[_Append] = []
+        # Whether any append has a key.
+        self.keyed = False
+
+
 class _File:
     """One journal file and the appends waiting for its next commit."""
 
-    __slots__ = ("name", "fd", "end", "pending", "waiters", "keyed", "keys", "busy", "mutex")
+    __slots__ = ("batch", "busy", "end", "fd", "keys", "mutex", "name")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.fd: int | None = None
         # The length this process last left the file at; -1 until it has looked.
         self.end = -1
-        self.pending: list[bytes] = []
-        self.waiters: list[_Waiter] = []
-        # The keys of the pending appends that have one, by their place in pending.
-        self.keyed: dict[int, _Key] = {}
+        self.batch = _Batch()
         self.keys = KeyLog(name)
         # A commit is under way or scheduled; only the event loop reads and sets it.
         self.busy = False
-        # pending and waiters are filled on the event loop and taken on a pool thread.
+        # The batch is filled on the event loop and taken on a pool thread.
         self.mutex = threading.Lock()
 
-    def take(self) -> tuple[list[bytes], list[_Waiter], dict[int, _Key]]:
-        """Everything that waits for a commit, leaving nothing behind."""
+    def take(self) -> _Batch:
+        """Everything that waits for a commit, leaving a new, empty batch behind."""
         with self.mutex:
-            pending, waiters, keyed = self.pending, self.waiters, self.keyed
-            self.pending, self.waiters = [], []
-            if keyed:
-                self.keyed = {}
-        return pending, waiters, keyed
+            batch, self.batch = self.batch, _Batch()
+        return batch
 
 
 class Journal:
@@ -271,10 +282,9 @@ class Journal:
                 return Appended.DUPLICATE if known == hashed[1] else Appended.CONFLICT
         waiter: _Waiter = self._loop.create_future()
         with f.mutex:
-            if hashed is not None:
-                f.keyed[len(f.pending)] = hashed
-            f.pending.append(data)
-            f.waiters.append(waiter)
+            batch = f.batch
+            batch.appends.append((data, waiter, hashed))
+            batch.keyed = batch.keyed or hashed is not None
         if not f.busy:
             f.busy = True
             self._commit_pending(f)
@@ -318,8 +328,8 @@ class Journal:
                 waiter.set_result(Appended.STORED if results is None else results[n])
             else:
                 waiter.set_exception(error)
-        # No commit of f runs now, so pending can be read without the mutex.
-        if f.pending:
+        # No commit of f runs now, so the batch can be read without the mutex.
+        if f.batch.appends:
             self._commit_pending(f)
         else:
             f.busy = False
@@ -338,13 +348,14 @@ class Journal:
             fd = f.fd
             fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError as exc:
-            return f.take()[1], None, _journal_error(f.name, "open", exc)
+            return _waiters(f.take()), None, _journal_error(f.name, "open", exc)
         waiters: list[_Waiter] = []
         try:
             # Taken only now that the lock is held: appends that came in while another
             # worker held it join this commit instead of waiting for the next one.
-            pending, waiters, keyed = f.take()
-            written = self._append_locked(f, fd, pending, keyed)
+            batch = f.take()
+            waiters = _waiters(batch)
+            written = self._append_locked(f, fd, batch)
         except OSError as exc:
             return waiters, None, _journal_error(f.name, "write", exc)
         except Exception as exc:
@@ -356,7 +367,7 @@ class Journal:
         self.observer.committed(written.appends, written.nbytes, written.sync_seconds)
         return waiters, written.results, None
 
-    def _append_locked(self, f: _File, fd: int, pending: list[bytes], keyed: dict[int, _Key]) -> _Written:
+    def _append_locked(self, f: _File, fd: int, batch: _Batch) -> _Written:
         """Append ``pending`` to the file ``f`` has locked, or leave the file as it was.
 
         Key records are written and synced before the data is written: a record whose data did
@@ -372,18 +383,20 @@ class Journal:
             if size != f.end:
                 # Someone else appended (another worker), or this is the first look.
                 size = self._repair_tail(fd, f.name, size)
-            keys_dir = self._keys_dir_fd(create=bool(keyed))
+            keys_dir = self._keys_dir_fd(create=batch.keyed)
             if keys_dir is not None:
                 f.keys.catch_up(keys_dir, size, self.keys)
             started = time.perf_counter()
-            if keyed:
+            if batch.keyed:
                 assert keys_dir is not None
-                pending, results, records = self._decide(size, pending, keyed)
+                pending, results, records = self._decide(size, batch.appends)
                 if records:
                     f.keys.write(keys_dir, b"".join(RECORD.pack(*r) for r in records), self.fsync)
                     if self.fsync:
                         # Before the data is written: no data can reach the disk ahead of its key.
                         f.keys.sync()
+            else:
+                pending = [append[0] for append in batch.appends]
             data = b"".join(pending)
             write_whole(fd, data)
             if self.fsync:
@@ -407,18 +420,17 @@ class Journal:
         return _Written(results, len(pending), len(data), synced)
 
     def _decide(
-        self, size: int, pending: list[bytes], keyed: dict[int, _Key]
+        self, size: int, appends: list[_Append]
     ) -> tuple[list[bytes], list[Appended], list[tuple[float, bytes, bytes, int]]]:
         """Which appends to write (those without a key, and keys new within the window), and the
         key records for them, each with the file's length once its lines are in."""
         now = time.time()
-        results = [Appended.STORED] * len(pending)
+        results = [Appended.STORED] * len(appends)
         kept: list[bytes] = []
         records: list[tuple[float, bytes, bytes, int]] = []
         in_batch: dict[bytes, bytes] = {}
         end = size
-        for n, data in enumerate(pending):
-            hashed = keyed.get(n)
+        for n, (data, _, hashed) in enumerate(appends):
             if hashed is not None:
                 key, lines = hashed
                 known = in_batch.get(key) or self.keys.find(key, now)
@@ -544,6 +556,10 @@ def last_line_end(fd: int, size: int, count: int = 1) -> int:
                 return start + index + 1
         pos = start
     return 0
+
+
+def _waiters(batch: _Batch) -> list[_Waiter]:
+    return [append[1] for append in batch.appends]
 
 
 def _close_all(fds: list[int]) -> None:

@@ -212,11 +212,13 @@ class Load:
     """Concurrent clients posting events with ids used once; remembers which were acknowledged.
 
     Each request carries one of ``batches`` events (an object for one, an array for more),
-    to a domain drawn from ``domains``, padded with up to ``pad`` bytes. A client never
-    retries: a request that fails or dies with the server is simply not acknowledged, so
-    every acknowledged id must be on disk exactly once. With ``retry``, each batch carries
-    its own Idempotency-Key and is sent again (same key, same body) after a connection error
-    or a 5xx until it is answered: every batch sent is then acknowledged, and on disk once.
+    to a domain drawn from ``domains``, padded with up to ``pad`` bytes. A client without a
+    key never retries: a request that fails or dies with the server is simply not
+    acknowledged, so every acknowledged id must be on disk exactly once. The first ``keyed``
+    clients give each batch its own Idempotency-Key and send it again (same key, same body)
+    after a connection error or a 5xx until it is answered: every batch they send is then
+    acknowledged, and on disk once. Every batch sent, acknowledged or not, must be on disk
+    whole or not at all (:func:`partial_batches`).
     """
 
     def __init__(
@@ -227,10 +229,10 @@ class Load:
         batches: Sequence[int] = (1,),
         pad: int = 0,
         seed: int = 0,
-        retry: bool = False,
+        keyed: int = 0,
     ) -> None:
         self.url = url
-        self.retry = retry
+        self.keyed = keyed
         self.domains = domains
         self.batches = batches
         self.pad = pad
@@ -238,8 +240,12 @@ class Load:
         self.acked: set[str] = set()
         self.statuses: Counter[int] = Counter()
         self.request_ids: set[str] = set()
-        # With retry: the ids of batches sent more than once.
+        # The ids of keyed batches sent more than once.
         self.retried: set[str] = set()
+        # Every batch sent, as its ids.
+        self.sent: list[list[str]] = []
+        # Keyed batches answered as a replay (Idempotent-Replayed) on their first try: each one lost.
+        self.replayed_first_tries = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._client, args=(n,), daemon=True) for n in range(clients)]
@@ -264,14 +270,21 @@ class Load:
                 events = [{"id": i, "pad": "x" * rng.randrange(self.pad)} if self.pad else {"id": i} for i in ids]
                 body = orjson.dumps(events if len(events) > 1 else events[0])
                 url = f"{self.url}/ingest/{rng.choice(self.domains)}"
-                headers = {"Idempotency-Key": f"{self.seed}-{n}-{seq}"} if self.retry else {}
+                retry = n < self.keyed
+                headers = {"Idempotency-Key": f"{self.seed}-{n}-{seq}"} if retry else {}
+                with self._lock:
+                    self.sent.append(ids)
                 # A batch once sent is retried until answered, even after the test asked to stop.
-                while not self._post(client, url, body, headers, ids) and self.retry:
+                first = True
+                while not self._post(client, url, body, headers, ids, first) and retry:
+                    first = False
                     with self._lock:
                         self.retried.update(ids)
                     time.sleep(0.02)
 
-    def _post(self, client: httpx.Client, url: str, body: bytes, headers: dict[str, str], ids: list[str]) -> bool:
+    def _post(
+        self, client: httpx.Client, url: str, body: bytes, headers: dict[str, str], ids: list[str], first: bool
+    ) -> bool:
         """Whether the request was answered, other than with a 5xx."""
         try:
             response = client.post(url, content=body, headers=headers)
@@ -283,6 +296,8 @@ class Load:
             self.request_ids.add(response.headers.get("x-request-id", ""))
             if response.status_code == 200:
                 self.acked.update(ids)
+                if first and "idempotent-replayed" in response.headers:
+                    self.replayed_first_tries += 1
         return response.status_code < 500
 
 
@@ -293,6 +308,11 @@ def stored_ids(data_dir: Path) -> Counter[str]:
         for line in read_lines(path):
             found[orjson.loads(line)["id"]] += 1
     return found
+
+
+def partial_batches(found: Counter[str], sent: list[list[str]]) -> list[list[str]]:
+    """The batches of which some events are stored and some are not: each breaks all-or-nothing."""
+    return [ids for ids in sent if 0 < sum(i in found for i in ids) < len(ids)]
 
 
 def assert_all_acked_stored_once(data_dir: Path, acked: set[str]) -> Counter[str]:

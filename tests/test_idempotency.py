@@ -150,6 +150,22 @@ def test_two_workers_store_a_key_sent_to_both_at_once_only_once(make_server: Any
     assert stored_ids(server.data_dir) == Counter({f"key-{n}": 1 for n in range(40)})
 
 
+def test_keyed_and_unkeyed_senders_on_the_same_domains_lose_nothing(make_server: Any) -> None:
+    """Keyed and unkeyed appends meet in the same commits of one file: no keyed request may be
+    answered as a replay on its first try (it would never be stored), and every acknowledged
+    event is stored exactly once. (When a commit handed on the key table of the appends that
+    arrived during it, this lost about 1 keyed request in 70.)"""
+    server: Server = make_server().start()
+    with Load(server.url, ["m1", "m2", "m3"], clients=12, batches=(3, 4), keyed=6) as load:
+        time.sleep(5)
+    found = stored_ids(server.data_dir)
+    assert load.statuses.keys() == {200}, load.statuses
+    assert len(load.sent) > 1000, "too little load to judge"
+    assert load.replayed_first_tries == 0, f"{load.replayed_first_tries} first tries answered as replays"
+    assert load.acked == set(found), f"lost {len(load.acked - set(found))}"
+    assert max(found.values()) == 1
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_kill_9_while_clients_retry_stores_every_event_exactly_once(make_server: Any, workers: int) -> None:
     """The keys are recorded before the data and count only once the data is in the file, so a
@@ -159,7 +175,7 @@ def test_kill_9_while_clients_retry_stores_every_event_exactly_once(make_server:
     seed = rng.randrange(1 << 30)
     rng.seed(seed)
     server: Server = make_server(workers=workers, command="serve").start()
-    with Load(server.url, ["x1", "x2"], clients=24, batches=(1, 3), seed=seed, retry=True) as load:
+    with Load(server.url, ["x1", "x2"], clients=24, batches=(1, 3), seed=seed, keyed=24) as load:
         crash_repeatedly(server, rng, 12, (0.2, 0.7))
         time.sleep(0.3)
     server.stop()
@@ -185,7 +201,7 @@ def test_power_cuts_while_clients_retry_lose_nothing(
         server: Server = make_server(data_dir=fs.mountpoint / "data")
         try:
             server.start()
-            with Load(server.url, DOMAINS, clients=16, batches=(1, 3), seed=seed, retry=True) as load:
+            with Load(server.url, DOMAINS, clients=16, batches=(1, 3), seed=seed, keyed=16) as load:
                 for n in range(CUTS):
                     time.sleep(rng.uniform(0.2, 0.8))
                     power_cut(server, fs, rng.randrange(1 << 30) if n % 2 == 0 else None)

@@ -6,14 +6,16 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_journal import opened, run
 
 from leitstand import keylog
-from leitstand.journal import Appended, StorageFull, StorageUnavailable
+from leitstand.journal import Appended, Journal, StorageFull, StorageUnavailable
 from leitstand.keylog import RECORD, key_hash, lines_hash
 
 KEYS = Path(".leitstand") / "keys"
@@ -198,3 +200,60 @@ def test_appends_without_a_key_make_no_state_dir_and_no_extra_sync(
     run(main())
     assert len(syncs) == 5
     assert not (tmp_path / ".leitstand").exists()
+
+
+class PausingJournal(Journal):
+    """A journal whose commits stop after taking their appends, until the test lets them go on:
+    appends made meanwhile wait for the next commit, exactly as under load, but every time."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.taken = threading.Event()
+        self.go_on = threading.Event()
+
+    def _append_locked(self, *args: Any) -> Any:
+        self.taken.set()
+        assert self.go_on.wait(10), "the test never let the commit go on"
+        self.go_on.clear()
+        return super()._append_locked(*args)
+
+
+@pytest.mark.parametrize(
+    "order",
+    ["unkeyed then keyed", "keyed then unkeyed", "keyed then keyed", "unkeyed batch then keyed batch"],
+)
+def test_appends_arriving_during_a_commit_keep_their_own_keys(tmp_path: Path, order: str) -> None:
+    """Keyed and unkeyed appends interleaved across commits: each append is stored with its own key,
+    under its own lines, and none is answered as a replay of another."""
+    first_key = None if order.startswith("unkeyed") else b"k1"
+    second_key = b"k2"
+    batch = order.startswith("unkeyed batch")
+    first = b"a1\na2\n" if batch else b"a\n"
+    second = b"b1\nb2\nb3\n" if batch else b"b\n"
+
+    async def main() -> list[Appended]:
+        journal = PausingJournal(tmp_path)
+        await journal.open()
+        committing = asyncio.ensure_future(journal.append("a.jsonl", first, first_key))
+        await asyncio.get_running_loop().run_in_executor(None, journal.taken.wait, 10)
+        # The first commit has taken its append; these arrive while it is under way.
+        during = [asyncio.ensure_future(journal.append("a.jsonl", second, second_key)),
+                  asyncio.ensure_future(journal.append("a.jsonl", b"c\n"))]
+        await asyncio.sleep(0.01)
+        journal.go_on.set()
+        results = [await committing]
+        journal.go_on.set()
+        results += await asyncio.gather(*during)
+        assert await journal.append("a.jsonl", second, second_key) is Appended.DUPLICATE
+        if first_key is not None:
+            assert await journal.append("a.jsonl", first, first_key) is Appended.DUPLICATE
+        await journal.close()
+        return results
+
+    assert run(main()) == [Appended.STORED] * 3
+    assert (tmp_path / "a.jsonl").read_bytes() == first + second + b"c\n"
+    keyed = {key: (lines, end) for _, key, lines, end in records(tmp_path)}
+    expected = {key_hash("a.jsonl", second_key): (lines_hash(second), len(first + second))}
+    if first_key is not None:
+        expected[key_hash("a.jsonl", first_key)] = (lines_hash(first), len(first))
+    assert keyed == expected
