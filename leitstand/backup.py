@@ -115,7 +115,7 @@ def prepare(source: Path, dest: Path) -> Backup:
     lengths = {}
     for name in datadir.journal_names(source):
         with datadir.opened(source / name) as fd:
-            lengths[name] = datadir.length(fd).whole
+            lengths[name] = datadir.length(fd, source / name).whole
     return Backup(source, dest, lengths, _read_manifest(dest))
 
 

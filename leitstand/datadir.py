@@ -2,9 +2,10 @@
 
 The operator commands (verify, backup, stats, tail, check-config) read the files while
 the service may be appending. A commit holds ``flock`` across write and sync, so the
-length read under that lock, cut back to the last ``\\n``, is a prefix that no running
-server changes any more: the journal only appends, and cuts a file back only to a
-length it had when the lock was last released.
+length read under that lock, cut back to the last whole request (by the request log, see
+:mod:`leitstand.keylog`) and to the last ``\\n``, is a prefix that no running server changes
+any more: the journal only appends, and cuts a file back only to a length it had when the
+lock was last released, or past what a crash left of a request that was never acknowledged.
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from leitstand import domains, journal, keylog
-from leitstand.durable import read_range
+from leitstand.durable import NAME_MAX, read_range
 
 # Where leitstand keeps state of its own (idempotency key logs, the archiver's write-ahead
 # record): not a journal.
 STATE_DIR = keylog.STATE_DIR
 _READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
-_TORN = re.compile(r"(?P<journal>.+\.jsonl)\.torn-\d{8}T\d{6}Z(?:-\d+)?")
+_TORN = re.compile(r"(?P<journal>.+)\.torn-\d{8}T\d{6}Z(?:-\d+)?")
 # A name shortened by domains.file_name: the first labels, "_", 16 hex digits of the hash.
 _SHORTENED = re.compile(r"[a-z0-9.-]+_[0-9a-f]{16}\.jsonl")
 
@@ -50,7 +51,8 @@ def kind_of(name: str, *, regular_file: bool = True) -> Kind:
     if name.startswith(journal.PROBE + "-"):
         return Kind.PROBE
     torn = _TORN.fullmatch(name)
-    if torn is not None and is_journal_name(torn["journal"]):
+    # The journal cuts the name of a long journal down to the filesystem's limit to make room.
+    if torn is not None and (is_journal_name(torn["journal"]) or len(name) == NAME_MAX):
         return Kind.TORN
     return Kind.JOURNAL if is_journal_name(name) else Kind.STRAY
 
@@ -95,7 +97,7 @@ def opened(path: Path) -> Iterator[int]:
 
 @dataclass(frozen=True)
 class Length:
-    """How long a file was between two commits, and where its last whole line ends."""
+    """How long a file was between two commits, and where its last whole request ends."""
 
     size: int
     whole: int
@@ -105,14 +107,25 @@ class Length:
         return self.whole != self.size
 
 
-def length(fd: int) -> Length:
-    """The file's length between two commits: taken under the journal's lock, held only for a moment."""
-    fcntl.flock(fd, fcntl.LOCK_SH)
+def length(fd: int, path: Path) -> Length:
+    """The length of the journal file ``path`` (open as ``fd``) between two commits: taken under the
+    journal's lock, held only for a moment, together with what its request log says of it."""
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        size = os.fstat(fd).st_size
+        requests_dir = keylog.open_requests_dir(directory, create=False, fsync=False)
     finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-    return Length(size, journal.last_line_end(fd, size))
+        os.close(directory)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        try:
+            size = os.fstat(fd).st_size
+            whole = size if requests_dir is None else keylog.whole_requests(requests_dir, path.name, size)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        if requests_dir is not None:
+            os.close(requests_dir)
+    return Length(size, journal.last_line_end(fd, whole))
 
 
 def lines(fd: int, end: int) -> Iterator[bytes]:

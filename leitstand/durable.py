@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 CHUNK = 1 << 16
+# The longest file name most filesystems take.
+NAME_MAX = 255
 
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
 

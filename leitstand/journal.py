@@ -8,11 +8,16 @@ Why it is built this way:
   workers appending to one file never interleave, and each sees what the others wrote.
 * **No partial state.** A failed write or sync cuts the file back to its last good length
   through a fresh descriptor (after a failed fsync the old one cannot be trusted).
-* **Torn tails.** A last line without ``\\n`` (a crash mid-write, a backup copied mid-write)
-  is moved aside to ``<name>.torn-<UTC time>`` before anything is appended after it.
+* **Whole requests.** A commit that holds an append with an idempotency key, or of more
+  than one line, first records where each such append starts and ends, and syncs that
+  record before it writes the data (see :mod:`leitstand.keylog`). After a crash, a request
+  that reached the disk only in part (a power cut keeps any prefix of what was not synced;
+  a kill can cut a large write short) is cut off back to its start; a last line without
+  ``\\n`` is cut off too. What is cut off is moved aside to ``<name>.torn-<UTC time>``
+  before anything is appended after it. Appends of one line without a key, the common case,
+  need no record: a line is whole or torn.
 * **Idempotency keys.** An append may carry a key; the key is looked up and recorded in the
-  commit, under the lock, so two workers with the same key never both store (see
-  :mod:`leitstand.keylog`). Appends without a key pay one ``stat`` per commit for it.
+  commit, under the lock, so two workers with the same key never both store.
 
 All file I/O runs on a small thread pool, never on the event loop. The journal knows
 file names and bytes; it knows nothing of HTTP or domains, and tells what it does only to
@@ -35,8 +40,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
-from leitstand.durable import CHUNK, read_range, write_whole
-from leitstand.keylog import RECORD, KeyIndex, KeyLog, key_hash, lines_hash, open_keys_dir
+from leitstand.durable import CHUNK, NAME_MAX, read_range, write_whole
+from leitstand.keylog import NO_KEY, RECORD, KeyIndex, RequestLog, key_hash, lines_hash, open_requests_dir
 
 log = logging.getLogger("leitstand.journal")
 
@@ -78,7 +83,7 @@ class Observer:
         """One commit failed; its appends all get ``error``."""
 
     def repaired(self) -> None:
-        """A torn tail was set aside."""
+        """A torn line or a request cut short by a crash was set aside."""
 
     def opened(self, delta: int) -> None:
         """The number of open journal files changed by ``delta``."""
@@ -97,8 +102,11 @@ class Appended(enum.Enum):
 # A key with the hash of the lines it stands for.
 _Key = tuple[bytes, bytes]
 _Waiter = asyncio.Future[Appended]
-# One append: its lines, who waits for it, and its key.
-_Append = tuple[bytes, _Waiter, _Key | None]
+# One append: its lines, who waits for it, its key, and whether it needs a record (a key, or
+# more than one line).
+_Append = tuple[bytes, _Waiter, _Key | None, bool]
+# One record of the request log: time, key hash, lines hash, start, end.
+_Record = tuple[float, bytes, bytes, int, int]
 # What a commit hands back to the event loop: its waiters, what became of each (None: all
 # stored), and the error they all get.
 _Outcome = tuple[list[_Waiter], list[Appended] | None, JournalError | None]
@@ -154,18 +162,18 @@ class _Batch:
     add can reach a commit under way.
     """
 
-    __slots__ = ("appends", "keyed")
+    __slots__ = ("appends", "recorded")
 
     def __init__(self) -> None:
         self.appends: list[_Append] = []
-        # Whether any append has a key.
-        self.keyed = False
+        # Whether any append needs a record in the request log.
+        self.recorded = False
 
 
 class _File:
     """One journal file and the appends waiting for its next commit."""
 
-    __slots__ = ("batch", "busy", "end", "fd", "keys", "mutex", "name")
+    __slots__ = ("batch", "busy", "end", "fd", "mutex", "name", "requests")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -173,7 +181,7 @@ class _File:
         # The length this process last left the file at; -1 until it has looked.
         self.end = -1
         self.batch = _Batch()
-        self.keys = KeyLog(name)
+        self.requests = RequestLog(name)
         # A commit is under way or scheduled; only the event loop reads and sets it.
         self.busy = False
         # The batch is filled on the event loop and taken on a pool thread.
@@ -207,9 +215,9 @@ class Journal:
         self._files: OrderedDict[str, _File] = OrderedDict()
         self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="journal")
         self._dir_fd = -1
-        # .leitstand/keys, once it exists; only commit threads touch it, under a file's lock.
-        self._keys_dir: int | None = None
-        self._keys_dir_lock = threading.Lock()
+        # .leitstand/requests, once it exists; only commit threads touch it, under a file's lock.
+        self._requests_dir: int | None = None
+        self._requests_dir_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle -------------------------------------------------------------------
@@ -225,9 +233,9 @@ class Journal:
             await asyncio.sleep(0.005)
         fds = [fd for f in self._files.values() for fd in self._release(f)]
         self._files.clear()
-        if self._keys_dir is not None:
-            fds.append(self._keys_dir)
-            self._keys_dir = None
+        if self._requests_dir is not None:
+            fds.append(self._requests_dir)
+            self._requests_dir = None
         if self._dir_fd >= 0:
             fds.append(self._dir_fd)
             self._dir_fd = -1
@@ -235,20 +243,23 @@ class Journal:
         self._executor.shutdown(wait=True)
 
     def _open_directory(self) -> dict[str, int]:
+        """Open the directory and cut every file back to whole requests; returns the bytes set aside per file."""
         self._dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         repaired = {}
         with os.scandir(self._dir_fd) as entries:
             names = [e.name for e in entries if e.name.endswith(SUFFIX) and e.is_file(follow_symlinks=False)]
+        requests_dir = self._requests_dir_fd(create=False)
         for name in sorted(names):
+            f = _File(name)
             fd = os.open(name, _OPEN_FLAGS, dir_fd=self._dir_fd)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 size = os.fstat(fd).st_size
-                cut = size - self._repair_tail(fd, name, size)
+                cut = size - self._recover(f, fd, size, requests_dir)
                 if cut:
                     repaired[name] = cut
             finally:
-                os.close(fd)
+                _close_all([fd, *f.requests.close()])
         return repaired
 
     @property
@@ -280,11 +291,12 @@ class Journal:
             known = self.keys.find(hashed[0], time.time())
             if known is not None:
                 return Appended.DUPLICATE if known == hashed[1] else Appended.CONFLICT
+        recorded = hashed is not None or data.find(b"\n") + 1 < len(data)
         waiter: _Waiter = self._loop.create_future()
         with f.mutex:
             batch = f.batch
-            batch.appends.append((data, waiter, hashed))
-            batch.keyed = batch.keyed or hashed is not None
+            batch.appends.append((data, waiter, hashed, recorded))
+            batch.recorded = batch.recorded or recorded
         if not f.busy:
             f.busy = True
             self._commit_pending(f)
@@ -304,8 +316,8 @@ class Journal:
         return f
 
     def _release(self, f: _File) -> list[int]:
-        """The descriptors of a file no longer kept (journal file and key log), for the caller to close."""
-        fds = f.keys.close()
+        """The descriptors of a file no longer kept (journal file and request log), for the caller to close."""
+        fds = f.requests.close()
         if f.fd is not None:
             fds.append(f.fd)
             self.observer.opened(-1)
@@ -368,36 +380,33 @@ class Journal:
         return waiters, written.results, None
 
     def _append_locked(self, f: _File, fd: int, batch: _Batch) -> _Written:
-        """Append ``pending`` to the file ``f`` has locked, or leave the file as it was.
+        """Append ``batch`` to the file ``f`` has locked, or leave the file as it was.
 
-        Key records are written and synced before the data is written: a record whose data did
-        not follow is cut off by the next commit's :meth:`KeyLog.catch_up`, never believed, and
-        no data reaches the disk without its key.
+        Records are written and synced before the data is written: a record whose data did not
+        follow is cut off by the next commit's :meth:`_recover`, never believed, and no data
+        reaches the disk without its record.
         """
         size = -1
-        results = None
-        records: list[tuple[float, bytes, bytes, int]] = []
+        records: list[_Record] = []
         synced = None
         try:
             size = os.fstat(fd).st_size
-            if size != f.end:
+            requests_dir = self._requests_dir_fd(create=batch.recorded)
+            if requests_dir is not None or size != f.end:
                 # Someone else appended (another worker), or this is the first look.
-                size = self._repair_tail(fd, f.name, size)
-            keys_dir = self._keys_dir_fd(create=batch.keyed)
-            if keys_dir is not None:
-                f.keys.catch_up(keys_dir, size, self.keys)
+                size = self._recover(f, fd, size, requests_dir)
             started = time.perf_counter()
-            if batch.keyed:
-                assert keys_dir is not None
-                pending, results, records = self._decide(size, batch.appends)
+            results = None
+            if batch.recorded:
+                assert requests_dir is not None
+                data, results, records = self._decide(size, batch.appends)
                 if records:
-                    f.keys.write(keys_dir, b"".join(RECORD.pack(*r) for r in records), self.fsync)
+                    f.requests.write(requests_dir, b"".join(RECORD.pack(*r) for r in records), self.fsync)
                     if self.fsync:
-                        # Before the data is written: no data can reach the disk ahead of its key.
-                        f.keys.sync()
+                        # Before the data is written: no data can reach the disk ahead of its record.
+                        f.requests.sync()
             else:
-                pending = [append[0] for append in batch.appends]
-            data = b"".join(pending)
+                data = b"".join([append[0] for append in batch.appends])
             write_whole(fd, data)
             if self.fsync:
                 os.fdatasync(fd)
@@ -405,32 +414,32 @@ class Journal:
             f.end = size + len(data)
         except Exception:
             if records:
-                f.keys.roll_back()
+                f.requests.roll_back()
             self._roll_back(f, size)
             raise
         if records:
-            assert keys_dir is not None
-            f.keys.committed(len(records) * RECORD.size)
-            self.keys.add(((when, key, lines) for when, key, lines, _ in records), time.time())
+            assert requests_dir is not None
+            f.requests.committed(len(records) * RECORD.size)
+            self.keys.add(((when, key, lines) for when, key, lines, _, _ in records if key != NO_KEY), time.time())
             try:
-                f.keys.compact(keys_dir, self.keys, self.fsync)
+                f.requests.compact(requests_dir, self.keys, self.fsync)
             except OSError as exc:
-                # The old key log stays; the next commit of this file tries again.
-                log.error("key log compaction failed: file=%s error=%s", f.keys.name, exc.strerror)
-        return _Written(results, len(pending), len(data), synced)
+                # The old request log stays; the next commit of this file tries again.
+                log.error("request log compaction failed: file=%s error=%s", f.requests.name, exc.strerror)
+        stored = len(batch.appends) if results is None else results.count(Appended.STORED)
+        return _Written(results, stored, len(data), synced)
 
-    def _decide(
-        self, size: int, appends: list[_Append]
-    ) -> tuple[list[bytes], list[Appended], list[tuple[float, bytes, bytes, int]]]:
-        """Which appends to write (those without a key, and keys new within the window), and the
-        key records for them, each with the file's length once its lines are in."""
+    def _decide(self, size: int, appends: list[_Append]) -> tuple[bytes, list[Appended], list[_Record]]:
+        """What to write (appends without a key, and keys new within the window), what became of
+        each append, and the records for those written that need one."""
         now = time.time()
         results = [Appended.STORED] * len(appends)
         kept: list[bytes] = []
-        records: list[tuple[float, bytes, bytes, int]] = []
+        records: list[_Record] = []
         in_batch: dict[bytes, bytes] = {}
         end = size
-        for n, (data, _, hashed) in enumerate(appends):
+        for n, (data, _, hashed, recorded) in enumerate(appends):
+            key = lines = NO_KEY
             if hashed is not None:
                 key, lines = hashed
                 known = in_batch.get(key) or self.keys.find(key, now)
@@ -438,18 +447,19 @@ class Journal:
                     results[n] = Appended.DUPLICATE if known == lines else Appended.CONFLICT
                     continue
                 in_batch[key] = lines
-                records.append((now, key, lines, end + len(data)))
+            start, end = end, end + len(data)
+            if recorded:
+                records.append((now, key, lines, start, end))
             kept.append(data)
-            end += len(data)
-        return kept, results, records
+        return b"".join(kept), results, records
 
-    def _keys_dir_fd(self, create: bool) -> int | None:
-        """``.leitstand/keys``, opened once it exists (made by the first key, here or in another worker)."""
-        if self._keys_dir is None:
-            with self._keys_dir_lock:
-                if self._keys_dir is None:
-                    self._keys_dir = open_keys_dir(self._dir_fd, create, self.fsync)
-        return self._keys_dir
+    def _requests_dir_fd(self, create: bool) -> int | None:
+        """``.leitstand/requests``, opened once it exists (made by the first record, here or in another worker)."""
+        if self._requests_dir is None:
+            with self._requests_dir_lock:
+                if self._requests_dir is None:
+                    self._requests_dir = open_requests_dir(self._dir_fd, create, self.fsync)
+        return self._requests_dir
 
     def _open_file(self, name: str) -> int:
         try:
@@ -492,26 +502,37 @@ class Journal:
         finally:
             _close_all([fd for fd in (fresh, old) if fd >= 0])
 
-    def _repair_tail(self, fd: int, name: str, size: int) -> int:
-        """Make sure the file ends with a whole line; returns its good length.
+    def _recover(self, f: _File, fd: int, size: int, requests_dir: int | None) -> int:
+        """Make sure the file ``f`` has locked holds only whole requests; returns its good length.
 
-        A fragment after the last ``\\n`` is copied to ``<name>.torn-<UTC time>``, never
-        deleted, and the file is cut back and synced before anything is appended.
+        After a crash, the request log tells where a request that reached the disk only in part
+        begins, and a fragment after the last ``\\n`` is a torn line. Whatever is cut off is
+        copied to ``<name>.torn-<UTC time>`` first, never deleted, and the file is cut back and
+        synced before the records that named it go and anything is appended.
         """
-        if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
-            return size
-        good = last_line_end(fd, size)
-        torn = self._set_aside(fd, name, good, size)
-        os.ftruncate(fd, good)
-        os.fsync(fd)
-        self.observer.repaired()
-        log.warning("torn tail set aside: file=%s bytes=%d kept_as=%s", name, size - good, torn)
+        good = size
+        if requests_dir is not None:
+            good = f.requests.catch_up(requests_dir, size, self.keys)
+        if good == size != f.end and size and os.pread(fd, 1, size - 1) != b"\n":
+            good = last_line_end(fd, size)
+        if good < size:
+            torn, whole_lines = self._set_aside(fd, f.name, good, size)
+            os.ftruncate(fd, good)
+            os.fsync(fd)
+            self.observer.repaired()
+            what = "partial request" if whole_lines else "torn tail"
+            log.warning("%s set aside: file=%s bytes=%d kept_as=%s", what, f.name, size - good, torn)
+        f.requests.trim()
         return good
 
-    def _set_aside(self, fd: int, name: str, start: int, end: int) -> str:
+    def _set_aside(self, fd: int, name: str, start: int, end: int) -> tuple[str, bool]:
+        """Copy the bytes from ``start`` to ``end`` to a new ``<name>.torn-<UTC time>``; returns its
+        name, and whether they hold a whole line."""
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         for n in range(1000):
-            torn = f"{name}.torn-{stamp}" + (f"-{n}" if n else "")
+            tail = f".torn-{stamp}" + (f"-{n}" if n else "")
+            # A name at the filesystem's limit is cut down to make room (see datadir.kind_of).
+            torn = name[: NAME_MAX - len(tail)] + tail
             try:
                 out = os.open(torn, _NEW_FILE_FLAGS, 0o600, dir_fd=self._dir_fd)
                 break
@@ -519,18 +540,21 @@ class Journal:
                 continue
         else:
             raise FileExistsError(errno.EEXIST, "no free name for the torn tail")
+        whole_lines = False
         try:
             for chunk in read_range(fd, start, end):
+                whole_lines = whole_lines or b"\n" in chunk
                 write_whole(out, chunk)
             os.fsync(out)
         finally:
             os.close(out)
         os.fsync(self._dir_fd)
-        return torn
+        return torn, whole_lines
 
 
 def repair(directory: Path) -> dict[str, int]:
-    """Set torn tails aside exactly as the server does when it starts; returns the bytes set aside per file.
+    """Set torn lines and requests cut short aside exactly as the server does when it starts; returns
+    the bytes set aside per file.
 
     Safe while a server runs: each file is locked the way a commit locks it.
     """
@@ -538,8 +562,7 @@ def repair(directory: Path) -> dict[str, int]:
     try:
         return journal._open_directory()
     finally:
-        if journal._dir_fd >= 0:
-            os.close(journal._dir_fd)
+        _close_all([fd for fd in (journal._dir_fd, journal._requests_dir) if fd is not None and fd >= 0])
         journal._executor.shutdown()
 
 

@@ -100,7 +100,7 @@ class Metrics(journal.Observer):
         self._open_files = Gauge(
             "leitstand_open_files", "Journal files held open.", multiprocess_mode="livesum", registry=own
         )
-        self._torn = Counter("leitstand_torn_tails_repaired", "Torn last lines set aside.", registry=own)
+        self._torn = Counter("leitstand_torn_tails_repaired", "Torn last lines and requests cut short by a crash, set aside.", registry=own)
         errors = Counter(
             "leitstand_storage_errors", "Failed commits, by kind (full, unavailable, refused).", ["kind"], registry=own
         )

@@ -42,7 +42,7 @@ def stats(directory: Path) -> list[DomainStats]:
     for name in datadir.journal_names(directory):
         path = directory / name
         with datadir.opened(path) as fd:
-            length = datadir.length(fd)
+            length = datadir.length(fd, path)
             events = sum(chunk.count(b"\n") for chunk in durable.read_range(fd, 0, length.whole))
             mtime = os.fstat(fd).st_mtime
         found.append(DomainStats(name, name.removesuffix(domains.SUFFIX), events, length.size, _birth_time(path), mtime))

@@ -16,7 +16,7 @@ from leitstand import datadir, durable, journal
 def last(path: Path, count: int) -> tuple[bytes, int]:
     """The last ``count`` whole lines of the file, and the offset where they end."""
     with datadir.opened(path) as fd:
-        end = datadir.length(fd).whole
+        end = datadir.length(fd, path).whole
         # They begin just after the newline ``count + 1`` back from ``end``, which ends a line.
         start = journal.last_line_end(fd, end, count + 1) if count > 0 else end
         return b"".join(durable.read_range(fd, start, end)), end
@@ -30,7 +30,7 @@ def follow(path: Path, offset: int, interval: float = 0.2) -> Iterator[bytes]:
     while True:
         try:
             with datadir.opened(path) as fd:
-                end = datadir.length(fd).whole
+                end = datadir.length(fd, path).whole
                 if end < offset:
                     offset = 0
                 if end > offset:

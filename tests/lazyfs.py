@@ -7,8 +7,13 @@ descriptor). Closing a file persists nothing. Reads show the page cache's view: 
 bytes with the pending writes and truncates applied.
 
 A *power cut* drops everything not yet fsynced, in every file; a *torn* cut first lets a
-random prefix of each file's pending writes reach the disk, the way write-back may have
-started before the lights went out.
+random prefix of each file's pending writes reach the disk, cut at any byte, the way
+write-back may have started before the lights went out.
+
+A write can be held: the next write to a file whose name ends in a given suffix is taken
+into the page cache and then not answered until released. A process killed meanwhile waits
+for that answer (the kernel does not abandon a FUSE request already taken) and then dies,
+leaving exactly that write not yet synced: a cut then tears a commit under way, every time.
 
 Faults make ``fsync``/``fdatasync`` or ``write`` of files with a given name fail with EIO.
 Both leave something behind for the caller to clean up, the stricter setting for a test
@@ -21,7 +26,7 @@ chmod and the rest are durable at once, and fsync of a directory has nothing lef
 The backing files are not fsynced on the host: its power is never cut.
 
 The mount uses ``direct_io`` and zero entry, attribute and negative timeouts, so that the
-kernel keeps no copy of data or sizes. ``flock`` and POSIX locks are not implemented
+kernel keeps no copy of data or sizes, and hands writes over in pieces of at most 32 KiB. ``flock`` and POSIX locks are not implemented
 here, so the kernel keeps them itself, which works between processes.
 
 Run it as ``python tests/lazyfs.py BACKING MOUNTPOINT --control NAME`` (it stays in the
@@ -32,6 +37,9 @@ each answered once it has taken effect:
 ``cut SEED``        a torn cut: a random prefix (from ``SEED``) of each file survives
 ``fail sync NAME``  fsync and fdatasync of files named ``NAME`` fail with EIO
 ``fail write NAME`` writes to files named ``NAME`` fail with EIO, half done
+``hold write SUFFIX`` answers once the next write to a file named ``*SUFFIX`` is in the
+                    page cache and held, unanswered
+``release``         answer the held write
 ``heal``            no more faults
 ``ping``            answers ``ok``: the control socket is up
 
@@ -174,6 +182,10 @@ class PageCacheFS(Operations):  # type: ignore[misc]
         self.files: dict[str, Pending] = {}
         self.handles: dict[int, Handle] = {}
         self.faults: set[tuple[str, str]] = set()
+        # The name suffix of files whose next write is to be held, and the held write's events.
+        self.hold: str | None = None
+        self.held = threading.Event()
+        self.released = threading.Event()
 
     def _backing(self, path: str) -> str:
         return os.path.join(self.root, path.lstrip("/"))
@@ -213,11 +225,26 @@ class PageCacheFS(Operations):  # type: ignore[misc]
                 with self.mutex:
                     self.faults.add((op, name))
                 return "ok"
+            case ["hold", "write", suffix]:
+                self.released.clear()
+                self.held.clear()
+                with self.mutex:
+                    self.hold = suffix
+                return "ok" if self.held.wait(30) else "error: no write to hold"
+            case ["release"]:
+                self.released.set()
+                return "ok"
             case ["heal"]:
                 with self.mutex:
                     self.faults.clear()
                 return "ok"
         return f"error: unknown command {line!r}"
+
+    def init_with_config(self, conn: Any, config: Any) -> None:
+        """A large write reaches the filesystem in pieces of at most 32 KiB, as the kernel's page
+        cache takes it page by page: a writer killed between two pieces leaves it cut short."""
+        if conn is not None:
+            conn.max_write = 32768
 
     # -- files -----------------------------------------------------------------------
 
@@ -265,6 +292,12 @@ class PageCacheFS(Operations):  # type: ignore[misc]
                 h.pending.write(at, data[: len(data) // 2], durable)
                 raise OSError(errno.EIO, "injected write fault")
             h.pending.write(at, data, durable)
+            hold = self.hold is not None and h.name.endswith(self.hold)
+            if hold:
+                self.hold = None
+        if hold:
+            self.held.set()
+            self.released.wait(30)
         return len(data)
 
     def truncate(self, path: str, length: int, fh: int | None = None) -> int:
@@ -462,6 +495,13 @@ class LazyFS:
     def fail(self, op: str, name: str) -> None:
         """Make ``op`` (``sync`` or ``write``) of files named ``name`` fail with EIO."""
         self.request(f"fail {op} {name}")
+
+    def hold_write(self, suffix: str) -> None:
+        """Return once the next write to a file named ``*suffix`` is in the page cache, held unanswered."""
+        self.request(f"hold write {suffix}")
+
+    def release(self) -> None:
+        self.request("release")
 
     def heal(self) -> None:
         self.request("heal")

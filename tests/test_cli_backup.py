@@ -146,7 +146,7 @@ def test_restore_then_serve(tmp_path: Path, data_dir: Path, make_server: Any) ->
     restored = tmp_path / "restored"
     result = run_cli("restore", str(tmp_path / "backup"), "--data-dir", str(restored))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.splitlines()[0] == f"restore: 2 files, {sum(p.stat().st_size for p in data_dir.iterdir())} bytes"
+    assert result.stdout.splitlines()[0] == f"restore: 2 files, {sum(p.stat().st_size for p in data_dir.glob('*.jsonl'))} bytes"
     assert "2 files, 0 problems" in result.stdout
     assert sorted(p.name for p in restored.iterdir()) == ["app.jsonl", "db.jsonl"]
 

@@ -13,11 +13,21 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import CLEAN_EXIT, TOKEN, Load, Server, crash_repeatedly, read_lines, run_cli, stored_ids
+from conftest import (
+    CLEAN_EXIT,
+    TOKEN,
+    Load,
+    Server,
+    crash_repeatedly,
+    partial_batches,
+    read_lines,
+    run_cli,
+    stored_ids,
+)
 from lazyfs import LazyFS
-from test_powerloss import CUTS, DOMAINS, power_cut
+from test_powerloss import CUTS, DOMAINS, power_cut, power_cut_mid_write
 
-KEYS = Path(".leitstand") / "keys"
+REQUESTS = Path(".leitstand") / "requests"
 
 
 def keyed(server: Server, domain: str, body: bytes | str, key: str, **headers: str) -> httpx.Response:
@@ -170,60 +180,83 @@ def test_keyed_and_unkeyed_senders_on_the_same_domains_lose_nothing(make_server:
 def test_kill_9_while_clients_retry_stores_every_event_exactly_once(make_server: Any, workers: int) -> None:
     """The keys are recorded before the data and count only once the data is in the file, so a
     crash at any moment leaves each batch either stored with its key or not at all: no duplicates.
-    (Recording them after the data, this test finds duplicates: 14 events in one run.)"""
+    (Recording them after the data, this test finds duplicates: 14 events in one run.) Half the
+    clients send without a key and never retry: their requests, too, are stored whole or not at all."""
     rng = random.Random()
     seed = rng.randrange(1 << 30)
     rng.seed(seed)
     server: Server = make_server(workers=workers, command="serve").start()
-    with Load(server.url, ["x1", "x2"], clients=24, batches=(1, 3), seed=seed, keyed=24) as load:
+    with Load(server.url, ["x1", "x2"], clients=24, batches=(1, 3), seed=seed, keyed=12) as load:
         crash_repeatedly(server, rng, 12, (0.2, 0.7))
         time.sleep(0.3)
     server.stop()
     found = stored_ids(server.data_dir)
     assert load.statuses.keys() <= {200, 503}, f"seed {seed}: {load.statuses}"
     assert len(load.acked) > 300 and load.retried, f"seed {seed}"
-    assert load.acked == set(found), f"seed {seed}: lost {len(load.acked - set(found))}"
+    assert load.acked <= found.keys(), f"seed {seed}: lost {len(load.acked - found.keys())}"
     duplicated = {i: n for i, n in found.items() if n > 1}
     assert not duplicated, f"seed {seed}: stored twice: {list(duplicated)[:5]} of {len(duplicated)}"
+    assert not partial_batches(found, load.sent), f"seed {seed}"
+    assert load.replayed_first_tries == 0, f"seed {seed}"
 
 
-def test_power_cuts_while_clients_retry_lose_nothing(
-    make_server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+# Fixed cut schedules (the first one failed one run in four before requests were kept whole), and one
+# drawn at random and printed (POWERLOSS_SEED repeats it).
+POWER_CUT_SEEDS = [177921911, 20261203, None]
+
+
+@pytest.mark.parametrize("seed", POWER_CUT_SEEDS, ids=lambda seed: str(seed or "random"))
+def test_power_cuts_keep_every_request_whole_and_retries_stored_once(
+    make_server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str], seed: int | None
 ) -> None:
     """On lazyfs, which forgets what was not fsynced (every other cut torn: a random prefix of
-    what was not synced survives). No batch may be lost, and none stored twice: a key is synced
-    before its events are written, so no events reach the disk without their key. (Writing the
-    events before the key is synced, this test finds duplicates: 1 to 4 events in each of
-    three runs, all in batches retried across a cut.)"""
-    seed = int(os.environ.get("POWERLOSS_SEED") or random.randrange(1 << 30))
+    what was not synced survives, cut at any byte). Half the clients send keyed batches and retry
+    them until answered, the other half send without a key and never retry, on the same domains.
+    No acknowledged event may be lost, none stored twice, and no batch stored in part: records
+    are synced before the events are written, so no events reach the disk without the record of
+    where their request ends. (Writing the events before the key is synced, this test found 1 to
+    4 duplicates in each of three runs; keeping only the torn line, not the whole request, it
+    failed about one run in four.)"""
+    seed = seed or int(os.environ.get("POWERLOSS_SEED") or random.randrange(1 << 30))
     rng = random.Random(seed)
     with LazyFS(tmp_path / "disk", tmp_path / "mnt", tmp_path / "lazyfs.log") as fs:
         server: Server = make_server(data_dir=fs.mountpoint / "data")
         try:
             server.start()
-            with Load(server.url, DOMAINS, clients=16, batches=(1, 3), seed=seed, keyed=16) as load:
+            with Load(server.url, DOMAINS, clients=16, batches=(1, 3, 4), seed=seed, keyed=8) as load:
                 for n in range(CUTS):
                     time.sleep(rng.uniform(0.2, 0.8))
-                    power_cut(server, fs, rng.randrange(1 << 30) if n % 2 == 0 else None)
+                    # In turn: torn in the middle of a commit's write, torn at any moment, clean.
+                    if n % 3 == 0:
+                        power_cut_mid_write(server, fs, rng.randrange(1 << 30))
+                    else:
+                        power_cut(server, fs, rng.randrange(1 << 30) if n % 3 == 1 else None)
                     server.start()
                 time.sleep(0.3)
             power_cut(server, fs)
+            server.start()  # the last recovery, on what reached the disk
         finally:
             server.kill()
-        found = stored_ids(fs.backing / "data")
+        found = stored_ids(fs.backing / "data")  # fails on a torn or unparseable line
     duplicated = {i for i, n in found.items() if n > 1}
+    partial = partial_batches(found, load.sent)
+    set_aside = server.output().count(" set aside: ")
     with capsys.disabled():
-        print(f"\nseed {seed}: {len(load.acked)} events sent with keys and retried until acknowledged over {CUTS} "
-              f"power cuts; lost {len(load.acked - found.keys())}, stored twice {len(duplicated)}")
+        print(f"\nseed {seed}: {len(load.acked)} events acknowledged over {CUTS} power cuts, {len(load.sent)} "
+              f"batches sent; lost {len(load.acked - found.keys())}, stored twice {len(duplicated)}, "
+              f"stored in part {len(partial)}, set aside {set_aside}")
     assert len(load.acked) > 200 and load.retried, f"seed {seed}"
-    assert load.acked == found.keys(), f"seed {seed}: lost {len(load.acked - found.keys())}"
+    assert load.acked <= found.keys(), f"seed {seed}: lost {len(load.acked - found.keys())}"
     assert not duplicated, f"seed {seed}: stored twice: {sorted(duplicated)[:5]}"
+    assert not partial, f"seed {seed}: stored in part: {partial[:5]}"
+    assert load.replayed_first_tries == 0, f"seed {seed}"
+    assert set_aside > 0, f"seed {seed}: no cut tore a line or a request: the test proves nothing"
 
 
 def test_operator_commands_know_the_state_dir(make_server: Any, tmp_path: Path) -> None:
     server: Server = make_server().start()
     assert keyed(server, "ops", '{"id":"1"}', "k").status_code == 200
-    assert (server.data_dir / KEYS / "ops.jsonl.keys").stat().st_size > 0
+    assert (server.data_dir / REQUESTS / "ops.jsonl.log").stat().st_size > 0
     assert httpx.get(server.url + "/ready").status_code == 200
     env = {"LEITSTAND_DATA_DIR": str(server.data_dir), "LEITSTAND_TOKEN": TOKEN}
     verified = run_cli("verify", env=env)
@@ -237,8 +270,8 @@ def test_operator_commands_know_the_state_dir(make_server: Any, tmp_path: Path) 
     assert (dest / "ops.jsonl").exists()
     server.stop()
     # A planted symlink under the state dir's name is a stray, never followed.
-    (server.data_dir / KEYS / "ops.jsonl.keys").unlink()
-    (server.data_dir / KEYS).rmdir()
+    (server.data_dir / REQUESTS / "ops.jsonl.log").unlink()
+    (server.data_dir / REQUESTS).rmdir()
     (server.data_dir / ".leitstand").rmdir()
     (server.data_dir / ".leitstand").symlink_to(tmp_path)
     assert "PROBLEM   .leitstand: stray file" in run_cli("verify", env=env).stdout

@@ -7,11 +7,15 @@ import errno
 import fcntl
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from leitstand.journal import Journal, StorageFull, StorageRefused, StorageUnavailable
+from leitstand import datadir
+from leitstand.journal import Appended, Journal, StorageFull, StorageRefused, StorageUnavailable
+from leitstand.keylog import RECORD
 
 
 def run(coro):  # type: ignore[no-untyped-def]
@@ -315,3 +319,112 @@ def test_appends_waiting_for_the_lock_join_the_commit(tmp_path: Path, monkeypatc
 
     assert len(run(main())) == 1
     assert (tmp_path / "a.jsonl").read_bytes() == b"0\n1\n2\n3\n"
+
+
+_DIES_MID_WRITE = r"""
+import asyncio, fcntl, os, sys
+from pathlib import Path
+from leitstand.journal import Journal
+
+directory, cut, first = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3].encode().replace(b"|", b"\n")
+appends = [(a.encode().replace(b"|", b"\n"), k.encode() or None) for a, k in zip(sys.argv[4::2], sys.argv[5::2])]
+real_write = os.write
+
+def dying(fd, data):
+    if os.readlink(f"/proc/self/fd/{fd}").endswith(".jsonl"):
+        real_write(fd, data[:cut])
+        os._exit(9)
+    return real_write(fd, data)
+
+async def main():
+    journal = Journal(directory)
+    await journal.open()
+    await journal.append("a.jsonl", first)
+    # Hold the file's lock while appending, so that all appends share one commit.
+    held = os.open(directory / "a.jsonl", os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    os.write = dying
+    pending = [asyncio.ensure_future(journal.append("a.jsonl", data, key)) for data, key in appends]
+    await asyncio.sleep(0.05)
+    fcntl.flock(held, fcntl.LOCK_UN)
+    await asyncio.gather(*pending)
+    raise SystemExit("the commit did not die")
+
+asyncio.run(main())
+"""
+
+
+def die_mid_write(directory: Path, cut: int, appends: list[tuple[str, str]], first: str = "0|") -> None:
+    """Let a process append ``first`` to ``a.jsonl`` in ``directory``, then ``appends`` in one commit
+    (each its lines, ``|`` for a newline, and its key or ``""``), and die after writing ``cut`` bytes
+    of that commit's data: as a kill or a power cut leaves a write that was under way."""
+    args = [str(directory), str(cut), first, *(part for append in appends for part in append)]
+    died = subprocess.run([sys.executable, "-c", _DIES_MID_WRITE, *args], capture_output=True, text=True, check=False)
+    assert died.returncode == 9, died.stderr
+
+
+@pytest.mark.parametrize(
+    ("appends", "cut", "kept", "aside"),
+    [
+        ([("a|b|c|", "")], 3, b"0\n", b"a\nb"),
+        ([("a|b|c|", "")], 4, b"0\n", b"a\nb\n"),
+        ([("x|", ""), ("a|b|c|", ""), ("y|", "")], 5, b"0\nx\n", b"a\nb"),
+        ([("x|", ""), ("y|", ""), ("z|", "")], 5, b"0\nx\ny\n", b"z"),
+        ([("a|b|", "k")], 2, b"0\n", b"a\n"),
+        ([("x|", "k1"), ("a|b|", "k2")], 4, b"0\nx\n", b"a\n"),
+        ([("a|b|", "k")], 0, b"0\n", None),
+    ],
+    ids=["batch-torn", "batch-whole-lines", "batch-among-singles", "singles", "keyed-batch", "key-then-batch",
+         "records-only"],
+)
+def test_a_request_cut_short_by_a_crash_is_set_aside_whole(
+    tmp_path: Path, appends: list[tuple[str, str]], cut: int, kept: bytes, aside: bytes | None
+) -> None:
+    """Every request is in the file whole or not at all after a crash, with or without a key, and
+    what was cut off is set aside once; a retry of a key that was cut off stores it."""
+    die_mid_write(tmp_path, cut, appends)
+    lost = [(data.replace("|", "\n").encode(), key.encode()) for data, key in appends if key]
+    lost = [(lines, key) for lines, key in lost if lines not in kept]
+
+    async def reopen() -> list[int]:
+        journal = Journal(tmp_path)
+        repaired = [await journal.open()]
+        for lines, key in lost:
+            assert await journal.append("a.jsonl", lines, key) is Appended.STORED
+            assert await journal.append("a.jsonl", lines, key) is Appended.DUPLICATE
+        await journal.close()
+        journal = Journal(tmp_path)
+        repaired.append(await journal.open())
+        await journal.close()
+        return repaired
+
+    assert run(reopen()) == [0 if aside is None else 1, 0], "set aside once"
+    stored = kept + b"".join(lines for lines, _ in lost)
+    assert (tmp_path / "a.jsonl").read_bytes() == stored
+    assert [p.read_bytes() for p in tmp_path.glob("a.jsonl.torn-*")] == ([] if aside is None else [aside])
+    requests = tmp_path / ".leitstand" / "requests" / "a.jsonl.log"
+    ends = [r[4] for r in RECORD.iter_unpack(requests.read_bytes())] if requests.exists() else []
+    assert all(end <= len(stored) for end in ends), "a record of data that is not in the file"
+
+
+def test_a_journal_name_at_the_length_limit_keeps_its_records_and_torn_tails(tmp_path: Path) -> None:
+    """The request log and the set-aside file of a 255-byte journal name must fit the filesystem too."""
+    name = "a" * 60 + "." + "b" * 60 + "." + "c" * 60 + "." + "d" * 49 + "_0123456789abcdef.jsonl"
+    assert len(name) == 255
+
+    async def main() -> None:
+        journal = await opened(tmp_path)
+        assert await journal.append(name, b"1\n2\n", b"k") is Appended.STORED
+        assert await journal.append(name, b"3\n4\n") is Appended.STORED
+        await journal.close()
+        with open(tmp_path / name, "ab") as other:  # another process, dying mid-line
+            other.write(b"half")
+        journal = await opened(tmp_path)
+        assert await journal.append(name, b"1\n2\n", b"k") is Appended.DUPLICATE
+        await journal.close()
+
+    run(main())
+    assert (tmp_path / name).read_bytes() == b"1\n2\n3\n4\n"
+    (torn,) = [p for p in tmp_path.iterdir() if ".torn-" in p.name]
+    assert len(torn.name) == 255 and torn.read_bytes() == b"half"
+    assert datadir.kind_of(torn.name) is datadir.Kind.TORN

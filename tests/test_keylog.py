@@ -18,15 +18,15 @@ from leitstand import keylog
 from leitstand.journal import Appended, Journal, StorageFull, StorageUnavailable
 from leitstand.keylog import RECORD, key_hash, lines_hash
 
-KEYS = Path(".leitstand") / "keys"
+REQUESTS = Path(".leitstand") / "requests"
 
 
 def is_file(fd: int, path: Path) -> bool:
     return os.fstat(fd).st_ino == path.stat().st_ino
 
 
-def records(directory: Path, name: str = "a.jsonl") -> list[tuple[float, bytes, bytes, int]]:
-    return list(RECORD.iter_unpack((directory / KEYS / f"{name}.keys").read_bytes()))
+def records(directory: Path, name: str = "a.jsonl") -> list[tuple[float, bytes, bytes, int, int]]:
+    return list(RECORD.iter_unpack((directory / REQUESTS / f"{name}.log").read_bytes()))
 
 
 def test_a_key_is_recorded_with_the_length_its_data_ends_at(tmp_path: Path) -> None:
@@ -40,8 +40,8 @@ def test_a_key_is_recorded_with_the_length_its_data_ends_at(tmp_path: Path) -> N
 
     run(main())
     assert (tmp_path / "a.jsonl").read_bytes() == b"x\none\n"
-    ((_, key, lines, end),) = records(tmp_path)
-    assert (key, lines, end) == (key_hash("a.jsonl", b"k1"), lines_hash(b"one\n"), 6)
+    ((_, key, lines, start, end),) = records(tmp_path)
+    assert (key, lines, start, end) == (key_hash("a.jsonl", b"k1"), lines_hash(b"one\n"), 2, 6)
 
 
 def test_concurrent_appends_with_one_key_store_once(tmp_path: Path) -> None:
@@ -58,10 +58,10 @@ def test_concurrent_appends_with_one_key_store_once(tmp_path: Path) -> None:
 
 def test_a_record_whose_data_never_arrived_is_cut_and_not_believed(tmp_path: Path) -> None:
     """As after a crash between the key write and the data write: the retry must store."""
-    (tmp_path / KEYS).mkdir(parents=True)
+    (tmp_path / REQUESTS).mkdir(parents=True)
     (tmp_path / "a.jsonl").write_bytes(b"old\n")
-    stale = RECORD.pack(time.time(), key_hash("a.jsonl", b"k"), lines_hash(b"new\n"), 8)
-    (tmp_path / KEYS / "a.jsonl.keys").write_bytes(stale + b"torn")
+    stale = RECORD.pack(time.time(), key_hash("a.jsonl", b"k"), lines_hash(b"new\n"), 4, 8)
+    (tmp_path / REQUESTS / "a.jsonl.log").write_bytes(stale + b"torn")
 
     async def main() -> None:
         journal = await opened(tmp_path)
@@ -73,10 +73,10 @@ def test_a_record_whose_data_never_arrived_is_cut_and_not_believed(tmp_path: Pat
 
     run(main())
     assert (tmp_path / "a.jsonl").read_bytes() == b"old\nabc\nnew\n"
-    assert [r[3] for r in records(tmp_path)] == [12]
+    assert [r[3:] for r in records(tmp_path)] == [(8, 12)]
 
 
-@pytest.mark.parametrize("failing", ["a.jsonl", ".leitstand/keys/a.jsonl.keys"])
+@pytest.mark.parametrize("failing", ["a.jsonl", ".leitstand/requests/a.jsonl.log"])
 def test_a_failed_sync_rolls_back_data_and_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str) -> None:
     real = os.fdatasync
     failed: list[int] = []
@@ -101,14 +101,14 @@ def test_a_failed_sync_rolls_back_data_and_key(tmp_path: Path, monkeypatch: pyte
 
     run(main())
     assert (tmp_path / "a.jsonl").read_bytes() == b"zero\none\n"
-    assert [r[3] for r in records(tmp_path)] == [5, 9]
+    assert [r[3:] for r in records(tmp_path)] == [(0, 5), (5, 9)]
 
 
 def test_a_key_log_that_cannot_be_written_writes_no_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real = os.write
 
     def full_key_log(fd: int, data: bytes) -> int:
-        if is_file(fd, tmp_path / KEYS / "a.jsonl.keys"):
+        if is_file(fd, tmp_path / REQUESTS / "a.jsonl.log"):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(fd, data)
 
@@ -125,7 +125,7 @@ def test_a_key_log_that_cannot_be_written_writes_no_data(tmp_path: Path, monkeyp
 
     run(main())
     assert (tmp_path / "a.jsonl").read_bytes() == b"one\nthree\ntwo\n"
-    assert [r[3] for r in records(tmp_path)] == [4, 14]
+    assert [r[3:] for r in records(tmp_path)] == [(0, 4), (10, 14)]
 
 
 def test_two_journals_on_one_directory_see_each_others_keys(tmp_path: Path) -> None:
@@ -150,12 +150,12 @@ def test_key_logs_are_compacted_to_the_window_and_the_bound(tmp_path: Path, monk
         other = await opened(tmp_path, max_keys=5)
         for n in range(19):
             await journal.append("a.jsonl", b"%d\n" % n, b"k%d" % n)
-        inode = (tmp_path / KEYS / "a.jsonl.keys").stat().st_ino
+        inode = (tmp_path / REQUESTS / "a.jsonl.log").stat().st_ino
         # The 20th record passes the bound: only the newest 5 are kept, atomically renamed in.
         await journal.append("a.jsonl", b"19\n", b"k19")
         assert len(records(tmp_path)) == 5
-        assert (tmp_path / KEYS / "a.jsonl.keys").stat().st_ino != inode
-        assert list((tmp_path / KEYS).iterdir()) == [tmp_path / KEYS / "a.jsonl.keys"]
+        assert (tmp_path / REQUESTS / "a.jsonl.log").stat().st_ino != inode
+        assert list((tmp_path / REQUESTS).iterdir()) == [tmp_path / REQUESTS / "a.jsonl.log"]
         # Another worker reads the new file and keeps its records in force.
         assert await other.append("a.jsonl", b"19\n", b"k19") is Appended.DUPLICATE
         # The journal goes on appending to the new file.
@@ -252,7 +252,7 @@ def test_appends_arriving_during_a_commit_keep_their_own_keys(tmp_path: Path, or
 
     assert run(main()) == [Appended.STORED] * 3
     assert (tmp_path / "a.jsonl").read_bytes() == first + second + b"c\n"
-    keyed = {key: (lines, end) for _, key, lines, end in records(tmp_path)}
+    keyed = {key: (lines, end) for _, key, lines, _, end in records(tmp_path) if key != bytes(16)}
     expected = {key_hash("a.jsonl", second_key): (lines_hash(second), len(first + second))}
     if first_key is not None:
         expected[key_hash("a.jsonl", first_key)] = (lines_hash(first), len(first))
