@@ -174,24 +174,27 @@ def _verify(args: argparse.Namespace) -> int:
     directory = _data_dir(args)
     if args.repair:
         for name, nbytes in sorted(journal.repair(directory).items()):
-            print(f"repaired  {name}: torn tail of {nbytes} bytes set aside")
+            print(f"repaired  {name}: {nbytes} bytes that were not a whole request set aside")
     return _print_verify(directory)
 
 
 def _print_verify(directory: Path) -> int:
     reports = verify.verify(directory)
-    problems = 0
+    problems = notes = 0
     for report in reports:
         if report.kind is Kind.PROBE:
             print(f"ignored   {report.name}: probe file of the server (harmless; a crash can leave one)")
-        elif not report.problems:
+        elif report.kind is Kind.JOURNAL and not report.problems:
             print(f"ok        {report.name}: {report.lines} lines")
         for problem in report.problems:
             print(f"PROBLEM   {report.name}: {problem}")
         if report.hidden:
             print(f"PROBLEM   {report.name}: and {report.hidden} more")
+        for note in report.notes:
+            print(f"note      {report.name}: {note}")
         problems += len(report.problems) + report.hidden
-    print(f"verify: {len(reports)} files, {problems} problems")
+        notes += len(report.notes)
+    print(f"verify: {len(reports)} files, {problems} problems, {notes} notes")
     return 1 if problems else 0
 
 
@@ -330,7 +333,9 @@ def _check_config(args: argparse.Namespace) -> int:
         print(f"{shown.env:<{width}}  {shown.value}  ({shown.source})")
     for problem in checkup.problems:
         print(f"PROBLEM  {problem}")
-    print(f"check-config: {len(checkup.problems)} problems")
+    for note in checkup.notes:
+        print(f"note     {note}")
+    print(f"check-config: {len(checkup.problems)} problems, {len(checkup.notes)} notes")
     return 1 if checkup.problems else 0
 
 

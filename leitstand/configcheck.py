@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from leitstand import config, datadir, journal
+from leitstand import config, datadir, journal, verify
 from leitstand.datadir import Kind
 
 REDACTED = "<redacted>"
@@ -30,6 +30,8 @@ class Shown:
 class Checkup:
     settings: list[Shown] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    # What needs a look but keeps nothing from running well (a crash's leftovers).
+    notes: list[str] = field(default_factory=list)
 
 
 def check(environ: Mapping[str, str]) -> Checkup:
@@ -37,6 +39,9 @@ def check(environ: Mapping[str, str]) -> Checkup:
     settings = _settings(environ, checkup.problems)
     data_dir = Path(config.raw_value(environ, "LEITSTAND_DATA_DIR"))
     checkup.problems += _data_dir_problems(data_dir, settings)
+    if data_dir.is_dir():
+        checkup.notes += [f"{entry.name} in the data dir: {verify.SET_ASIDE}: look at it, then delete it or move it away"
+                          for entry in datadir.scan(data_dir) if entry.kind is Kind.TORN]
     return checkup
 
 
@@ -99,9 +104,7 @@ def _free_space_problems(directory: Path, settings: config.Config | None) -> lis
 def _entry_problems(data_dir: Path, entry: datadir.Entry) -> list[str]:
     if entry.kind is Kind.STRAY:
         return [f"stray file {entry.name} in the data dir: move it out"]
-    if entry.kind is Kind.TORN:
-        return [f"torn tail {entry.name} in the data dir: look at it, then move it away"]
-    if entry.kind is Kind.PROBE:
+    if entry.kind in (Kind.TORN, Kind.PROBE):
         return []
     path = data_dir / entry.name
     if not os.access(path, os.R_OK | os.W_OK):

@@ -1,5 +1,10 @@
 """Verify: proof that a data dir holds only whole, parseable lines, each in the file of its domain.
 
+What a crash leaves is a note, not a problem: the fragment of a request that was never
+acknowledged, at the end of a file or set aside beside it. Only damage to what was
+acknowledged (a line that does not parse, a line in the wrong file) and files that are not
+leitstand's are problems.
+
 It reads while the service runs: each file is checked up to its length between two
 commits (see :mod:`leitstand.datadir`), so a write under way is never taken for a torn tail.
 Probe files (``.leitstand-probe-*``) are the server's own: it makes and removes one on
@@ -19,6 +24,7 @@ from leitstand.datadir import Kind
 
 # Enough to show what is wrong with a file without flooding the terminal.
 _MAX_SHOWN = 5
+SET_ASIDE = "set aside after a crash (a torn line or a request cut short, never acknowledged)"
 
 
 @dataclass
@@ -28,6 +34,7 @@ class FileReport:
     lines: int = 0
     problems: list[str] = field(default_factory=list)
     hidden: int = 0
+    notes: list[str] = field(default_factory=list)
 
     def add(self, problem: str) -> None:
         if len(self.problems) < _MAX_SHOWN:
@@ -44,7 +51,7 @@ def verify(directory: Path) -> list[FileReport]:
         if entry.kind is Kind.JOURNAL:
             _check_journal(directory / entry.name, report)
         elif entry.kind is Kind.TORN:
-            report.add("torn tail set aside by the server or verify --repair: look at it, then move it away")
+            report.notes.append(f"{SET_ASIDE}: look at it, then delete it or move it away")
         elif entry.kind is Kind.STRAY:
             report.add("stray file, not a journal: move it out of the data dir")
         reports.append(report)
@@ -53,15 +60,15 @@ def verify(directory: Path) -> list[FileReport]:
 
 def _check_journal(path: Path, report: FileReport) -> None:
     with datadir.opened(path) as fd:
-        length = datadir.length(fd)
+        length = datadir.length(fd, path)
         for number, line in enumerate(datadir.lines(fd, length.whole), 1):
             report.lines = number
             problem = _line_problem(line, report.name)
             if problem:
                 report.add(f"line {number}: {problem}")
     if length.torn:
-        report.add(f"torn tail: {length.size - length.whole} bytes after the last complete line "
-                   "(verify --repair sets it aside)")
+        report.notes.append(f"{length.size - length.whole} bytes at the end are not a whole request, "
+                            "left by a crash and never acknowledged: verify --repair or the next start sets them aside")
 
 
 def _line_problem(line: bytes, name: str) -> str | None:

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from conftest import Load, Server, assert_all_acked_stored_once, read_lines, run_cli
+from test_journal import die_mid_write
 
 LONG = ".".join(["a" * 63] * 3 + ["b" * 61])  # 253 characters: its file name is shortened with a hash
 
@@ -41,16 +42,18 @@ def test_every_kind_of_problem_is_reported_per_file(data_dir: Path) -> None:
     assert result.returncode == 1
     out = result.stdout
     assert "ok        good.jsonl: 1 lines" in out
+    assert "ok        torn.jsonl: 1 lines" in out
     assert "PROBLEM   badjson.jsonl: line 2: not JSON" in out
     assert "PROBLEM   array.jsonl: line 1: not a JSON object" in out
     assert "PROBLEM   elsewhere.jsonl: line 1: domain 'other' belongs in other.jsonl" in out
-    assert "PROBLEM   torn.jsonl: torn tail: 13 bytes" in out
-    assert "PROBLEM   torn.jsonl.torn-20260101T000000Z: torn tail set aside" in out
+    # What a crash leaves of a request never acknowledged is a note, not a problem.
+    assert "note      torn.jsonl: 13 bytes at the end are not a whole request" in out
+    assert "note      torn.jsonl.torn-20260101T000000Z: set aside after a crash" in out
     assert "PROBLEM   Upper.jsonl: stray file" in out
     assert "PROBLEM   notes.txt: stray file" in out
     assert "PROBLEM   sub: stray file" in out
     assert "ignored   .leitstand-probe-123-456" in out
-    assert "8 problems" in out
+    assert "6 problems, 2 notes" in out
     assert result.stderr == ""
 
 
@@ -59,10 +62,11 @@ def test_repair_sets_the_torn_tail_aside_like_the_server(tmp_path: Path, make_se
     for directory in (by_cli, by_server):
         write(directory, "app.jsonl", b'{"domain":"app"}\n{"dom')
     result = run_cli("verify", "--repair", "--data-dir", str(by_cli))
-    assert "repaired  app.jsonl: torn tail of 5 bytes set aside" in result.stdout
-    # The fragment is left for the operator to look at, so verify still reports it.
-    assert result.returncode == 1
-    assert "PROBLEM   app.jsonl.torn-" in result.stdout and "ok        app.jsonl: 1 lines" in result.stdout
+    assert "repaired  app.jsonl: 5 bytes that were not a whole request set aside" in result.stdout
+    # The fragment is left for the operator to look at, as a note: it was never acknowledged.
+    assert result.returncode == 0
+    assert "note      app.jsonl.torn-" in result.stdout and "ok        app.jsonl: 1 lines" in result.stdout
+    assert run_cli("verify", "--data-dir", str(by_cli)).returncode == 0, "verify after verify --repair is clean"
 
     make_server(by_server).start().stop()  # type: ignore[operator]
     for directory in (by_cli, by_server):
@@ -93,3 +97,30 @@ def test_missing_data_dir_is_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert "no such file or directory" in result.stderr
+
+
+def test_a_request_cut_short_by_a_crash_is_a_note_and_is_never_backed_up(tmp_path: Path) -> None:
+    """Before any server has started again, the request log already tells verify, backup and tail
+    where the last whole request ends: the part after it is never taken for events."""
+    data = tmp_path / "data"
+    data.mkdir()
+    line = '{"domain":"a","n":%d}|'
+    die_mid_write(data, 2 * len(line % 1), [("".join(line % n for n in (1, 2, 3)), "")], first=line % 0)
+    events = [b'{"domain":"a","n":%d}\n' % n for n in range(4)]
+    assert (data / "a.jsonl").read_bytes() == b"".join(events[:3]), "two whole lines of a request of three"
+    result = run_cli("verify", "--data-dir", str(data))
+    assert result.returncode == 0, result.stdout
+    assert "ok        a.jsonl: 1 lines" in result.stdout
+    assert "note      a.jsonl: 42 bytes at the end are not a whole request" in result.stdout
+    assert run_cli("backup", str(tmp_path / "backup"), "--data-dir", str(data)).returncode == 0
+    assert (tmp_path / "backup" / "a.jsonl").read_bytes() == events[0]
+    tail = run_cli("tail", "a", "-n", "5", "--data-dir", str(data))
+    assert tail.stdout.encode() == events[0], tail.stdout + tail.stderr
+
+    repaired = run_cli("verify", "--repair", "--data-dir", str(data))
+    assert "repaired  a.jsonl: 42 bytes that were not a whole request set aside" in repaired.stdout
+    assert (data / "a.jsonl").read_bytes() == events[0]
+    checked = run_cli("check-config", env={"LEITSTAND_TOKEN": "t", "LEITSTAND_DATA_DIR": str(data),
+                                             "LEITSTAND_READY_MIN_FREE": "0"})
+    assert checked.returncode == 0, checked.stdout
+    assert "note     a.jsonl.torn-" in checked.stdout and "check-config: 0 problems, 1 notes" in checked.stdout
