@@ -190,7 +190,7 @@ class Lease:
 
 class Archiver:
     def __init__(self, config: Config) -> None:
-        settings = config.broker()
+        settings = broker.Settings.of(config)
         assert settings is not None
         self.config = config
         self.settings = settings

@@ -41,6 +41,7 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
 from nats.js.kv import KeyValue
 
+from leitstand.config import Config
 from leitstand.journal import Appended
 from leitstand.keylog import key_hash, lines_hash
 
@@ -84,6 +85,19 @@ class Settings:
     @property
     def keys_bucket(self) -> str:
         return f"{self.stream}_KEYS"
+
+    @classmethod
+    def of(cls, config: Config) -> Settings | None:
+        """The broker settings in broker mode, None in direct mode."""
+        if not config.nats_urls:
+            return None
+        return cls(
+            config.nats_urls,
+            config.nats_stream,
+            config.nats_replicas,
+            float(config.nats_timeout),
+            float(config.idempotency_window),
+        )
 
 
 def subject(domain: str) -> str:

@@ -147,7 +147,7 @@ def archive(args: argparse.Namespace) -> None:
         settings = config.load(need_token=False)
     except config.ConfigError as exc:
         logs.fatal(str(exc))
-    if settings.broker() is None:
+    if not settings.nats_urls:
         logs.fatal("LEITSTAND_NATS_URL is not set: point it at the NATS servers the front ends publish to")
     logs.setup(settings.log_format)
     from leitstand import archive as archiver

@@ -21,7 +21,7 @@ import orjson
 
 from leitstand import __version__, domains, events
 from leitstand.auth import Grant
-from leitstand.broker import BrokerError, BrokerUnavailable, Publisher, TooLargeForBroker
+from leitstand.broker import BrokerError, BrokerUnavailable, Publisher, Settings, TooLargeForBroker
 from leitstand.config import Config
 from leitstand.deadlines import Deadlines, Expired
 from leitstand.journal import Appended, Journal, StorageFull, StorageRefused, StorageUnavailable, probe, reason
@@ -149,7 +149,7 @@ class Leitstand:
             max_keys=config.idempotency_max_keys,
             observer=self.metrics,
         )
-        broker = config.broker()
+        broker = Settings.of(config)
         # Broker mode: accepted requests go to NATS JetStream instead of the journal.
         self.broker = Publisher(broker) if broker is not None else None
         self._watch: asyncio.Task[None] | None = None
