@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from leitstand.domains import Patterns
+from leitstand.intake.domains import Patterns
 
 log = logging.getLogger("leitstand.auth")
 

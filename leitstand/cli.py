@@ -20,8 +20,9 @@ from typing import NoReturn
 
 import orjson
 
-from leitstand import __version__, backup, config, configcheck, domains, journal, logs, metrics, stats, tail, verify
+from leitstand import __version__, backup, config, configcheck, journal, logs, metrics, stats, tail, verify
 from leitstand.datadir import Kind
+from leitstand.intake import domains
 
 # The token has no flag: a flag shows up in `ps` for every user on the machine.
 _FLAGGED = [s for s in config.SETTINGS if s.env != "LEITSTAND_TOKEN"]

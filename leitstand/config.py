@@ -12,7 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from leitstand import auth, events, journal, ratelimit
+from leitstand import auth, journal, ratelimit
+from leitstand.intake import events
 from leitstand.proxies import Network, parse_networks
 
 

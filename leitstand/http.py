@@ -19,11 +19,12 @@ from typing import Any
 
 import orjson
 
-from leitstand import __version__, domains, events
+from leitstand import __version__
 from leitstand.auth import Grant
 from leitstand.broker import BrokerError, BrokerUnavailable, Publisher, Settings, TooLargeForBroker
 from leitstand.config import Config
 from leitstand.deadlines import Deadlines, Expired
+from leitstand.intake import domains, events
 from leitstand.journal import Appended, Journal, StorageFull, StorageRefused, StorageUnavailable, probe, reason
 from leitstand.logs import RequestLog
 from leitstand.metrics import CONTENT_TYPE as _METRICS

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from leitstand import __version__, domains
+from leitstand import __version__
+from leitstand.intake import domains
 
 
 def _text(description: str) -> dict[str, Any]:

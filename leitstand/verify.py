@@ -14,8 +14,9 @@ from pathlib import Path
 
 import orjson
 
-from leitstand import datadir, domains
+from leitstand import datadir
 from leitstand.datadir import Kind
+from leitstand.intake import domains
 
 # Enough to show what is wrong with a file without flooding the terminal.
 _MAX_SHOWN = 5

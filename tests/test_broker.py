@@ -19,8 +19,8 @@ from brokers import Broker, Nats, events_in, wait_stored
 from conftest import TOKEN, Load, assert_all_acked_stored_once, read_lines, run_cli
 from nats.js.api import KeyValueConfig
 
-from leitstand import domains
 from leitstand.archive import ArchiveError, Entry, Lease, LeaseLost, Record
+from leitstand.intake import domains
 from leitstand.keylog import key_hash
 
 # 253 characters, the longest domain: a subject of five tokens, a shortened file name.

@@ -135,7 +135,7 @@ def test_every_answer_is_in_the_troubleshooting_table_and_the_readme() -> None:
     root = Path(__file__).parent.parent
     code = (root / "leitstand" / "http.py").read_text()
     answers = set(re.findall(r'_text\((\d{3}), "([^"]+)"', code))
-    events = (root / "leitstand" / "events.py").read_text()
+    events = (root / "leitstand" / "intake" / "events.py").read_text()
     answers |= {("413" if kind == "TooLarge" else "400", phrase)
                 for kind, phrase in re.findall(r'raise (PayloadError|TooLarge)\("([^"]+)"\)', events)}
     assert len(answers) >= 25

@@ -1,6 +1,6 @@
 import pytest
 
-from leitstand import domains
+from leitstand.intake import domains
 
 
 @pytest.mark.parametrize(

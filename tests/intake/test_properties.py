@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from leitstand import domains
-from leitstand.events import PayloadError, encode
+from leitstand.intake import domains
+from leitstand.intake.events import PayloadError, encode
 
 # -- domains --------------------------------------------------------------------------
 

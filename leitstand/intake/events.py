@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from leitstand import domains
+from leitstand.intake import domains
 
 # orjson writes at most 254 levels, and reads at most 1024.
 MAX_DEPTH = 254

@@ -1,7 +1,7 @@
 import orjson
 import pytest
 
-from leitstand.events import MAX_DEPTH, Limits, PayloadError, TooLarge, encode
+from leitstand.intake.events import MAX_DEPTH, Limits, PayloadError, TooLarge, encode
 
 
 def test_object_is_stored_compact_in_key_order_with_domain() -> None:
