@@ -45,10 +45,11 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
-from leitstand import broker, datadir, durable
+from leitstand import broker
 from leitstand.config import Config
 from leitstand.intake import domains
-from leitstand.journal import Journal, JournalError
+from leitstand.storage import datadir, durable
+from leitstand.storage.journal import Journal, JournalError
 
 log = logging.getLogger("leitstand.archive")
 

@@ -1,7 +1,7 @@
 """Backup and restore of the journal files, online and incremental.
 
 Each file is copied up to its last complete line between two commits (see
-:mod:`leitstand.datadir`), so a copy never holds a partial line, while the service keeps
+:mod:`leitstand.storage.datadir`), so a copy never holds a partial line, while the service keeps
 writing. A manifest in the backup records each file's copied size and the SHA-256 of that
 prefix. The next run hashes the same prefix of the source again: if it matches, only the
 bytes appended since are copied; if the source is shorter or differs (truncated,
@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 
-from leitstand import datadir, durable
+from leitstand.storage import datadir, durable
 
 MANIFEST = "leitstand-backup.json"
 _FORMAT = 1

@@ -42,8 +42,8 @@ from nats.js.api import KeyValueConfig, RetentionPolicy, StorageType, StreamConf
 from nats.js.kv import KeyValue
 
 from leitstand.config import Config
-from leitstand.journal import Appended
-from leitstand.keylog import key_hash, lines_hash
+from leitstand.storage.journal import Appended
+from leitstand.storage.keylog import key_hash, lines_hash
 
 log = logging.getLogger("leitstand.broker")
 

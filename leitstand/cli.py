@@ -20,9 +20,10 @@ from typing import NoReturn
 
 import orjson
 
-from leitstand import __version__, backup, config, configcheck, journal, logs, metrics, stats, tail, verify
-from leitstand.datadir import Kind
+from leitstand import __version__, backup, config, configcheck, logs, metrics, stats, tail, verify
 from leitstand.intake import domains
+from leitstand.storage import journal
+from leitstand.storage.datadir import Kind
 
 # The token has no flag: a flag shows up in `ps` for every user on the machine.
 _FLAGGED = [s for s in config.SETTINGS if s.env != "LEITSTAND_TOKEN"]

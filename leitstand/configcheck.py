@@ -13,8 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from leitstand import config, datadir, journal
-from leitstand.datadir import Kind
+from leitstand import config
+from leitstand.storage import datadir, journal
+from leitstand.storage.datadir import Kind
 
 REDACTED = "<redacted>"
 

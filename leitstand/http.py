@@ -25,13 +25,13 @@ from leitstand.broker import BrokerError, BrokerUnavailable, Publisher, Settings
 from leitstand.config import Config
 from leitstand.deadlines import Deadlines, Expired
 from leitstand.intake import domains, events
-from leitstand.journal import Appended, Journal, StorageFull, StorageRefused, StorageUnavailable, probe, reason
 from leitstand.logs import RequestLog
 from leitstand.metrics import CONTENT_TYPE as _METRICS
 from leitstand.metrics import Metrics
 from leitstand.openapi import DOCS_HTML, OPENAPI
 from leitstand.proxies import TrustedProxies
 from leitstand.ratelimit import FailureLimit, TokenBucket, retry_after
+from leitstand.storage.journal import Appended, Journal, StorageFull, StorageRefused, StorageUnavailable, probe, reason
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

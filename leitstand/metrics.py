@@ -41,8 +41,9 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
-from leitstand import __version__, journal
+from leitstand import __version__
 from leitstand.config import Config, ConfigError
+from leitstand.storage import journal
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST.encode()
 OTHER = "_other"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import orjson
 
-from leitstand import durable
+from leitstand.storage import durable
 
 
 class OutboxError(Exception):

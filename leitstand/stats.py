@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from leitstand import datadir, durable
 from leitstand.intake import domains
+from leitstand.storage import datadir, durable
 
 _AT_FDCWD = -100
 _AT_SYMLINK_NOFOLLOW = 0x100

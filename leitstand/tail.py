@@ -1,6 +1,6 @@
 """Tail: the last lines of a domain's file, found from its end, and the lines appended after them.
 
-Only whole lines between two commits are shown (see :mod:`leitstand.datadir`), so a line
+Only whole lines between two commits are shown (see :mod:`leitstand.storage.datadir`), so a line
 is never printed half, nor one that a failed commit is about to take back.
 """
 
@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from leitstand import datadir, durable, journal
+from leitstand.storage import datadir, durable, journal
 
 
 def last(path: Path, count: int) -> tuple[bytes, int]:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import orjson
 
-from leitstand import datadir
-from leitstand.datadir import Kind
 from leitstand.intake import domains
+from leitstand.storage import datadir
+from leitstand.storage.datadir import Kind
 
 # Enough to show what is wrong with a file without flooding the terminal.
 _MAX_SHOWN = 5

@@ -21,7 +21,7 @@ from nats.js.api import KeyValueConfig
 
 from leitstand.archive import ArchiveError, Entry, Lease, LeaseLost, Record
 from leitstand.intake import domains
-from leitstand.keylog import key_hash
+from leitstand.storage.keylog import key_hash
 
 # 253 characters, the longest domain: a subject of five tokens, a shortened file name.
 LONGEST = ".".join(["a" * 63] * 3 + ["b" * 61])

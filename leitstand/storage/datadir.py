@@ -18,9 +18,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from leitstand import journal, keylog
-from leitstand.durable import read_range
 from leitstand.intake import domains
+from leitstand.storage import journal, keylog
+from leitstand.storage.durable import read_range
 
 # Where leitstand keeps state of its own (idempotency key logs, the archiver's write-ahead
 # record): not a journal.

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from leitstand.journal import Journal, StorageFull, StorageRefused, StorageUnavailable
+from leitstand.storage.journal import Journal, StorageFull, StorageRefused, StorageUnavailable
 
 
 def run(coro):  # type: ignore[no-untyped-def]

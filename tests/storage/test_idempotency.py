@@ -15,7 +15,7 @@ import httpx
 import pytest
 from conftest import CLEAN_EXIT, TOKEN, Load, Server, crash_repeatedly, read_lines, run_cli, stored_ids
 from lazyfs import LazyFS
-from test_powerloss import CUTS, DOMAINS, power_cut
+from storage.test_powerloss import CUTS, DOMAINS, power_cut
 
 KEYS = Path(".leitstand") / "keys"
 

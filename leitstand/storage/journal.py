@@ -35,8 +35,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
-from leitstand.durable import CHUNK, read_range, write_whole
-from leitstand.keylog import RECORD, KeyIndex, KeyLog, key_hash, lines_hash, open_keys_dir
+from leitstand.storage.durable import CHUNK, read_range, write_whole
+from leitstand.storage.keylog import RECORD, KeyIndex, KeyLog, key_hash, lines_hash, open_keys_dir
 
 log = logging.getLogger("leitstand.journal")
 

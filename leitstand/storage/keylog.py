@@ -37,7 +37,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable
 
-from leitstand.durable import write_whole
+from leitstand.storage.durable import write_whole
 
 log = logging.getLogger("leitstand.journal")
 

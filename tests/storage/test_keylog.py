@@ -10,11 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
-from test_journal import opened, run
+from storage.test_journal import opened, run
 
-from leitstand import keylog
-from leitstand.journal import Appended, StorageFull, StorageUnavailable
-from leitstand.keylog import RECORD, key_hash, lines_hash
+from leitstand.storage import keylog
+from leitstand.storage.journal import Appended, StorageFull, StorageUnavailable
+from leitstand.storage.keylog import RECORD, key_hash, lines_hash
 
 KEYS = Path(".leitstand") / "keys"
 
