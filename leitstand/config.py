@@ -12,9 +12,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from leitstand import auth, ratelimit
+from leitstand.access import auth, ratelimit
+from leitstand.access.proxies import Network, parse_networks
 from leitstand.intake import events
-from leitstand.proxies import Network, parse_networks
 from leitstand.storage import journal
 
 

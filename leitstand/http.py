@@ -20,17 +20,17 @@ from typing import Any
 import orjson
 
 from leitstand import __version__
-from leitstand.auth import Grant
+from leitstand.access.auth import Grant
+from leitstand.access.deadlines import Deadlines, Expired
+from leitstand.access.proxies import TrustedProxies
+from leitstand.access.ratelimit import FailureLimit, TokenBucket, retry_after
 from leitstand.broker import BrokerError, BrokerUnavailable, Publisher, Settings, TooLargeForBroker
 from leitstand.config import Config
-from leitstand.deadlines import Deadlines, Expired
 from leitstand.intake import domains, events
 from leitstand.logs import RequestLog
 from leitstand.metrics import CONTENT_TYPE as _METRICS
 from leitstand.metrics import Metrics
 from leitstand.openapi import DOCS_HTML, OPENAPI
-from leitstand.proxies import TrustedProxies
-from leitstand.ratelimit import FailureLimit, TokenBucket, retry_after
 from leitstand.storage.journal import Appended, Journal, StorageFull, StorageRefused, StorageUnavailable, probe, reason
 
 Scope = MutableMapping[str, Any]

@@ -1,7 +1,7 @@
 import pytest
 
-from leitstand import ratelimit
-from leitstand.ratelimit import FailureLimit, TokenBucket, parse_rate, retry_after
+from leitstand.access import ratelimit
+from leitstand.access.ratelimit import FailureLimit, TokenBucket, parse_rate, retry_after
 
 
 @pytest.mark.parametrize(

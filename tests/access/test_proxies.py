@@ -1,6 +1,6 @@
 import pytest
 
-from leitstand.proxies import TrustedProxies, parse_networks
+from leitstand.access.proxies import TrustedProxies, parse_networks
 
 
 @pytest.fixture

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from leitstand import auth
-from leitstand.auth import Keyring, TokenFileError, from_list, read_token_file
+from leitstand.access import auth
+from leitstand.access.auth import Keyring, TokenFileError, from_list, read_token_file
 
 
 @pytest.mark.parametrize(
