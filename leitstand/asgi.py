@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from leitstand import config, logs
+from leitstand import config
 from leitstand.http import Leitstand
+from leitstand.telemetry import logs
 
 
 def _load() -> Leitstand:

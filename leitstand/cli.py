@@ -20,10 +20,11 @@ from typing import NoReturn
 
 import orjson
 
-from leitstand import __version__, backup, config, configcheck, logs, metrics, stats, tail, verify
+from leitstand import __version__, backup, config, configcheck, stats, tail, verify
 from leitstand.intake import domains
 from leitstand.storage import journal
 from leitstand.storage.datadir import Kind
+from leitstand.telemetry import logs, metrics
 
 # The token has no flag: a flag shows up in `ps` for every user on the machine.
 _FLAGGED = [s for s in config.SETTINGS if s.env != "LEITSTAND_TOKEN"]

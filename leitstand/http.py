@@ -27,11 +27,11 @@ from leitstand.access.ratelimit import FailureLimit, TokenBucket, retry_after
 from leitstand.broker import BrokerError, BrokerUnavailable, Publisher, Settings, TooLargeForBroker
 from leitstand.config import Config
 from leitstand.intake import domains, events
-from leitstand.logs import RequestLog
-from leitstand.metrics import CONTENT_TYPE as _METRICS
-from leitstand.metrics import Metrics
 from leitstand.openapi import DOCS_HTML, OPENAPI
 from leitstand.storage.journal import Appended, Journal, StorageFull, StorageRefused, StorageUnavailable, probe, reason
+from leitstand.telemetry.logs import RequestLog
+from leitstand.telemetry.metrics import CONTENT_TYPE as _METRICS
+from leitstand.telemetry.metrics import Metrics
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

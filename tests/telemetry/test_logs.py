@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from conftest import CLEAN_EXIT, TOKEN
-from leitstand.logs import LineFormatter, Renderer, RequestLog
+from leitstand.telemetry.logs import LineFormatter, Renderer, RequestLog
 
 FIELDS = {
     "method": "POST",
