@@ -153,7 +153,7 @@ def archive(args: argparse.Namespace) -> None:
     if not settings.nats_urls:
         logs.fatal("LEITSTAND_NATS_URL is not set: point it at the NATS servers the front ends publish to")
     logs.setup(settings.log_format)
-    from leitstand import archive as archiver
+    from leitstand.broker import archiver
 
     try:
         archiver.run(settings)

@@ -24,7 +24,7 @@ from leitstand.access.auth import Grant
 from leitstand.access.deadlines import Deadlines, Expired
 from leitstand.access.proxies import TrustedProxies
 from leitstand.access.ratelimit import FailureLimit, TokenBucket, retry_after
-from leitstand.broker import BrokerError, BrokerUnavailable, Publisher, Settings, TooLargeForBroker
+from leitstand.broker.jetstream import BrokerError, BrokerUnavailable, Publisher, Settings, TooLargeForBroker
 from leitstand.config import Config
 from leitstand.intake import domains, events
 from leitstand.openapi import DOCS_HTML, OPENAPI

@@ -45,7 +45,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
-from leitstand import broker
+from leitstand.broker import jetstream
 from leitstand.config import Config
 from leitstand.intake import domains
 from leitstand.storage import datadir, durable
@@ -156,7 +156,7 @@ class Lease:
                 self.revision = await self.kv.create(_LEASE_KEY, self.identity)
             except nats.js.errors.KeyWrongLastSequenceError:
                 pass
-            except broker.NATS_ERRORS as exc:
+            except jetstream.NATS_ERRORS as exc:
                 log.debug("lease: %s", exc)
             else:
                 self._lost = False
@@ -175,7 +175,7 @@ class Lease:
                 self.revision = await self.kv.update(_LEASE_KEY, self.identity, last=self.revision)
             except nats.js.errors.KeyWrongLastSequenceError:
                 self._lost = True
-            except broker.NATS_ERRORS as exc:
+            except jetstream.NATS_ERRORS as exc:
                 log.debug("lease renewal: %s", exc)
             else:
                 self._valid_until = sent + self.ttl * 0.75
@@ -186,13 +186,13 @@ class Lease:
             raise LeaseLost
 
     async def release(self) -> None:
-        with contextlib.suppress(*broker.NATS_ERRORS):
+        with contextlib.suppress(*jetstream.NATS_ERRORS):
             await self.kv.delete(_LEASE_KEY, last=self.revision)
 
 
 class Archiver:
     def __init__(self, config: Config) -> None:
-        settings = broker.Settings.of(config)
+        settings = jetstream.Settings.of(config)
         assert settings is not None
         self.config = config
         self.settings = settings
@@ -203,7 +203,7 @@ class Archiver:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop.set)
-        connecting = asyncio.create_task(broker.connect(self.settings, "leitstand-archiver"))
+        connecting = asyncio.create_task(jetstream.connect(self.settings, "leitstand-archiver"))
         stopping = asyncio.create_task(self.stop.wait())
         await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
         stopping.cancel()
@@ -242,9 +242,9 @@ class Archiver:
         )
         while not self.stop.is_set():
             try:
-                await broker.ensure_stream(js, self.settings)
+                await jetstream.ensure_stream(js, self.settings)
                 return await js.create_key_value(bucket)
-            except (broker.BrokerUnavailable, *broker.NATS_ERRORS) as exc:
+            except (jetstream.BrokerUnavailable, *jetstream.NATS_ERRORS) as exc:
                 log.warning("broker unavailable, retrying: %s", exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), _RETRY)
@@ -275,7 +275,7 @@ class Archiver:
                 written = await loop.run_in_executor(None, self.record.recover, created)
                 journal = Journal(self.config.data_dir, fsync=self.config.fsync, file_mode=self.config.file_mode)
                 await journal.open()
-            except broker.NATS_ERRORS as exc:
+            except jetstream.NATS_ERRORS as exc:
                 log.warning("broker unavailable, retrying: %s", exc)
                 await asyncio.sleep(_RETRY)
                 continue
@@ -284,13 +284,13 @@ class Archiver:
                 sub = await self._subscribe(js, lease)
                 while not self.stop.is_set():
                     written = await self._batch(js, sub, journal, lease, created, written)
-            except (JournalError, OSError, *broker.NATS_ERRORS) as exc:
+            except (JournalError, OSError, *jetstream.NATS_ERRORS) as exc:
                 log.warning("batch not finished, recovering: %s", exc)
                 await asyncio.sleep(_RETRY)
             finally:
                 await journal.close()
                 if sub is not None:
-                    with contextlib.suppress(*broker.NATS_ERRORS):
+                    with contextlib.suppress(*jetstream.NATS_ERRORS):
                         await sub.unsubscribe()
 
     async def _subscribe(self, js: JetStreamContext, lease: Lease) -> JetStreamContext.PullSubscription:
@@ -309,7 +309,7 @@ class Archiver:
                 ack_policy=AckPolicy.ALL,
                 ack_wait=60,
                 max_ack_pending=_BATCH * 4,
-                filter_subject=broker.SUBJECTS,
+                filter_subject=jetstream.SUBJECTS,
             ),
         )
         return await js.pull_subscribe_bind(name, self.settings.stream)
@@ -335,7 +335,7 @@ class Archiver:
         last: dict[str, int] = {}
         for message in messages:
             seq = message.metadata.sequence.stream
-            domain = broker.domain_of(message.subject)
+            domain = jetstream.domain_of(message.subject)
             if domains.normalize(domain) != domain or not message.data.endswith(b"\n"):
                 log.error("message %d on %s is no batch of journal lines: acked, not written", seq, message.subject)
                 continue

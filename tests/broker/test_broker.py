@@ -19,7 +19,7 @@ from brokers import Broker, Nats, events_in, wait_stored
 from conftest import TOKEN, Load, assert_all_acked_stored_once, read_lines, run_cli
 from nats.js.api import KeyValueConfig
 
-from leitstand.archive import ArchiveError, Entry, Lease, LeaseLost, Record
+from leitstand.broker.archiver import ArchiveError, Entry, Lease, LeaseLost, Record
 from leitstand.intake import domains
 from leitstand.storage.keylog import key_hash
 
