@@ -281,8 +281,8 @@ def _tail(args: argparse.Namespace) -> int:
 
 def _send(args: argparse.Namespace) -> int:
     # Imported here: httpx is not needed by the server's own commands.
-    from leitstand import client, outbox, send
     from leitstand.access import auth
+    from leitstand.client import client, outbox, send
 
     token = args.token or next(iter(auth.split_list(os.environ.get("LEITSTAND_TOKEN", ""))), "")
     if not token and not args.dry_run:

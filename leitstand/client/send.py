@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from leitstand import client, jsonstream
+from leitstand.client import client, jsonstream
 
 # How much of a rejected event the report shows.
 _SHOWN = 200

@@ -26,7 +26,7 @@ import httpx
 import orjson
 
 from leitstand import __version__
-from leitstand.outbox import Batch, Outbox
+from leitstand.client.outbox import Batch, Outbox
 
 # The server's defaults (LEITSTAND_MAX_EVENTS, LEITSTAND_MAX_BODY).
 MAX_EVENTS = 10000

@@ -22,7 +22,7 @@ import pytest
 
 from conftest import TOKEN, Server, read_lines
 from leitstand.client import AsyncClient, Client, Rejected, retry_after
-from leitstand.outbox import OutboxError
+from leitstand.client.outbox import OutboxError
 
 
 def ids(path: Path) -> list[int]:

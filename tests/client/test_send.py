@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from conftest import ROOT, TOKEN, Server, read_lines, run_cli
-from leitstand.jsonstream import Invalid, values
+from leitstand.client.jsonstream import Invalid, values
 
 
 def ids(path: Path) -> list[int]:
