@@ -20,7 +20,8 @@ from typing import NoReturn
 
 import orjson
 
-from leitstand import __version__, backup, config, configcheck, stats, tail, verify
+from leitstand import __version__, config
+from leitstand.cli import backup, configcheck, stats, tail, verify
 from leitstand.intake import domains
 from leitstand.storage import journal
 from leitstand.storage.datadir import Kind
