@@ -531,7 +531,7 @@ def _cpu(stat: Path) -> float:
 
 
 def _function(frame: str) -> str:
-    """``ingest (leitstand/http.py:212)`` -> ``ingest (leitstand/http.py)``: lines of one function merge."""
+    """``ingest (leitstand/server/app.py:212)`` -> ``ingest (leitstand/server/app.py)``: lines of one function merge."""
     return re.sub(r":\d+\)$", ")", frame)
 
 
@@ -558,9 +558,9 @@ def profile_markdown(p: Profile, top: int = 12) -> str:
         f"CPU: event-loop thread {p.loop_cpu:.0%} of a core, journal pool threads {p.pool_cpu:.0%}. "
         f"{total:,} samples of the event-loop thread, idle ones excluded.\n\n"
         f"Where the time goes: {own_code:.0%} of the busy event-loop samples are in leitstand's own code "
-        f"(innermost frame in leitstand/), among them the request log line {share('Leitstand._log', 'http')}, "
-        f"parsing and encoding the events {share('encode', 'events')}, handing them to the journal "
-        f"{share('Journal.append', 'journal')}. The other {1 - own_code:.0%} are in uvicorn, httptools, the "
+        f"(innermost frame in leitstand/), among them the request log line {share('Leitstand._log', 'server/app')}, "
+        f"parsing and encoding the events {share('encode', 'intake/events')}, handing them to the journal "
+        f"{share('Journal.append', 'storage/journal')}. The other {1 - own_code:.0%} are in uvicorn, httptools, the "
         f"event loop and the socket writes: code the noop app runs too, though leitstand's wait for the journal "
         f"adds a task switch and a burst of writes per commit. "
         f"Hottest lines of leitstand itself: {hottest}.\n\n" + _table(rows)
@@ -573,7 +573,7 @@ def profile_markdown(p: Profile, top: int = 12) -> str:
 def code_version() -> str:
     """The commit leitstand runs from, and a hash of its code: the checkout may change under a long run."""
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    files = sorted((ROOT / "leitstand").glob("*.py")) + [ROOT / "app.py"]
+    files = sorted((ROOT / "leitstand").rglob("*.py")) + [ROOT / "app.py"]
     digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
     return f"commit {head.stdout.strip() or 'unknown'}, code sha256 {digest}"
 

@@ -133,7 +133,7 @@ def test_every_setting_is_in_the_readme() -> None:
 def test_every_answer_is_in_the_troubleshooting_table_and_the_readme() -> None:
     """Each status and phrase the service can answer has a row that says what to do."""
     root = Path(__file__).parent.parent
-    code = (root / "leitstand" / "http.py").read_text()
+    code = (root / "leitstand" / "server" / "app.py").read_text()
     answers = set(re.findall(r'_text\((\d{3}), "([^"]+)"', code))
     events = (root / "leitstand" / "intake" / "events.py").read_text()
     answers |= {("413" if kind == "TooLarge" else "400", phrase)

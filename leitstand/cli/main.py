@@ -115,7 +115,7 @@ def serve(args: argparse.Namespace) -> None:
     if settings.workers > 1:
         _pass_sighup_to_workers()
     uvicorn.run(
-        "leitstand.asgi:app",
+        "leitstand.server.asgi:app",
         host=settings.host,
         port=settings.port,
         workers=settings.workers,

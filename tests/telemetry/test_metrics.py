@@ -16,8 +16,8 @@ import yaml
 from conftest import CLEAN_EXIT, ROOT, TOKEN, Server, free_port
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
+from server.test_startup import assert_one_line_refusal, run
 from storage.test_faults import batch, fill, small_tmpfs  # noqa: F401 (small_tmpfs is a fixture)
-from test_startup import assert_one_line_refusal, run
 
 from leitstand import __version__
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from leitstand import config
-from leitstand.http import Leitstand
+from leitstand.server.app import Leitstand
 from leitstand.telemetry import logs
 
 

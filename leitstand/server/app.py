@@ -27,7 +27,7 @@ from leitstand.access.ratelimit import FailureLimit, TokenBucket, retry_after
 from leitstand.broker.jetstream import BrokerError, BrokerUnavailable, Publisher, Settings, TooLargeForBroker
 from leitstand.config import Config
 from leitstand.intake import domains, events
-from leitstand.openapi import DOCS_HTML, OPENAPI
+from leitstand.server.openapi import DOCS_HTML, OPENAPI
 from leitstand.storage.journal import Appended, Journal, StorageFull, StorageRefused, StorageUnavailable, probe, reason
 from leitstand.telemetry.logs import RequestLog
 from leitstand.telemetry.metrics import CONTENT_TYPE as _METRICS
