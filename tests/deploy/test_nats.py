@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 
 from brokers import NATS_SERVER
-from test_deploy import DEPLOY, docker_env, load_yaml
+from deploy.test_deploy import DEPLOY, docker_env, load_yaml
 
 from leitstand import config
 
