@@ -1,7 +1,9 @@
-"""The HTTP app: a plain ASGI callable that translates requests into journal appends.
+"""The HTTP app: the ASGI callable that uvicorn runs, its lifespan, and ``POST /ingest/{domain}``.
 
-It is written against ASGI directly, without a framework, because every microsecond per
-request shows in the throughput: no routing tables, no dependency injection, no models.
+Ingest is written against ASGI directly, without a framework, because every microsecond per
+request shows in its throughput: no routing table, no request object, no dependency injection.
+Every other route is rare and served by Starlette (:mod:`leitstand.server.routes`). Both kinds
+answer with an ``X-Request-ID``, count in the metrics and write a log line alike.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ import secrets
 import signal
 import time
 import zlib
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
 
-import orjson
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.types import Message, Receive, Scope, Send
 
 from leitstand import __version__
 from leitstand.access.auth import Grant
@@ -27,21 +29,14 @@ from leitstand.access.ratelimit import FailureLimit, TokenBucket, retry_after
 from leitstand.broker.jetstream import BrokerError, BrokerUnavailable, Publisher, Settings, TooLargeForBroker
 from leitstand.config import Config
 from leitstand.intake import domains, events
-from leitstand.server.openapi import DOCS_HTML, OPENAPI
-from leitstand.storage.journal import Appended, Journal, StorageFull, StorageRefused, StorageUnavailable, probe, reason
+from leitstand.server.routes import Routes
+from leitstand.storage.journal import Appended, Journal, StorageFull, StorageRefused, StorageUnavailable, reason
 from leitstand.telemetry.logs import RequestLog
-from leitstand.telemetry.metrics import CONTENT_TYPE as _METRICS
 from leitstand.telemetry.metrics import Metrics
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 log = logging.getLogger("leitstand")
 
 _TEXT = b"text/plain; charset=utf-8"
-_JSON = b"application/json"
 _NDJSON_TYPES = (b"application/x-ndjson", b"application/jsonl", b"application/x-jsonlines")
 _RID_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-")
 _RETRY_AFTER = (b"retry-after", b"1")
@@ -96,22 +91,17 @@ class _Headers:
 
 
 class Response:
-    """What a handler answers; ``events``, ``nbytes`` and ``domain`` only go to the log, ``reason`` to the metrics."""
+    """What ingest answers, as every refusal: one line of text, the reason phrase.
 
-    __slots__ = ("status", "body", "content_type", "headers", "reason", "domain", "events", "nbytes")
+    ``events``, ``nbytes`` and ``domain`` only go to the log, ``reason`` to the metrics.
+    """
 
-    def __init__(
-        self,
-        status: int,
-        body: bytes,
-        content_type: bytes = _TEXT,
-        headers: tuple[tuple[bytes, bytes], ...] = (),
-        reason: str = "ok",
-    ) -> None:
+    __slots__ = ("status", "body", "headers", "reason", "domain", "events", "nbytes")
+
+    def __init__(self, status: int, reason: str, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         self.status = status
         self.reason = reason
-        self.body = body
-        self.content_type = content_type
+        self.body = reason.encode() + b"\n"
         self.headers = headers
         self.domain: str | None = None
         self.events = 0
@@ -119,15 +109,40 @@ class Response:
 
 
 def _text(status: int, phrase: str, *headers: tuple[bytes, bytes]) -> Response:
-    return Response(status, phrase.encode() + b"\n", _TEXT, headers, phrase)
+    return Response(status, phrase, headers)
 
 
 def _too_many(wait: float) -> Response:
     return _text(429, "too many requests", (b"retry-after", retry_after(wait)))
 
 
-def _json(value: object, status: int = 200) -> Response:
-    return Response(status, orjson.dumps(value), _JSON)
+def _refused(exc: HTTPException) -> Response:
+    """A refusal raised for Starlette, answered as one line of text like every other.
+
+    The router's own 405 carries the standard phrase in title case, and its ``Allow`` lists
+    the route's methods in the order of a set.
+    """
+    headers = {name.lower(): value for name, value in (exc.headers or {}).items()}
+    if "allow" in headers:
+        headers["allow"] = ", ".join(sorted(headers["allow"].split(", ")))
+    encoded = ((name.encode(), value.encode()) for name, value in headers.items())
+    return _text(exc.status_code, exc.detail.lower(), *encoded)
+
+
+async def _answer(send: Send, response: Response, request_id: bytes) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": response.status,
+            "headers": [
+                (b"content-type", _TEXT),
+                (b"content-length", str(len(response.body)).encode()),
+                (b"x-request-id", request_id),
+                *response.headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": response.body})
 
 
 class Leitstand:
@@ -158,18 +173,14 @@ class Leitstand:
         self.body_deadlines = Deadlines(config.body_timeout)
         self._ids = itertools.count(1)
         self._id_prefix = secrets.token_hex(4) + "-"
-        self._routes: dict[str, tuple[str, Callable[[_Headers, str], Awaitable[Response]]]] = {
-            "/health": ("GET", self._health),
-            "/ready": ("GET", self._ready),
-            "/version": ("GET", self._version),
-            "/openapi.json": ("GET", self._openapi),
-            "/docs": ("GET", self._docs),
-            "/metrics": ("GET", self._metrics),
-        }
+        self.routes = Routes(config, self.journal, self.broker, self.metrics, self._authenticate_request)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            await self._http(scope, receive, send)
+            if scope["path"].startswith("/ingest/"):
+                await self._ingest_http(scope, receive, send)
+            else:
+                await self._route(scope, receive, send)
         elif scope["type"] == "lifespan":
             await self._lifespan(receive, send)
 
@@ -235,57 +246,69 @@ class Leitstand:
 
     # -- requests --------------------------------------------------------------------
 
-    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def _arrived(self, scope: Scope) -> tuple[float, _Headers, bytes, str]:
+        """When a request came, its headers, its id (the client's, or a new one) and the client's address."""
         started = time.perf_counter()
         headers = _Headers(scope["headers"])
         request_id = headers.request_id or f"{self._id_prefix}{next(self._ids):x}".encode()
-        path: str = scope["path"]
-        method: str = scope["method"]
+        return started, headers, request_id, self._address(scope, headers)
+
+    def _address(self, scope: Scope, headers: _Headers) -> str:
         client = scope.get("client")
         address: str = client[0] if client else "-"
         if headers.forwarded_for is not None and self.proxies:
             address = self.proxies.client(address, headers.forwarded_for)
-        route = "other"
+        return address
+
+    async def _ingest_http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started, headers, request_id, address = self._arrived(scope)
         try:
-            if path.startswith("/ingest/"):
-                route = "/ingest"
-                if method == "POST":
-                    response = await self._ingest(headers, receive, path[8:], address)
-                else:
-                    response = _text(405, "method not allowed", (b"allow", b"POST"))
-            elif path in self._routes:
-                route = path
-                allowed, handler = self._routes[path]
-                if method in (allowed, "HEAD"):
-                    response = await handler(headers, address)
-                else:
-                    response = _text(405, "method not allowed", (b"allow", allowed.encode()))
+            if scope["method"] == "POST":
+                response = await self._ingest(headers, receive, scope["path"][8:], address)
             else:
-                response = _text(404, "not found")
+                response = _text(405, "method not allowed", (b"allow", b"POST"))
         except ClientGone:
-            self.metrics.answered(route, 499, "client gone", time.perf_counter() - started)
+            self.metrics.answered("/ingest", 499, "client gone", time.perf_counter() - started)
             self._log(scope, 499, None, 0, 0, request_id, started, address)
             return
         except Exception:
             log.exception("internal error", extra={"request_id": request_id.decode()})
             response = _text(500, "internal error")
-        self.metrics.answered(route, response.status, response.reason, time.perf_counter() - started)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": response.status,
-                "headers": [
-                    (b"content-type", response.content_type),
-                    (b"content-length", str(len(response.body)).encode()),
-                    (b"x-request-id", request_id),
-                    *response.headers,
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": response.body})
+        self.metrics.answered("/ingest", response.status, response.reason, time.perf_counter() - started)
+        await _answer(send, response, request_id)
         self._log(
             scope, response.status, response.domain, response.events, response.nbytes, request_id, started, address
         )
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Every other route, through Starlette's router; ``route`` in the metrics is the route's path, or ``other``."""
+        started, _, request_id, address = self._arrived(scope)
+        status = 0
+
+        async def counted(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {**message, "headers": [*message["headers"], (b"x-request-id", request_id)]}
+                self.metrics.answered(_route_name(scope), status, "ok", time.perf_counter() - started)
+            await send(message)
+
+        # Inside an app, Starlette raises its refusals (404, 405) instead of answering them itself.
+        scope["app"] = self
+        try:
+            await self.routes(scope, receive, counted)
+        except Exception as exc:
+            if status:  # already answered: nothing more can be said
+                raise
+            if isinstance(exc, HTTPException):
+                response = _refused(exc)
+            else:
+                log.exception("internal error", extra={"request_id": request_id.decode()})
+                response = _text(500, "internal error")
+            status = response.status
+            self.metrics.answered(_route_name(scope), status, response.reason, time.perf_counter() - started)
+            await _answer(send, response, request_id)
+        self._log(scope, status, None, 0, 0, request_id, started, address)
 
     def _log(
         self,
@@ -311,6 +334,14 @@ class Leitstand:
             request_id.decode(),
             address,
         )
+
+    def _authenticate_request(self, request: Request) -> Grant:
+        """For the routes: the grant of the token presented, or the same refusal as for ingest, raised."""
+        headers = _Headers(request.scope["headers"])
+        grant = self._authenticate(headers, self._address(request.scope, headers))
+        if isinstance(grant, Response):
+            raise HTTPException(grant.status, grant.reason, {k.decode(): v.decode() for k, v in grant.headers})
+        return grant
 
     def _authenticate(self, headers: _Headers, address: str) -> Grant | Response:
         """The grant of the token presented, or the refusal: 429 while the address has failed too often, else 401."""
@@ -398,41 +429,11 @@ class Leitstand:
         response.nbytes = nbytes
         return response
 
-    async def _health(self, *_: object) -> Response:
-        return _json({"status": "ok"})
 
-    async def _ready(self, *_: object) -> Response:
-        if self.broker is not None:
-            return _json({"status": "ready"}) if self.broker.connected else _text(503, "not ready: broker unavailable")
-        loop = asyncio.get_running_loop()
-        try:
-            await loop.run_in_executor(None, probe, self.config.data_dir)
-            free = await loop.run_in_executor(None, self.journal.free_bytes)
-        except OSError as exc:
-            return _text(503, f"not ready: data dir {reason(exc)}")
-        if free < self.config.ready_min_free:
-            return _text(503, "not ready: low disk space")
-        return _json({"status": "ready"})
-
-    async def _version(self, *_: object) -> Response:
-        return _json({"version": __version__})
-
-    async def _openapi(self, *_: object) -> Response:
-        return _json(OPENAPI)
-
-    async def _docs(self, *_: object) -> Response:
-        return Response(200, DOCS_HTML, b"text/html; charset=utf-8")
-
-    async def _metrics(self, headers: _Headers, address: str) -> Response:
-        if not self.config.metrics_public:
-            grant = self._authenticate(headers, address)
-            if isinstance(grant, Response):
-                return grant
-            # The figures name every domain: a token scoped to some of them may not see them.
-            if not grant.all_domains:
-                return _text(403, "forbidden")
-        body = await asyncio.get_running_loop().run_in_executor(None, self.metrics.render)
-        return Response(200, body, _METRICS)
+def _route_name(scope: Scope) -> str:
+    """The path of the route the router matched, also for a wrong method, else ``other``: never the client's text."""
+    route = scope.get("route")
+    return getattr(route, "path", "other")
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes | None:

@@ -45,7 +45,7 @@ from leitstand import __version__
 from leitstand.config import Config, ConfigError
 from leitstand.storage import journal
 
-CONTENT_TYPE = CONTENT_TYPE_LATEST.encode()
+CONTENT_TYPE = CONTENT_TYPE_LATEST
 OTHER = "_other"
 _ENV = "PROMETHEUS_MULTIPROC_DIR"
 _OWNER = ".owner"
