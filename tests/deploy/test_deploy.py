@@ -3,7 +3,7 @@
 Docker and Kubernetes cannot run on this machine, so the Dockerfile goes through hadolint, its
 health check runs against the real service, and the compose file and manifests are parsed
 and their references followed. The systemd unit goes through ``systemd-analyze``. The nginx
-config is run for real in ``test_deploy_nginx.py``.
+config is run for real in ``test_nginx.py``.
 """
 
 from __future__ import annotations
