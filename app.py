@@ -1,5 +1,5 @@
 """``uvicorn app:app`` from the checkout, as the operations manual says."""
 
-from leitstand.asgi import app
+from leitstand.server.asgi import app
 
 __all__ = ["app"]

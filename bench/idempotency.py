@@ -1,7 +1,7 @@
 """What an Idempotency-Key costs: leitstand with and without the header, in one run.
 
 Single events at 1, 16 and 64 connections, one worker, the variants alternating within each
-cell on fresh servers (the harness of ``run.py``): ``none`` sends no key, ``unique`` a new key
+cell on fresh servers (``harness.py``): ``none`` sends no key, ``unique`` a new key
 per request (each one stored: a key record written and synced with the data), ``replayed``
 the same key every time (after the first, answered from memory without writing). wrk builds
 every request in Lua for all three, so the client's cost is the same. Markdown to stdout.
@@ -17,7 +17,18 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from run import APPS, BODIES, CONNECTIONS, TOKEN, count_lines, cpu_seconds, ensure_tools, serve, wrk
+from harness import (
+    BODIES,
+    CONNECTIONS,
+    LEITSTAND,
+    TOKEN,
+    add_run_flags,
+    count_lines,
+    cpu_seconds,
+    ensure_tools,
+    serve,
+    wrk,
+)
 
 VARIANTS = ("none", "unique", "replayed")
 _KEY = {
@@ -56,7 +67,7 @@ class Run:
 
 
 def measure(variant: str, connections: int, args: argparse.Namespace, tmp: Path) -> Run:
-    with serve(APPS[0], 1, tmp) as server:
+    with serve(LEITSTAND, 1, tmp) as server:
         warm = wrk(server.url, lua(variant, tmp, "warm"), connections, args.warmup)
         cpu = cpu_seconds(server.pid)
         load = wrk(server.url, lua(variant, tmp, "load"), connections, args.duration)
@@ -71,9 +82,7 @@ def measure(variant: str, connections: int, args: argparse.Namespace, tmp: Path)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per run (default 5)")
-    parser.add_argument("--warmup", type=float, default=1.0, help="warmup seconds per run (default 1)")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per variant and cell (default 3)")
+    add_run_flags(parser, duration=5.0, warmup=1.0, repeat=3)
     args = parser.parse_args()
     ensure_tools()
     results: dict[tuple[str, int], list[Run]] = {}

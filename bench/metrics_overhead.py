@@ -21,7 +21,7 @@ N = 200_000
 
 def measure() -> None:
     from leitstand.config import Config
-    from leitstand.metrics import Metrics
+    from leitstand.telemetry.metrics import Metrics
 
     with tempfile.TemporaryDirectory() as data:
         metrics = Metrics(Config.from_env({"LEITSTAND_TOKEN": "t", "LEITSTAND_DATA_DIR": data}))

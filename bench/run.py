@@ -2,8 +2,8 @@
 
 Why it is built this way:
 
-* All three apps run under the same uvicorn, uvloop and httptools, so the ratios measure
-  the apps, not the servers.
+* All three apps run under the same uvicorn, uvloop and httptools (``harness.serve``), so the
+  ratios measure the apps, not the servers.
 * Every run gets a fresh server and data directory, and runs alternate leitstand, baseline,
   noop, leitstand, ... within a cell, so a noisy neighbour on a shared machine hits all three.
 * Between runs the page cache is flushed (``sync``) and no data is deleted until the end: the
@@ -20,305 +20,57 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
-import importlib.metadata
 import json
 import os
 import re
 import shlex
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
-TOKEN = "bench-token-0123456789"
-DOMAIN = "bench.example"
-CONNECTIONS = (1, 16, 64)
+from harness import (
+    BODIES,
+    CONNECTIONS,
+    LEITSTAND,
+    RESULTS,
+    ROOT,
+    App,
+    Load,
+    Run,
+    add_run_flags,
+    code_version,
+    count_lines,
+    cpu_seconds,
+    ensure_tools,
+    machine,
+    parse_wrk,
+    rss_mib,
+    run_one,
+    serve,
+    table,
+    wrk_argv,
+    wrk_script,
+)
+
 WORKERS = (1, 2)
 SOAK_WORKERS = 2
 RSS_EVERY = 5.0
 
 
-def _event(n: int) -> dict[str, object]:
-    return {
-        "ts": "2026-11-28T07:17:39.123Z",
-        "level": "info",
-        "service": "checkout",
-        "host": "web-07",
-        "msg": "order placed",
-        "order_id": f"A-{100000 + n}",
-        "amount_cents": 4599,
-        "currency": "EUR",
-        "user": {"id": 81734, "country": "DE", "plan": "pro"},
-    }
-
-
-# name -> (events per request, body)
-BODIES = {
-    "single": (1, json.dumps(_event(0), separators=(",", ":")).encode()),
-    "batch100": (100, json.dumps([_event(n) for n in range(100)], separators=(",", ":")).encode()),
-}
-
-
-@dataclass(frozen=True)
-class App:
-    name: str
-    target: list[str]  # uvicorn's app arguments, relative to ROOT
-    stores: bool  # writes one line per event, so the line count is checked
-
-
 APPS = (
-    App("leitstand", ["app:app"], True),
+    LEITSTAND,
     App("baseline", ["--app-dir", "bench", "baseline_app:app"], True),
     App("noop", ["--app-dir", "bench", "noop_app:app"], False),
 )
 
 
-@dataclass
-class Load:
-    """What wrk reports for one run."""
-
-    requests: int
-    seconds: float
-    rps: float
-    p50_ms: float
-    p99_ms: float
-    non2xx: int
-    socket_errors: int
-
-    @property
-    def ok(self) -> int:
-        return self.requests - self.non2xx
-
-
-@dataclass
-class Run:
-    app: str
-    body: str
-    connections: int
-    workers: int
-    load: Load
-    events_per_s: float
-    cpu_us_per_request: float
-    acked: int  # events in 2xx answers, warmup included
-    lines: int  # lines in the data files after the server stopped; -1 if the app stores nothing
-
-    @property
-    def valid(self) -> bool:
-        return self.load.non2xx == 0 and self.load.socket_errors == 0 and (self.lines < 0 or self.lines >= self.acked)
-
-
-# -- tools ---------------------------------------------------------------------------
-
-
-def ensure_tools() -> None:
-    """wrk comes from Debian, py-spy from PyPI (into this venv); both only when missing."""
-    if shutil.which("wrk") is None:
-        subprocess.run(["apt-get", "install", "-y", "wrk"], check=True)
-    if not Path(sys.executable).with_name("py-spy").exists():
-        subprocess.run([sys.executable, "-m", "pip", "install", "py-spy"], check=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-# -- the server ----------------------------------------------------------------------
-
-
-class Server:
-    """A running uvicorn; ``stop`` is SIGTERM and a wait, as in production, so it drains."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], port: int, data_dir: Path) -> None:
-        self.proc = proc
-        self.pid = proc.pid
-        self.url = f"http://127.0.0.1:{port}/ingest/{DOMAIN}"
-        self.data_dir = data_dir
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.pid, signal.SIGKILL)
-            self.proc.wait()
-
-
-@contextmanager
-def serve(app: App, workers: int, session: Path, extra_env: dict[str, str] | None = None) -> Iterator[Server]:
-    """One server on a free port with a fresh data dir under ``session``, which outlives it."""
-    tmp = tempfile.mkdtemp(prefix=f"{app.name}-", dir=session)
-    port = free_port()
-    flags = f"--host 127.0.0.1 --port {port} --workers {workers} --no-access-log --loop uvloop --http httptools"
-    argv = [sys.executable, "-m", "uvicorn", *app.target, *flags.split()]
-    env = {**os.environ, "LEITSTAND_TOKEN": TOKEN, "LEITSTAND_DATA_DIR": str(Path(tmp) / "data"), **(extra_env or {})}
-    stderr = Path(tmp) / "stderr.log"
-    # leitstand writes a request line per request to stdout; /dev/null is its cheapest sink.
-    with open(stderr, "wb") as err:
-        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
-    server = Server(proc, port, Path(tmp) / "data")
-    try:
-        _wait_ready(proc, server.url, stderr)
-        yield server
-    finally:
-        server.stop()
-
-
-def _wait_ready(proc: subprocess.Popen[bytes], url: str, stderr: Path, timeout: float = 30.0) -> None:
-    request = urllib.request.Request(url, data=BODIES["single"][1], headers={"X-Auth": TOKEN}, method="POST")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{stderr.read_text(errors='replace')}")
-        try:
-            with urllib.request.urlopen(request, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError):
-            time.sleep(0.1)
-    raise RuntimeError(f"server did not answer within {timeout}s")
-
-
-def count_lines(data_dir: Path) -> int:
-    count = 0
-    for path in data_dir.glob("*.jsonl"):
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                count += chunk.count(b"\n")
-    return count
-
-
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and all its descendants, from the ppid field of /proc/*/stat."""
-    parents: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents[int(stat.parent.name)] = int(fields[1])
-    tree = [pid]
-    for p in tree:
-        tree.extend(child for child, parent in parents.items() if parent == p)
-    return tree
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of the process tree, so that workers count too."""
-    ticks = 0
-    for p in process_tree(pid):
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        ticks += int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-def rss_mib(pid: int) -> float:
-    """VmRSS summed over the process tree: the supervisor and every worker."""
-    kib = 0
-    for p in process_tree(pid):
-        try:
-            status = Path(f"/proc/{p}/status").read_text()
-        except OSError:
-            continue
-        match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
-        kib += int(match.group(1)) if match else 0
-    return kib / 1024
-
-
-# -- the load ------------------------------------------------------------------------
-
-
-def wrk_script(body: bytes, directory: Path) -> Path:
-    path = directory / "post.lua"
-    path.write_text(
-        'wrk.method = "POST"\n'
-        f"wrk.body = [==[{body.decode()}]==]\n"
-        'wrk.headers["Content-Type"] = "application/json"\n'
-        f'wrk.headers["X-Auth"] = "{TOKEN}"\n'
-    )
-    return path
-
-
-def wrk_argv(url: str, script: Path, connections: int, seconds: float) -> list[str]:
-    threads = 1 if connections == 1 else 2
-    flags = f"-t {threads} -c {connections} -d {seconds:g}s --timeout 10s --latency"
-    return ["wrk", *flags.split(), "-s", str(script), url]
-
-
-_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
-
-
-def _ms(text: str) -> float:
-    match = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", text)
-    if match is None:
-        raise ValueError(f"not a wrk duration: {text!r}")
-    return float(match.group(1)) * _UNITS[match.group(2)]
-
-
-def parse_wrk(output: str) -> Load:
-    def find(pattern: str) -> re.Match[str]:
-        match = re.search(pattern, output, re.MULTILINE)
-        if match is None:
-            raise ValueError(f"wrk output without {pattern!r}:\n{output}")
-        return match
-
-    done = find(r"^\s*(\d+) requests in ([\d.]+)(\w+),")
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
-    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
-    return Load(
-        requests=int(done.group(1)),
-        seconds=_ms(done.group(2) + done.group(3)) / 1e3,
-        rps=float(find(r"^Requests/sec:\s+([\d.]+)").group(1)),
-        p50_ms=_ms(find(r"^\s+50%\s+(\S+)").group(1)),
-        p99_ms=_ms(find(r"^\s+99%\s+(\S+)").group(1)),
-        non2xx=int(non2xx.group(1)) if non2xx else 0,
-        socket_errors=sum(int(n) for n in errors.groups()) if errors else 0,
-    )
-
-
-def wrk(url: str, script: Path, connections: int, seconds: float) -> Load:
-    argv = wrk_argv(url, script, connections, seconds)
-    return parse_wrk(subprocess.run(argv, check=True, capture_output=True, text=True).stdout)
-
-
 # -- the matrix ----------------------------------------------------------------------
-
-
-def run_one(app: App, body: str, connections: int, workers: int, args: argparse.Namespace, tmp: Path) -> Run:
-    per_request, payload = BODIES[body]
-    script = wrk_script(payload, tmp)
-    with serve(app, workers, tmp) as server:
-        warm = wrk(server.url, script, connections, args.warmup)
-        cpu = cpu_seconds(server.pid)
-        load = wrk(server.url, script, connections, args.duration)
-        cpu = cpu_seconds(server.pid) - cpu
-        # Once the server has stopped (SIGTERM drains), every acknowledged line must be there.
-        server.stop()
-        lines = count_lines(server.data_dir) if app.stores else -1
-    os.sync()
-    events_per_s, cpu_us = load.rps * per_request, cpu / max(load.requests, 1) * 1e6
-    # +1: the single event that found the server ready.
-    acked = (warm.ok + load.ok) * per_request + 1
-    return Run(app.name, body, connections, workers, load, events_per_s, cpu_us, acked, lines)
 
 
 def matrix(args: argparse.Namespace, tmp: Path) -> list[Run]:
@@ -327,7 +79,7 @@ def matrix(args: argparse.Namespace, tmp: Path) -> list[Run]:
     for i, (workers, body, connections) in enumerate(cells, 1):
         for rep in range(args.repeat):
             for app in APPS:
-                run = run_one(app, body, connections, workers, args, tmp)
+                run = run_one(app, body, connections, workers, args.warmup, args.duration, tmp)
                 print(
                     f"[{i}/{len(cells)} rep {rep + 1}] {app.name:9} w={workers} {body:8} c={connections:<2} "
                     f"{run.events_per_s:9.0f} ev/s p99 {run.load.p99_ms:7.2f} ms"
@@ -383,11 +135,7 @@ def matrix_markdown(cells: dict[tuple[int, str, int], dict[str, Cell]]) -> str:
         rows.append(row)
         valid = "yes" if all(c.valid for c in apps.values()) else "**no**"
         cpu.append([name, *(f"{apps[app.name].cpu_us:.0f}" for app in APPS), valid])
-    return _table(rows) + "\n\nServer CPU time (user + system, all processes) per request, median:\n\n" + _table(cpu)
-
-
-def _table(rows: list[list[str]]) -> str:
-    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+    return table(rows) + "\n\nServer CPU time (user + system, all processes) per request, median:\n\n" + table(cpu)
 
 
 def goals_markdown(cells: dict[tuple[int, str, int], dict[str, Cell]], soak: Soak | None) -> str:
@@ -531,7 +279,7 @@ def _cpu(stat: Path) -> float:
 
 
 def _function(frame: str) -> str:
-    """``ingest (leitstand/http.py:212)`` -> ``ingest (leitstand/http.py)``: lines of one function merge."""
+    """``ingest (leitstand/server/app.py:212)`` -> ``ingest (leitstand/server/app.py)``: lines of one function merge."""
     return re.sub(r":\d+\)$", ")", frame)
 
 
@@ -558,39 +306,16 @@ def profile_markdown(p: Profile, top: int = 12) -> str:
         f"CPU: event-loop thread {p.loop_cpu:.0%} of a core, journal pool threads {p.pool_cpu:.0%}. "
         f"{total:,} samples of the event-loop thread, idle ones excluded.\n\n"
         f"Where the time goes: {own_code:.0%} of the busy event-loop samples are in leitstand's own code "
-        f"(innermost frame in leitstand/), among them the request log line {share('Leitstand._log', 'http')}, "
-        f"parsing and encoding the events {share('encode', 'events')}, handing them to the journal "
-        f"{share('Journal.append', 'journal')}. The other {1 - own_code:.0%} are in uvicorn, httptools, the "
+        f"(innermost frame in leitstand/), among them the request log line {share('Leitstand._log', 'server/app')}, "
+        f"parsing and encoding the events {share('encode', 'intake/events')}, handing them to the journal "
+        f"{share('Journal.append', 'storage/journal')}. The other {1 - own_code:.0%} are in uvicorn, httptools, the "
         f"event loop and the socket writes: code the noop app runs too, though leitstand's wait for the journal "
         f"adds a task switch and a burst of writes per commit. "
-        f"Hottest lines of leitstand itself: {hottest}.\n\n" + _table(rows)
+        f"Hottest lines of leitstand itself: {hottest}.\n\n" + table(rows)
     )
 
 
 # -- the report ----------------------------------------------------------------------
-
-
-def code_version() -> str:
-    """The commit leitstand runs from, and a hash of its code: the checkout may change under a long run."""
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    files = sorted((ROOT / "leitstand").glob("*.py")) + [ROOT / "app.py"]
-    digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
-    return f"commit {head.stdout.strip() or 'unknown'}, code sha256 {digest}"
-
-
-def machine(data_root: Path) -> str:
-    cpu = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
-    fs = subprocess.run(["df", "-T", str(data_root)], capture_output=True, text=True).stdout.splitlines()[-1].split()
-    options = subprocess.run(["findmnt", "-no", "OPTIONS", "-T", str(data_root)], capture_output=True, text=True)
-    wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split("[")[0].strip()
-    versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in ("uvicorn", "uvloop", "httptools", "fastapi"))
-    return (
-        f"- CPUs (nproc): {os.cpu_count()}, {cpu.group(1) if cpu else 'unknown CPU'}\n"
-        f"- kernel: {os.uname().release}\n"
-        f"- data dir: {data_root} on {fs[1]} ({fs[0]}, mounted {options.stdout.strip()})\n"
-        f"- Python {sys.version.split()[0]}, {versions}; {wrk_version}\n"
-        f"- wrk and the server share the machine; wrk runs 1 thread for 1 connection, 2 otherwise"
-    )
 
 
 READING = """### Reading the numbers
@@ -646,9 +371,7 @@ def report(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per run (default 8)")
-    parser.add_argument("--warmup", type=float, default=2.0, help="warmup seconds per run (default 2)")
-    parser.add_argument("--repeat", type=int, default=2, help="runs per app and cell (default 2)")
+    add_run_flags(parser, duration=8.0, warmup=2.0, repeat=2)
     parser.add_argument("--soak", type=float, default=300.0, help="soak seconds, 0 to skip (default 300)")
     parser.add_argument("--profile", type=float, default=10.0, help="py-spy seconds, 0 to skip (default 10)")
     parser.add_argument("--no-matrix", action="store_true", help="skip the matrix (soak and profile only)")

@@ -1,9 +1,9 @@
 """Benchmark ``leitstand send`` against the old push script's way: one ``curl`` per line.
 
 Both run in one invocation against the same leitstand server (fsync always, as in
-production), started like ``run.py`` starts it: ``leitstand send`` on the whole file
-(default 1M lines), the shell loop of ``curl`` on its first lines (default 2000), since at
-its pace the whole file would take the better part of an hour. A run only counts if the
+production), started as every benchmark starts it (``harness.serve``): ``leitstand send``
+on the whole file (default 1M lines), the shell loop of ``curl`` on its first lines
+(default 2000), since at its pace the whole file would take the better part of an hour. A run only counts if the
 data file then holds every event once. curl comes from Debian (``apt-get install -y curl``)
 if it is missing. Markdown goes to stdout, progress to stderr.
 """
@@ -20,14 +20,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from run import APPS, DOMAIN, ROOT, TOKEN, _event, count_lines, serve
+from harness import DOMAIN, LEITSTAND, ROOT, TOKEN, count_lines, event, serve
 
 CURL_LOOP = 'while IFS= read -r line; do curl -s -o /dev/null -H "X-Auth: $T" -d "$line" "$URL"; done'
 
 
 def write_events(path: Path, count: int) -> None:
     with open(path, "w") as out:
-        out.writelines(json.dumps(_event(n), separators=(",", ":")) + "\n" for n in range(count))
+        out.writelines(json.dumps(event(n), separators=(",", ":")) + "\n" for n in range(count))
 
 
 def timed(argv: list[str], env: dict[str, str], stdin: Path | None = None) -> tuple[float, float, str]:
@@ -57,7 +57,7 @@ def main() -> None:
         print(f"writing {args.lines} events", file=sys.stderr)
         write_events(source, args.lines)
         write_events(sample, args.sample)
-        with serve(APPS[0], 1, session) as server:
+        with serve(LEITSTAND, 1, session) as server:
             base = server.url.removesuffix(f"/ingest/{DOMAIN}")
             env = {k: v for k, v in os.environ.items() if not k.startswith("LEITSTAND_")}
             env |= {"LEITSTAND_URL": base, "LEITSTAND_TOKEN": TOKEN, "T": TOKEN, "URL": server.url}
@@ -70,7 +70,7 @@ def main() -> None:
         # One event of the readiness probe, then both runs.
         lines = count_lines(data_dir)
         valid = lines == 1 + args.lines + args.sample
-    size_mb = args.lines * len(json.dumps(_event(0), separators=(",", ":"))) / 1e6
+    size_mb = args.lines * len(json.dumps(event(0), separators=(",", ":"))) / 1e6
     print(f"""| method | events | seconds | events/s |
 |---|---|---|---|
 | `leitstand send {DOMAIN} events.jsonl` | {args.lines:,} (~{size_mb:.0f} MB) | {send_s:.1f} | {args.lines / send_s:,.0f} |

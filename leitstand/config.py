@@ -12,8 +12,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from leitstand import auth, broker, events, journal, ratelimit
-from leitstand.proxies import Network, parse_networks
+from leitstand.access import auth, ratelimit
+from leitstand.access.proxies import Network, parse_networks
+from leitstand.intake import events
+from leitstand.storage import journal
 
 
 class ConfigError(Exception):
@@ -246,14 +248,6 @@ class Config:
             "metrics_public": self.metrics_public,
             "metrics_max_domains": self.metrics_max_domains,
         }
-
-    def broker(self) -> broker.Settings | None:
-        """The broker settings in broker mode, None in direct mode."""
-        if not self.nats_urls:
-            return None
-        return broker.Settings(
-            self.nats_urls, self.nats_stream, self.nats_replicas, float(self.nats_timeout), float(self.idempotency_window)
-        )
 
 
 def load(environ: Mapping[str, str] | None = None, *, need_token: bool = True) -> Config:

@@ -1,5 +1,6 @@
 import os
 import re
+from http import HTTPStatus
 from pathlib import Path
 
 import pytest
@@ -133,9 +134,11 @@ def test_every_setting_is_in_the_readme() -> None:
 def test_every_answer_is_in_the_troubleshooting_table_and_the_readme() -> None:
     """Each status and phrase the service can answer has a row that says what to do."""
     root = Path(__file__).parent.parent
-    code = (root / "leitstand" / "http.py").read_text()
-    answers = set(re.findall(r'_text\((\d{3}), "([^"]+)"', code))
-    events = (root / "leitstand" / "events.py").read_text()
+    code = "".join((root / "leitstand" / "server" / name).read_text() for name in ("app.py", "routes.py"))
+    answers = set(re.findall(r'(?:_text|HTTPException)\((\d{3}), "([^"]+)"', code))
+    # The router's own refusals, in leitstand's lower case.
+    answers |= {(str(status), HTTPStatus(status).phrase.lower()) for status in (404, 405)}
+    events = (root / "leitstand" / "intake" / "events.py").read_text()
     answers |= {("413" if kind == "TooLarge" else "400", phrase)
                 for kind, phrase in re.findall(r'raise (PayloadError|TooLarge)\("([^"]+)"\)', events)}
     assert len(answers) >= 25

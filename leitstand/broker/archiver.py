@@ -1,0 +1,369 @@
+"""The archiver: JetStream messages appended to the JSONL files exactly once, in stream order.
+
+Why it is built this way (the Betriebshandbuch tells the same story for operators):
+
+* **Write-ahead record.** Before the lines of a batch touch a file, ``<data dir>/.leitstand/
+  archive/batch.json`` records for each file of the batch its length before the batch, the
+  length of what is added, and the last stream sequence added, and is synced (temp file,
+  fsync, rename, fsync of the directory). Then the lines are appended through the journal
+  (group commit, fdatasync), and only then the batch is acknowledged to NATS.
+* **Recovery.** After any crash the record says, per file, whether the batch landed: length
+  before + added = landed, so redelivered messages up to the recorded sequence are acked
+  without writing them again; anything shorter is cut back to the length before, and the
+  redelivered messages write it anew. A length outside that range means another writer.
+* **One batch in flight.** After the sync the batch is acked (one cumulative ack) and purged
+  from the stream, and only then the next one is fetched, so at most one batch is written
+  but still in the stream; a failed ack, purge or append just runs the recovery again, which
+  carries forward what landed.
+* **Order.** One consumer, one batch at a time, files of one batch written in parallel: a
+  file gets its messages in stream order.
+* **One active archiver.** A lease in a JetStream key-value bucket with a TTL, renewed by
+  compare-and-set; the holder stops writing a quarter TTL before its lease could expire,
+  and each term reads through a consumer of its own (the former holder's is deleted), so a
+  stalled former holder can neither write nor take messages. On one machine the data dir
+  lock ``.leitstand/archive/lock`` stands behind the lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import secrets
+import signal
+import socket
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import nats.errors
+import nats.js.errors
+import orjson
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig, StorageType
+from nats.js.kv import KeyValue
+
+from leitstand.broker import jetstream
+from leitstand.config import Config
+from leitstand.intake import domains
+from leitstand.storage import datadir, durable
+from leitstand.storage.journal import Journal, JournalError
+
+log = logging.getLogger("leitstand.archive")
+
+STATE_DIR = Path(datadir.STATE_DIR) / "archive"
+_RECORD = "batch.json"
+_LOCK = "lock"
+_CONSUMER = "archiver"
+_LEASE_KEY = "active"
+_BATCH = 256
+_RETRY = 1.0
+
+
+class ArchiveError(Exception):
+    """The data dir and the write-ahead record disagree; the message is one line for the operator."""
+
+
+class LeaseLost(Exception):
+    """This archiver may no longer write."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One file of the batch in flight: sequences ``done`` and before are in its first ``offset`` bytes."""
+
+    done: int
+    seq: int
+    offset: int
+    length: int
+
+
+class Record:
+    """The write-ahead record of the batch in flight, and the recovery it allows."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.directory = data_dir / STATE_DIR
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def write(self, stream_created: str, entries: dict[str, Entry]) -> None:
+        data = orjson.dumps({"stream_created": stream_created, "files": {k: asdict(v) for k, v in entries.items()}})
+        durable.write_atomically(self.directory / _RECORD, data)
+
+    def recover(self, stream_created: str) -> dict[str, int]:
+        """Cut back what did not land; returns per file the last sequence already in it."""
+        try:
+            saved = orjson.loads((self.directory / _RECORD).read_bytes())
+        except FileNotFoundError:
+            return {}
+        written: dict[str, int] = {}
+        for name, fields in saved["files"].items():
+            entry = Entry(**fields)
+            if not datadir.is_journal_name(name):
+                raise ArchiveError(f"archive record names {name!r}, which is no journal file: remove {STATE_DIR}")
+            size = self.size(name)
+            if size == entry.offset + entry.length:
+                written[name] = entry.seq
+            elif entry.offset <= size < entry.offset + entry.length:
+                self._cut(name, entry.offset)
+                log.warning("unfinished batch cut back: file=%s bytes=%d", name, size - entry.offset)
+                written[name] = entry.done
+            else:
+                raise ArchiveError(
+                    f"{name} is {size} bytes but the archiver left it at {entry.offset} to "
+                    f"{entry.offset + entry.length}: another process wrote or cut it; "
+                    "stop it, run leitstand verify, then see the Betriebshandbuch (Archiv-Zustand)"
+                )
+        if saved["stream_created"] != stream_created:
+            log.warning("stream was recreated since the last batch: sequences start anew")
+            return {}
+        return written
+
+    def size(self, name: str) -> int:
+        try:
+            return os.stat(self.data_dir / name, follow_symlinks=False).st_size
+        except FileNotFoundError:
+            return 0
+
+    def _cut(self, name: str, length: int) -> None:
+        fd = os.open(self.data_dir / name, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.ftruncate(fd, length)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class Lease:
+    """The right to write, held in a key-value bucket and renewed by compare-and-set."""
+
+    def __init__(self, kv: KeyValue, ttl: float) -> None:
+        self.kv = kv
+        self.ttl = ttl
+        self.identity = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}".encode()
+        self.revision = 0
+        self._valid_until = 0.0
+        self._lost = False
+
+    async def acquire(self, stop: asyncio.Event) -> bool:
+        """Wait until the lease is ours (True) or ``stop`` is set (False)."""
+        while not stop.is_set():
+            sent = time.monotonic()
+            try:
+                self.revision = await self.kv.create(_LEASE_KEY, self.identity)
+            except nats.js.errors.KeyWrongLastSequenceError:
+                pass
+            except jetstream.NATS_ERRORS as exc:
+                log.debug("lease: %s", exc)
+            else:
+                self._lost = False
+                self._valid_until = sent + self.ttl * 0.75
+                return True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.ttl / 4)
+        return False
+
+    async def keep(self) -> None:
+        """Renew until the lease is lost; a renewal that fails just lets the time run out."""
+        while not self._lost:
+            await asyncio.sleep(self.ttl / 4)
+            sent = time.monotonic()
+            try:
+                self.revision = await self.kv.update(_LEASE_KEY, self.identity, last=self.revision)
+            except nats.js.errors.KeyWrongLastSequenceError:
+                self._lost = True
+            except jetstream.NATS_ERRORS as exc:
+                log.debug("lease renewal: %s", exc)
+            else:
+                self._valid_until = sent + self.ttl * 0.75
+
+    def check(self) -> None:
+        """Raise :class:`LeaseLost` unless the lease is surely still ours."""
+        if self._lost or time.monotonic() >= self._valid_until:
+            raise LeaseLost
+
+    async def release(self) -> None:
+        with contextlib.suppress(*jetstream.NATS_ERRORS):
+            await self.kv.delete(_LEASE_KEY, last=self.revision)
+
+
+class Archiver:
+    def __init__(self, config: Config) -> None:
+        settings = jetstream.Settings.of(config)
+        assert settings is not None
+        self.config = config
+        self.settings = settings
+        self.record = Record(config.data_dir)
+        self.stop = asyncio.Event()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop.set)
+        connecting = asyncio.create_task(jetstream.connect(self.settings, "leitstand-archiver"))
+        stopping = asyncio.create_task(self.stop.wait())
+        await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not connecting.done():
+            connecting.cancel()
+            return
+        nc = connecting.result()
+        try:
+            js = nc.jetstream(timeout=self.settings.timeout)
+            kv = await self._setup(js)
+            if kv is None:
+                return
+            lease = Lease(kv, float(self.config.archive_lease))
+            log.info("archiver standing by: stream=%s", self.settings.stream)
+            while await lease.acquire(self.stop):
+                keeper = asyncio.create_task(lease.keep())
+                try:
+                    await self._term(js, lease)
+                except LeaseLost:
+                    log.warning("lease lost: stopped writing, standing by")
+                finally:
+                    keeper.cancel()
+                    await lease.release()
+        finally:
+            await nc.close()
+        log.info("archiver stopped: every acked message is on disk")
+
+    async def _setup(self, js: JetStreamContext) -> KeyValue | None:
+        """The stream and the lease bucket, once the broker answers (None if stopped before)."""
+        bucket = KeyValueConfig(
+            bucket=f"{self.settings.stream}_ARCHIVER",
+            history=1,
+            ttl=float(self.config.archive_lease),
+            storage=StorageType.FILE,
+            replicas=self.settings.replicas,
+        )
+        while not self.stop.is_set():
+            try:
+                await jetstream.ensure_stream(js, self.settings)
+                return await js.create_key_value(bucket)
+            except (jetstream.BrokerUnavailable, *jetstream.NATS_ERRORS) as exc:
+                log.warning("broker unavailable, retrying: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), _RETRY)
+        return None
+
+    async def _term(self, js: JetStreamContext, lease: Lease) -> None:
+        """One term as the active archiver: lock the data dir, recover, then copy until stopped."""
+        lock = os.open(self.record.directory / _LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            while True:
+                lease.check()
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    await asyncio.sleep(0.2)
+            log.info("archiver active: lease revision %d", lease.revision)
+            await self._copy(js, lease)
+        finally:
+            os.close(lock)
+
+    async def _copy(self, js: JetStreamContext, lease: Lease) -> None:
+        loop = asyncio.get_running_loop()
+        while not self.stop.is_set():
+            lease.check()
+            try:
+                created = str((await js.stream_info(self.settings.stream)).created)
+                written = await loop.run_in_executor(None, self.record.recover, created)
+                journal = Journal(self.config.data_dir, fsync=self.config.fsync, file_mode=self.config.file_mode)
+                await journal.open()
+            except jetstream.NATS_ERRORS as exc:
+                log.warning("broker unavailable, retrying: %s", exc)
+                await asyncio.sleep(_RETRY)
+                continue
+            sub = None
+            try:
+                sub = await self._subscribe(js, lease)
+                while not self.stop.is_set():
+                    written = await self._batch(js, sub, journal, lease, created, written)
+            except (JournalError, OSError, *jetstream.NATS_ERRORS) as exc:
+                log.warning("batch not finished, recovering: %s", exc)
+                await asyncio.sleep(_RETRY)
+            finally:
+                await journal.close()
+                if sub is not None:
+                    with contextlib.suppress(*jetstream.NATS_ERRORS):
+                        await sub.unsubscribe()
+
+    async def _subscribe(self, js: JetStreamContext, lease: Lease) -> JetStreamContext.PullSubscription:
+        """A consumer of this term's own, after deleting every other one (a former holder's)."""
+        name = f"{_CONSUMER}-{lease.revision}"
+        for info in await js.consumers_info(self.settings.stream):
+            if info.name != name:
+                with contextlib.suppress(nats.js.errors.NotFoundError):
+                    await js.delete_consumer(self.settings.stream, info.name)
+        lease.check()
+        await js.add_consumer(
+            self.settings.stream,
+            ConsumerConfig(
+                durable_name=name,
+                deliver_policy=DeliverPolicy.ALL,
+                ack_policy=AckPolicy.ALL,
+                ack_wait=60,
+                max_ack_pending=_BATCH * 4,
+                filter_subject=jetstream.SUBJECTS,
+            ),
+        )
+        return await js.pull_subscribe_bind(name, self.settings.stream)
+
+    async def _batch(
+        self,
+        js: JetStreamContext,
+        sub: JetStreamContext.PullSubscription,
+        journal: Journal,
+        lease: Lease,
+        created: str,
+        written: dict[str, int],
+    ) -> dict[str, int]:
+        """Fetch, write ahead, append, sync, ack, purge; returns what is written but still in the stream."""
+        try:
+            messages = await sub.fetch(_BATCH, timeout=1)
+        except nats.errors.TimeoutError:
+            return written
+        if not messages:
+            return written
+        lease.check()
+        lines: dict[str, list[bytes]] = {}
+        last: dict[str, int] = {}
+        for message in messages:
+            seq = message.metadata.sequence.stream
+            domain = jetstream.domain_of(message.subject)
+            if domains.normalize(domain) != domain or not message.data.endswith(b"\n"):
+                log.error("message %d on %s is no batch of journal lines: acked, not written", seq, message.subject)
+                continue
+            name = domains.file_name(domain)
+            if seq <= written.get(name, 0):
+                continue
+            lines.setdefault(name, []).append(message.data)
+            last[name] = seq
+        data = {name: b"".join(chunks) for name, chunks in lines.items()}
+        entries = {}
+        for name in written | data:  # each file stat'ed once
+            done = written.get(name, 0)
+            entries[name] = Entry(done, last.get(name, done), self.record.size(name), len(data.get(name, b"")))
+        loop = asyncio.get_running_loop()
+        if data:
+            await loop.run_in_executor(None, self.record.write, created, entries)
+            lease.check()
+            results = await asyncio.gather(
+                *(journal.append(name, chunk) for name, chunk in data.items()), return_exceptions=True
+            )
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+        await messages[-1].ack_sync(timeout=self.settings.timeout)
+        await js.purge_stream(self.settings.stream, seq=messages[-1].metadata.sequence.stream + 1)
+        return {}
+
+
+def run(config: Config) -> None:
+    """``leitstand archive``: runs until SIGTERM or Ctrl+C, then finishes the batch in flight."""
+    asyncio.run(Archiver(config).run())

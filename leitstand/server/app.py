@@ -1,0 +1,472 @@
+"""The HTTP app: the ASGI callable that uvicorn runs, its lifespan, and ``POST /ingest/{domain}``.
+
+Ingest is written against ASGI directly, without a framework, because every microsecond per
+request shows in its throughput: no routing table, no request object, no dependency injection.
+Every other route is rare and served by Starlette (:mod:`leitstand.server.routes`). Both kinds
+answer with an ``X-Request-ID``, count in the metrics and write a log line alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import secrets
+import signal
+import time
+import zlib
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.types import Message, Receive, Scope, Send
+
+from leitstand import __version__
+from leitstand.access.auth import Grant
+from leitstand.access.deadlines import Deadlines, Expired
+from leitstand.access.proxies import TrustedProxies
+from leitstand.access.ratelimit import FailureLimit, TokenBucket, retry_after
+from leitstand.broker.jetstream import BrokerError, BrokerUnavailable, Publisher, Settings, TooLargeForBroker
+from leitstand.config import Config
+from leitstand.intake import domains, events
+from leitstand.server.routes import Routes
+from leitstand.storage.journal import Appended, Journal, StorageFull, StorageRefused, StorageUnavailable, reason
+from leitstand.telemetry.logs import RequestLog
+from leitstand.telemetry.metrics import Metrics
+
+log = logging.getLogger("leitstand")
+
+_TEXT = b"text/plain; charset=utf-8"
+_NDJSON_TYPES = (b"application/x-ndjson", b"application/jsonl", b"application/x-jsonlines")
+_RID_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-")
+_RETRY_AFTER = (b"retry-after", b"1")
+# How often the token file is checked for changes.
+_TOKEN_FILE_POLL = 1.0
+_CLOSE = (b"connection", b"close")
+# 1-128 printable ASCII characters.
+_KEY_CHARS = frozenset(range(0x20, 0x7F))
+_REPLAYED = (b"idempotent-replayed", b"true")
+
+
+class ClientGone(Exception):
+    """The client disconnected before its body was complete."""
+
+
+class _Headers:
+    """The request headers leitstand reads, picked out in one pass over the list."""
+
+    __slots__ = (
+        "x_auth",
+        "authorization",
+        "content_length",
+        "content_type",
+        "content_encoding",
+        "request_id",
+        "forwarded_for",
+        "idempotency_key",
+    )
+
+    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
+        self.x_auth = self.authorization = self.content_length = None
+        self.content_type = self.content_encoding = self.request_id = self.forwarded_for = None
+        self.idempotency_key: bytes | None = None
+        for name, value in raw:
+            if name == b"x-auth":
+                self.x_auth = value
+            elif name == b"authorization":
+                self.authorization = value
+            elif name == b"content-length":
+                self.content_length = value
+            elif name == b"content-type":
+                self.content_type = value
+            elif name == b"content-encoding":
+                self.content_encoding = value.strip().lower()
+            elif name == b"x-request-id" and 0 < len(value) <= 128 and _RID_CHARS.issuperset(value):
+                self.request_id = value
+            elif name == b"x-forwarded-for":
+                self.forwarded_for = value
+            elif name == b"idempotency-key":
+                # Sent twice, it is no key at all.
+                self.idempotency_key = value if self.idempotency_key is None else b""
+
+
+class Response:
+    """What ingest answers, as every refusal: one line of text, the reason phrase.
+
+    ``events``, ``nbytes`` and ``domain`` only go to the log, ``reason`` to the metrics.
+    """
+
+    __slots__ = ("status", "body", "headers", "reason", "domain", "events", "nbytes")
+
+    def __init__(self, status: int, reason: str, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+        self.status = status
+        self.reason = reason
+        self.body = reason.encode() + b"\n"
+        self.headers = headers
+        self.domain: str | None = None
+        self.events = 0
+        self.nbytes = 0
+
+
+def _text(status: int, phrase: str, *headers: tuple[bytes, bytes]) -> Response:
+    return Response(status, phrase, headers)
+
+
+def _too_many(wait: float) -> Response:
+    return _text(429, "too many requests", (b"retry-after", retry_after(wait)))
+
+
+def _refused(exc: HTTPException) -> Response:
+    """A refusal raised for Starlette, answered as one line of text like every other.
+
+    The router's own 405 carries the standard phrase in title case, and its ``Allow`` lists
+    the route's methods in the order of a set.
+    """
+    headers = {name.lower(): value for name, value in (exc.headers or {}).items()}
+    if "allow" in headers:
+        headers["allow"] = ", ".join(sorted(headers["allow"].split(", ")))
+    encoded = ((name.encode(), value.encode()) for name, value in headers.items())
+    return _text(exc.status_code, exc.detail.lower(), *encoded)
+
+
+async def _answer(send: Send, response: Response, request_id: bytes) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": response.status,
+            "headers": [
+                (b"content-type", _TEXT),
+                (b"content-length", str(len(response.body)).encode()),
+                (b"x-request-id", request_id),
+                *response.headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": response.body})
+
+
+class Leitstand:
+    """The ASGI application; one per process, with its own journal."""
+
+    def __init__(self, config: Config, request_log: RequestLog | None = None) -> None:
+        self.config = config
+        self.keyring = config.keyring()
+        self.policy = domains.Policy(config.domains_allow, config.domains_deny)
+        self.failures = FailureLimit(*config.auth_fail_limit) if config.auth_fail_limit else None
+        self.rate = TokenBucket(*config.rate_limit) if config.rate_limit else None
+        self.proxies = TrustedProxies(config.trusted_proxies)
+        self.metrics = Metrics(config)
+        self.journal = Journal(
+            config.data_dir,
+            fsync=config.fsync,
+            max_open_files=config.max_open_files,
+            file_mode=config.file_mode,
+            key_window=config.idempotency_window,
+            max_keys=config.idempotency_max_keys,
+            observer=self.metrics,
+        )
+        broker = Settings.of(config)
+        # Broker mode: accepted requests go to NATS JetStream instead of the journal.
+        self.broker = Publisher(broker) if broker is not None else None
+        self._watch: asyncio.Task[None] | None = None
+        self.request_log = request_log
+        self.body_deadlines = Deadlines(config.body_timeout)
+        self._ids = itertools.count(1)
+        self._id_prefix = secrets.token_hex(4) + "-"
+        self.routes = Routes(config, self.journal, self.broker, self.metrics, self._authenticate_request)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            if scope["path"].startswith("/ingest/"):
+                await self._ingest_http(scope, receive, send)
+            else:
+                await self._route(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    repaired = await self.journal.open()
+                except OSError as exc:
+                    log.error("data dir not usable: %s", reason(exc))
+                    await send({"type": "lifespan.startup.failed", "message": reason(exc)})
+                    return
+                if self.broker is not None:
+                    try:
+                        await self.broker.start()
+                    except BrokerError as exc:
+                        log.error("%s", exc)
+                        await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                        return
+                self._watch_token_file()
+                details = {
+                    "version": __version__,
+                    "torn_tails_repaired": repaired,
+                    "tokens": len(self.keyring.grants),
+                    **self.config.describe(),
+                }
+                log.info("started", extra=details)
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                # uvicorn has stopped accepting and finished every request by now.
+                if self._watch is not None:
+                    self._watch.cancel()
+                await self.journal.close()
+                if self.broker is not None:
+                    await self.broker.close()
+                self.metrics.close()
+                if self.request_log is not None:
+                    self.request_log.flush()
+                log.info("stopped: every acknowledged event is on disk")
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    def _watch_token_file(self) -> None:
+        """Reload the token file on SIGHUP and whenever it changes, without a restart.
+
+        SIGHUP is taken even without a token file: its default action would end the process.
+        """
+        loop = asyncio.get_running_loop()
+        # Only the main thread may take signals; under a test harness there may be none.
+        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+            loop.add_signal_handler(signal.SIGHUP, self.keyring.reload)
+        if self.keyring.path is not None:
+            self._watch = loop.create_task(self._poll_token_file())
+
+    async def _poll_token_file(self) -> None:
+        while True:
+            await asyncio.sleep(_TOKEN_FILE_POLL)
+            if self.keyring.changed():
+                self.keyring.reload()
+
+    # -- requests --------------------------------------------------------------------
+
+    def _arrived(self, scope: Scope) -> tuple[float, _Headers, bytes, str]:
+        """When a request came, its headers, its id (the client's, or a new one) and the client's address."""
+        started = time.perf_counter()
+        headers = _Headers(scope["headers"])
+        request_id = headers.request_id or f"{self._id_prefix}{next(self._ids):x}".encode()
+        return started, headers, request_id, self._address(scope, headers)
+
+    def _address(self, scope: Scope, headers: _Headers) -> str:
+        client = scope.get("client")
+        address: str = client[0] if client else "-"
+        if headers.forwarded_for is not None and self.proxies:
+            address = self.proxies.client(address, headers.forwarded_for)
+        return address
+
+    async def _ingest_http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started, headers, request_id, address = self._arrived(scope)
+        try:
+            if scope["method"] == "POST":
+                response = await self._ingest(headers, receive, scope["path"][8:], address)
+            else:
+                response = _text(405, "method not allowed", (b"allow", b"POST"))
+        except ClientGone:
+            self.metrics.answered("/ingest", 499, "client gone", time.perf_counter() - started)
+            self._log(scope, 499, None, 0, 0, request_id, started, address)
+            return
+        except Exception:
+            log.exception("internal error", extra={"request_id": request_id.decode()})
+            response = _text(500, "internal error")
+        self.metrics.answered("/ingest", response.status, response.reason, time.perf_counter() - started)
+        await _answer(send, response, request_id)
+        self._log(
+            scope, response.status, response.domain, response.events, response.nbytes, request_id, started, address
+        )
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Every other route, through Starlette's router; ``route`` in the metrics is the route's path, or ``other``."""
+        started, _, request_id, address = self._arrived(scope)
+        status = 0
+
+        async def counted(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {**message, "headers": [*message["headers"], (b"x-request-id", request_id)]}
+                self.metrics.answered(_route_name(scope), status, "ok", time.perf_counter() - started)
+            await send(message)
+
+        # Inside an app, Starlette raises its refusals (404, 405) instead of answering them itself.
+        scope["app"] = self
+        try:
+            await self.routes(scope, receive, counted)
+        except Exception as exc:
+            if status:  # already answered: nothing more can be said
+                raise
+            if isinstance(exc, HTTPException):
+                response = _refused(exc)
+            else:
+                log.exception("internal error", extra={"request_id": request_id.decode()})
+                response = _text(500, "internal error")
+            status = response.status
+            self.metrics.answered(_route_name(scope), status, response.reason, time.perf_counter() - started)
+            await _answer(send, response, request_id)
+        self._log(scope, status, None, 0, 0, request_id, started, address)
+
+    def _log(
+        self,
+        scope: Scope,
+        status: int,
+        domain: str | None,
+        count: int,
+        nbytes: int,
+        request_id: bytes,
+        started: float,
+        address: str,
+    ) -> None:
+        if self.request_log is None:
+            return
+        self.request_log.write(
+            scope["method"],
+            scope["path"],
+            status,
+            domain or "-",
+            count,
+            nbytes,
+            round((time.perf_counter() - started) * 1000, 3),
+            request_id.decode(),
+            address,
+        )
+
+    def _authenticate_request(self, request: Request) -> Grant:
+        """For the routes: the grant of the token presented, or the same refusal as for ingest, raised."""
+        headers = _Headers(request.scope["headers"])
+        grant = self._authenticate(headers, self._address(request.scope, headers))
+        if isinstance(grant, Response):
+            raise HTTPException(grant.status, grant.reason, {k.decode(): v.decode() for k, v in grant.headers})
+        return grant
+
+    def _authenticate(self, headers: _Headers, address: str) -> Grant | Response:
+        """The grant of the token presented, or the refusal: 429 while the address has failed too often, else 401."""
+        if self.failures is not None and (wait := self.failures.blocked(address)):
+            return _too_many(wait)
+        grant = self.keyring.find(headers.x_auth, headers.authorization)
+        if grant is None:
+            if self.failures is not None:
+                self.failures.failed(address)
+            return _text(401, "unauthorized")
+        return grant
+
+    async def _ingest(self, headers: _Headers, receive: Receive, raw_domain: str, address: str) -> Response:
+        # Everything that can be judged from the headers is, before a byte of the body is read
+        # and before any file is touched.
+        grant = self._authenticate(headers, address)
+        if isinstance(grant, Response):
+            return grant
+        domain = domains.normalize(raw_domain)
+        if domain is None:
+            return _text(400, "invalid domain")
+        if not self.policy.allows(domain):
+            return _text(403, "domain not allowed")
+        if not grant.may_write(domain):
+            return _text(403, "forbidden")
+        if self.rate is not None and (wait := self.rate.take(grant)):
+            return _too_many(wait)
+        key = headers.idempotency_key
+        if key is not None and not (0 < len(key) <= 128 and _KEY_CHARS.issuperset(key)):
+            return _text(400, "invalid idempotency key")
+        limit = self.config.max_body
+        length, encoding = headers.content_length, headers.content_encoding
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return _text(413, "payload too large") if length.isdigit() else _text(400, "invalid content-length")
+        if encoding not in (None, b"identity", b"gzip"):
+            return _text(415, "unsupported content-encoding")
+        try:
+            # One deadline for the whole body: a client trickling it byte by byte is cut off.
+            body = await self.body_deadlines.run(_read_body(receive, limit))
+        except Expired:
+            return _text(408, "request timeout", _CLOSE)
+        if body is None:
+            return _text(413, "payload too large")
+        nbytes = len(body)
+        if encoding == b"gzip":
+            try:
+                body = _gunzip(body, limit)
+            except zlib.error:
+                return _text(400, "invalid gzip")
+            if body is None:
+                return _text(413, "payload too large")
+        content_type = headers.content_type
+        ndjson = content_type is not None and content_type.split(b";", 1)[0].strip().lower() in _NDJSON_TYPES
+        try:
+            lines, count = events.encode(body, domain, ndjson=ndjson, limits=self.config.limits)
+            appended = Appended.STORED
+            if count and self.broker is not None:
+                appended = await self.broker.publish(domain, lines, key)
+            elif count:
+                appended = await self.journal.append(domains.file_name(domain), lines, key)
+        except events.TooLarge as exc:
+            response = _text(413, exc.reason)
+        except events.PayloadError as exc:
+            response = _text(400, exc.reason)
+        except StorageFull:
+            response = _text(507, "insufficient storage")
+        except StorageUnavailable:
+            response = _text(503, "storage unavailable", _RETRY_AFTER)
+        except StorageRefused:
+            response = _text(500, "storage error")
+        except BrokerUnavailable:
+            response = _text(503, "broker unavailable", _RETRY_AFTER)
+        except TooLargeForBroker:
+            response = _text(413, "payload too large")
+        else:
+            if appended is Appended.STORED:
+                response = _text(200, "ok")
+                response.events = count
+                self.metrics.stored(domain, count, len(lines))
+            elif appended is Appended.DUPLICATE:
+                response = _text(200, "ok", _REPLAYED)
+            else:
+                response = _text(409, "conflict")
+        response.domain = domain
+        response.nbytes = nbytes
+        return response
+
+
+def _route_name(scope: Scope) -> str:
+    """The path of the route the router matched, also for a wrong method, else ``other``: never the client's text."""
+    route = scope.get("route")
+    return getattr(route, "path", "other")
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    """The whole body, or None as soon as it grows past ``limit`` (chunked bodies included)."""
+    message = await receive()
+    if message["type"] == "http.disconnect":
+        raise ClientGone
+    body: bytes = message.get("body", b"")
+    if not message.get("more_body"):
+        return body if len(body) <= limit else None
+    chunks = [body]
+    size = len(body)
+    while message.get("more_body"):
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks) if size <= limit else None
+
+
+def _gunzip(data: bytes, limit: int) -> bytes | None:
+    """Decompress every gzip member of ``data``; None once the output passes ``limit``."""
+    out = bytearray()
+    while data:
+        inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        out += inflater.decompress(data, limit + 1 - len(out))
+        if len(out) > limit:
+            return None
+        if not inflater.eof:
+            raise zlib.error("truncated gzip stream")
+        data = inflater.unused_data
+    return bytes(out)

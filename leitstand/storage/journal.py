@@ -1,0 +1,602 @@
+"""The journal: append-only ``<name>.jsonl`` files that keep every acknowledged line.
+
+Why it is built this way:
+
+* **Group commit.** Appends to one file that arrive while a write is under way wait and
+  share the next ``os.write`` and ``fdatasync``; one sync acknowledges them all.
+* **Several processes.** Each commit holds ``flock`` on the file across write and sync, so
+  workers appending to one file never interleave, and each sees what the others wrote.
+* **No partial state.** A failed write or sync cuts the file back to its last good length
+  through a fresh descriptor (after a failed fsync the old one cannot be trusted).
+* **Whole requests.** A commit that holds an append with an idempotency key, or of more
+  than one line, first records where each such append starts and ends, and syncs that
+  record before it writes the data (see :mod:`leitstand.storage.keylog`). After a crash, a request
+  that reached the disk only in part (a power cut keeps any prefix of what was not synced;
+  a kill can cut a large write short) is cut off back to its start; a last line without
+  ``\\n`` is cut off too. What is cut off is moved aside to ``<name>.torn-<UTC time>``
+  before anything is appended after it. Appends of one line without a key, the common case,
+  need no record: a line is whole or torn.
+* **Idempotency keys.** An append may carry a key; the key is looked up and recorded in the
+  commit, under the lock, so two workers with the same key never both store.
+
+All file I/O runs on a small thread pool, never on the event loop. The journal knows
+file names and bytes; it knows nothing of HTTP or domains, and tells what it does only to
+an :class:`Observer` (the metrics).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import errno
+import fcntl
+import logging
+import os
+import stat
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import NamedTuple
+
+from leitstand.storage.durable import CHUNK, NAME_MAX, read_range, write_whole
+from leitstand.storage.keylog import NO_KEY, RECORD, KeyIndex, RequestLog, key_hash, lines_hash, open_requests_dir
+
+log = logging.getLogger("leitstand.journal")
+
+SUFFIX = ".jsonl"
+_OPEN_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
+_NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+# O_NOFOLLOW on a symlink gives ELOOP; O_RDWR on a directory EISDIR.
+_REFUSED = frozenset({errno.ELOOP, errno.EISDIR})
+PROBE = ".leitstand-probe"
+
+
+class JournalError(Exception):
+    """A commit that did not happen; nothing of it is left in the file."""
+
+
+class StorageFull(JournalError):
+    """The disk or quota is full (ENOSPC, EDQUOT, EFBIG)."""
+
+
+class StorageUnavailable(JournalError):
+    """Any other write or sync failure (EIO, ...); worth retrying later."""
+
+
+class StorageRefused(JournalError):
+    """The name is taken by something that is not a plain file (a symlink, a directory, ...).
+
+    Retrying cannot help: an operator must look at the data dir.
+    """
+
+
+class Observer:
+    """Told what the journal does; this one ignores it. Called on pool threads too: be quick, be thread-safe."""
+
+    def committed(self, appends: int, nbytes: int, sync_seconds: float | None) -> None:
+        """One commit wrote ``appends`` appends in ``nbytes``; the sync took this long (None: no sync)."""
+
+    def failed(self, error: JournalError) -> None:
+        """One commit failed; its appends all get ``error``."""
+
+    def repaired(self) -> None:
+        """A torn line or a request cut short by a crash was set aside."""
+
+    def opened(self, delta: int) -> None:
+        """The number of open journal files changed by ``delta``."""
+
+
+class Appended(enum.Enum):
+    """What became of an append."""
+
+    STORED = "stored"
+    # The key was stored before with the same lines, within the window: nothing written.
+    DUPLICATE = "duplicate"
+    # The key was stored before with other lines: nothing written.
+    CONFLICT = "conflict"
+
+
+# A key with the hash of the lines it stands for.
+_Key = tuple[bytes, bytes]
+_Waiter = asyncio.Future[Appended]
+# One append: its lines, who waits for it, its key, and whether it needs a record (a key, or
+# more than one line).
+_Append = tuple[bytes, _Waiter, _Key | None, bool]
+# One record of the request log: time, key hash, lines hash, start, end.
+_Record = tuple[float, bytes, bytes, int, int]
+# What a commit hands back to the event loop: its waiters, what became of each (None: all
+# stored), and the error they all get.
+_Outcome = tuple[list[_Waiter], list[Appended] | None, JournalError | None]
+
+
+class _Written(NamedTuple):
+    """What one commit did: what became of each append (None: all stored), and what it wrote."""
+
+    results: list[Appended] | None
+    appends: int
+    nbytes: int
+    sync_seconds: float | None
+
+
+def probe(directory: Path) -> None:
+    """Prove that ``directory`` can take a durable write: create, write, fsync, remove a file.
+
+    Raises the :class:`OSError` that stands in the way (ENOTDIR, EACCES, EROFS, ENOSPC, ...).
+    """
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not directory.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+    path = directory / f"{PROBE}-{os.getpid()}-{threading.get_ident()}"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, b"probe\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+
+_REASONS = {
+    errno.ENOTDIR: "not a directory",
+    errno.EEXIST: "not a directory",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EROFS: "read-only file system",
+    errno.ENOSPC: "no space left",
+    errno.EDQUOT: "no space left (quota)",
+}
+
+
+def reason(exc: OSError) -> str:
+    """What stands in the way, in a few words, without the path."""
+    return _REASONS.get(exc.errno or 0) or (exc.strerror or "unknown error").lower()
+
+
+class _Batch:
+    """The appends waiting for the next commit of one file.
+
+    A commit takes the batch whole and leaves a new one behind, so nothing that later appends
+    add can reach a commit under way.
+    """
+
+    __slots__ = ("appends", "recorded")
+
+    def __init__(self) -> None:
+        self.appends: list[_Append] = []
+        # Whether any append needs a record in the request log.
+        self.recorded = False
+
+
+class _File:
+    """One journal file and the appends waiting for its next commit."""
+
+    __slots__ = ("batch", "busy", "end", "fd", "mutex", "name", "requests")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.fd: int | None = None
+        # The length this process last left the file at; -1 until it has looked.
+        self.end = -1
+        self.batch = _Batch()
+        self.requests = RequestLog(name)
+        # A commit is under way or scheduled; only the event loop reads and sets it.
+        self.busy = False
+        # The batch is filled on the event loop and taken on a pool thread.
+        self.mutex = threading.Lock()
+
+    def take(self) -> _Batch:
+        """Everything that waits for a commit, leaving a new, empty batch behind."""
+        with self.mutex:
+            batch, self.batch = self.batch, _Batch()
+        return batch
+
+
+class Journal:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        fsync: bool = True,
+        max_open_files: int = 256,
+        file_mode: int = 0o600,
+        key_window: float = 86400.0,
+        max_keys: int = 100_000,
+        observer: Observer | None = None,
+    ) -> None:
+        self.directory = directory
+        self.observer = observer or Observer()
+        self.fsync = fsync
+        self.file_mode = file_mode
+        self.max_open_files = max_open_files
+        self.keys = KeyIndex(key_window, max_keys)
+        self._files: OrderedDict[str, _File] = OrderedDict()
+        self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="journal")
+        self._dir_fd = -1
+        # .leitstand/requests, once it exists; only commit threads touch it, under a file's lock.
+        self._requests_dir: int | None = None
+        self._requests_dir_lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def open(self) -> int:
+        """Open the directory and repair every torn tail in it; returns how many were repaired."""
+        self._loop = asyncio.get_running_loop()
+        return len(await self._loop.run_in_executor(self._executor, self._open_directory))
+
+    async def close(self) -> None:
+        """Wait for every commit under way, then close all files."""
+        while any(f.busy for f in self._files.values()):
+            await asyncio.sleep(0.005)
+        fds = [fd for f in self._files.values() for fd in self._release(f)]
+        self._files.clear()
+        if self._requests_dir is not None:
+            fds.append(self._requests_dir)
+            self._requests_dir = None
+        if self._dir_fd >= 0:
+            fds.append(self._dir_fd)
+            self._dir_fd = -1
+        await asyncio.get_running_loop().run_in_executor(self._executor, _close_all, fds)
+        self._executor.shutdown(wait=True)
+
+    def _open_directory(self) -> dict[str, int]:
+        """Open the directory and cut every file back to whole requests; returns the bytes set aside per file."""
+        self._dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        repaired = {}
+        with os.scandir(self._dir_fd) as entries:
+            names = [e.name for e in entries if e.name.endswith(SUFFIX) and e.is_file(follow_symlinks=False)]
+        requests_dir = self._requests_dir_fd(create=False)
+        for name in sorted(names):
+            f = _File(name)
+            fd = os.open(name, _OPEN_FLAGS, dir_fd=self._dir_fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                size = os.fstat(fd).st_size
+                cut = size - self._recover(f, fd, size, requests_dir)
+                if cut:
+                    repaired[name] = cut
+            finally:
+                _close_all([fd, *f.requests.close()])
+        return repaired
+
+    @property
+    def open_files(self) -> int:
+        return sum(f.fd is not None for f in self._files.values())
+
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.directory)
+        return st.f_bavail * st.f_frsize
+
+    # -- appending -------------------------------------------------------------------
+
+    async def append(self, name: str, data: bytes, key: bytes | None = None) -> Appended:
+        """Return once ``data`` is written (and synced, unless fsync is off) to ``name``.
+
+        ``data`` is whole lines. Raises :class:`StorageFull` or :class:`StorageUnavailable`,
+        in which case none of it is in the file. With a ``key`` that ``name`` stored within
+        the window, nothing is written: the answer says whether it stood for the same lines.
+        """
+        f = self._files.get(name)
+        if f is None:
+            f = self._admit(name)
+        else:
+            self._files.move_to_end(name)
+        assert self._loop is not None, "Journal.open() was not awaited"
+        hashed = None
+        if key is not None:
+            hashed = key_hash(name, key), lines_hash(data)
+            known = self.keys.find(hashed[0], time.time())
+            if known is not None:
+                return Appended.DUPLICATE if known == hashed[1] else Appended.CONFLICT
+        recorded = hashed is not None or data.find(b"\n") + 1 < len(data)
+        waiter: _Waiter = self._loop.create_future()
+        with f.mutex:
+            batch = f.batch
+            batch.appends.append((data, waiter, hashed, recorded))
+            batch.recorded = batch.recorded or recorded
+        if not f.busy:
+            f.busy = True
+            self._commit_pending(f)
+        return await waiter
+
+    def _admit(self, name: str) -> _File:
+        if "/" in name or not name.endswith(SUFFIX):
+            raise ValueError(f"not a journal file name: {name!r}")
+        f = self._files[name] = _File(name)
+        if len(self._files) > self.max_open_files:
+            idle = next((old for old in self._files.values() if not old.busy), None)
+            if idle is not None:
+                del self._files[idle.name]
+                fds = self._release(idle)
+                if fds:
+                    self._executor.submit(_close_all, fds)
+        return f
+
+    def _release(self, f: _File) -> list[int]:
+        """The descriptors of a file no longer kept (journal file and request log), for the caller to close."""
+        fds = f.requests.close()
+        if f.fd is not None:
+            fds.append(f.fd)
+            self.observer.opened(-1)
+        return fds
+
+    def _commit_pending(self, f: _File) -> None:
+        loop = self._loop
+        assert loop is not None
+        done = self._executor.submit(self._commit, f)
+        done.add_done_callback(lambda d: loop.call_soon_threadsafe(self._committed, f, d))
+
+    def _committed(self, f: _File, done: Future[_Outcome]) -> None:
+        waiters, results, error = done.result()
+        if error is not None:
+            self.observer.failed(error)
+        for n, waiter in enumerate(waiters):
+            if waiter.done():
+                continue
+            if error is None:
+                waiter.set_result(Appended.STORED if results is None else results[n])
+            else:
+                waiter.set_exception(error)
+        # No commit of f runs now, so the batch can be read without the mutex.
+        if f.batch.appends:
+            self._commit_pending(f)
+        else:
+            f.busy = False
+
+    # -- the commit, on a pool thread ------------------------------------------------
+
+    def _commit(self, f: _File) -> _Outcome:
+        """Write and sync what waits for ``f``; returns the waiters and the error, if any.
+
+        Never raises: whatever goes wrong is handed to the waiters, so none is left hanging.
+        """
+        try:
+            if f.fd is None:
+                f.fd = self._open_file(f.name)
+                self.observer.opened(1)
+            fd = f.fd
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            return _waiters(f.take()), None, _journal_error(f.name, "open", exc)
+        waiters: list[_Waiter] = []
+        try:
+            # Taken only now that the lock is held: appends that came in while another
+            # worker held it join this commit instead of waiting for the next one.
+            batch = f.take()
+            waiters = _waiters(batch)
+            written = self._append_locked(f, fd, batch)
+        except OSError as exc:
+            return waiters, None, _journal_error(f.name, "write", exc)
+        except Exception as exc:
+            log.exception("commit failed: file=%s", f.name)
+            return waiters, None, StorageUnavailable(str(exc))
+        finally:
+            if f.fd == fd:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        self.observer.committed(written.appends, written.nbytes, written.sync_seconds)
+        return waiters, written.results, None
+
+    def _append_locked(self, f: _File, fd: int, batch: _Batch) -> _Written:
+        """Append ``batch`` to the file ``f`` has locked, or leave the file as it was.
+
+        Records are written and synced before the data is written: a record whose data did not
+        follow is cut off by the next commit's :meth:`_recover`, never believed, and no data
+        reaches the disk without its record.
+        """
+        size = -1
+        records: list[_Record] = []
+        synced = None
+        try:
+            size = os.fstat(fd).st_size
+            requests_dir = self._requests_dir_fd(create=batch.recorded)
+            if requests_dir is not None or size != f.end:
+                # Someone else appended (another worker), or this is the first look.
+                size = self._recover(f, fd, size, requests_dir)
+            started = time.perf_counter()
+            results = None
+            if batch.recorded:
+                assert requests_dir is not None
+                data, results, records = self._decide(size, batch.appends)
+                if records:
+                    f.requests.write(requests_dir, b"".join(RECORD.pack(*r) for r in records), self.fsync)
+                    if self.fsync:
+                        # Before the data is written: no data can reach the disk ahead of its record.
+                        f.requests.sync()
+            else:
+                data = b"".join([append[0] for append in batch.appends])
+            write_whole(fd, data)
+            if self.fsync:
+                os.fdatasync(fd)
+                synced = time.perf_counter() - started
+            f.end = size + len(data)
+        except Exception:
+            if records:
+                f.requests.roll_back()
+            self._roll_back(f, size)
+            raise
+        if records:
+            assert requests_dir is not None
+            f.requests.committed(len(records) * RECORD.size)
+            self.keys.add(((when, key, lines) for when, key, lines, _, _ in records if key != NO_KEY), time.time())
+            try:
+                f.requests.compact(requests_dir, self.keys, self.fsync)
+            except OSError as exc:
+                # The old request log stays; the next commit of this file tries again.
+                log.error("request log compaction failed: file=%s error=%s", f.requests.name, exc.strerror)
+        stored = len(batch.appends) if results is None else results.count(Appended.STORED)
+        return _Written(results, stored, len(data), synced)
+
+    def _decide(self, size: int, appends: list[_Append]) -> tuple[bytes, list[Appended], list[_Record]]:
+        """What to write (appends without a key, and keys new within the window), what became of
+        each append, and the records for those written that need one."""
+        now = time.time()
+        results = [Appended.STORED] * len(appends)
+        kept: list[bytes] = []
+        records: list[_Record] = []
+        in_batch: dict[bytes, bytes] = {}
+        end = size
+        for n, (data, _, hashed, recorded) in enumerate(appends):
+            key = lines = NO_KEY
+            if hashed is not None:
+                key, lines = hashed
+                known = in_batch.get(key) or self.keys.find(key, now)
+                if known is not None:
+                    results[n] = Appended.DUPLICATE if known == lines else Appended.CONFLICT
+                    continue
+                in_batch[key] = lines
+            start, end = end, end + len(data)
+            if recorded:
+                records.append((now, key, lines, start, end))
+            kept.append(data)
+        return b"".join(kept), results, records
+
+    def _requests_dir_fd(self, create: bool) -> int | None:
+        """``.leitstand/requests``, opened once it exists (made by the first record, here or in another worker)."""
+        if self._requests_dir is None:
+            with self._requests_dir_lock:
+                if self._requests_dir is None:
+                    self._requests_dir = open_requests_dir(self._dir_fd, create, self.fsync)
+        return self._requests_dir
+
+    def _open_file(self, name: str) -> int:
+        try:
+            fd = os.open(name, _OPEN_FLAGS, dir_fd=self._dir_fd)
+        except FileNotFoundError:
+            fd = os.open(name, _OPEN_FLAGS | os.O_CREAT, self.file_mode, dir_fd=self._dir_fd)
+            if self.fsync:
+                # The new name is durable only once its directory is synced.
+                os.fsync(self._dir_fd)
+            return fd
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            # A FIFO or device planted under the name: never write into it.
+            os.close(fd)
+            raise OSError(errno.EISDIR, "not a regular file")
+        return fd
+
+    def _roll_back(self, f: _File, good: int) -> None:
+        """Cut the file back to ``good`` bytes while this commit still holds its lock.
+
+        The cut goes through a fresh descriptor of the same inode (``/proc/self/fd``, so a
+        renamed file is cut, not a new one made), because the old descriptor is not trusted
+        after a failed sync; through the old one only if no fresh one can be had. Neither is
+        kept: the next commit opens the file by name and looks at its tail first.
+        """
+        old, f.fd, f.end = f.fd, None, -1
+        assert old is not None
+        self.observer.opened(-1)
+        fresh = -1
+        try:
+            fresh = os.open(f"/proc/self/fd/{old}", os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            pass
+        try:
+            if good >= 0:
+                cut = fresh if fresh >= 0 else old
+                os.ftruncate(cut, good)
+                os.fsync(cut)
+        except OSError as exc:
+            log.error("rollback failed, the failed batch may stay in the file: file=%s error=%s", f.name, exc.strerror)
+        finally:
+            _close_all([fd for fd in (fresh, old) if fd >= 0])
+
+    def _recover(self, f: _File, fd: int, size: int, requests_dir: int | None) -> int:
+        """Make sure the file ``f`` has locked holds only whole requests; returns its good length.
+
+        After a crash, the request log tells where a request that reached the disk only in part
+        begins, and a fragment after the last ``\\n`` is a torn line. Whatever is cut off is
+        copied to ``<name>.torn-<UTC time>`` first, never deleted, and the file is cut back and
+        synced before the records that named it go and anything is appended.
+        """
+        good = size
+        if requests_dir is not None:
+            good = f.requests.catch_up(requests_dir, size, self.keys)
+        if good == size != f.end and size and os.pread(fd, 1, size - 1) != b"\n":
+            good = last_line_end(fd, size)
+        if good < size:
+            torn, whole_lines = self._set_aside(fd, f.name, good, size)
+            os.ftruncate(fd, good)
+            os.fsync(fd)
+            self.observer.repaired()
+            what = "partial request" if whole_lines else "torn tail"
+            log.warning("%s set aside: file=%s bytes=%d kept_as=%s", what, f.name, size - good, torn)
+        f.requests.trim()
+        return good
+
+    def _set_aside(self, fd: int, name: str, start: int, end: int) -> tuple[str, bool]:
+        """Copy the bytes from ``start`` to ``end`` to a new ``<name>.torn-<UTC time>``; returns its
+        name, and whether they hold a whole line."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        for n in range(1000):
+            tail = f".torn-{stamp}" + (f"-{n}" if n else "")
+            # A name at the filesystem's limit is cut down to make room (see datadir.kind_of).
+            torn = name[: NAME_MAX - len(tail)] + tail
+            try:
+                out = os.open(torn, _NEW_FILE_FLAGS, 0o600, dir_fd=self._dir_fd)
+                break
+            except FileExistsError:
+                continue
+        else:
+            raise FileExistsError(errno.EEXIST, "no free name for the torn tail")
+        whole_lines = False
+        try:
+            for chunk in read_range(fd, start, end):
+                whole_lines = whole_lines or b"\n" in chunk
+                write_whole(out, chunk)
+            os.fsync(out)
+        finally:
+            os.close(out)
+        os.fsync(self._dir_fd)
+        return torn, whole_lines
+
+
+def repair(directory: Path) -> dict[str, int]:
+    """Set torn lines and requests cut short aside exactly as the server does when it starts; returns
+    the bytes set aside per file.
+
+    Safe while a server runs: each file is locked the way a commit locks it.
+    """
+    journal = Journal(directory)
+    try:
+        return journal._open_directory()
+    finally:
+        _close_all([fd for fd in (journal._dir_fd, journal._requests_dir) if fd is not None and fd >= 0])
+        journal._executor.shutdown()
+
+
+def last_line_end(fd: int, size: int, count: int = 1) -> int:
+    """The offset just after the ``count``-th ``\\n`` back from ``size``, or 0 if there are fewer."""
+    pos = size
+    while pos > 0:
+        start = max(0, pos - CHUNK)
+        chunk = os.pread(fd, pos - start, start)
+        index = len(chunk)
+        while (index := chunk.rfind(b"\n", 0, index)) >= 0:
+            count -= 1
+            if count == 0:
+                return start + index + 1
+        pos = start
+    return 0
+
+
+def _waiters(batch: _Batch) -> list[_Waiter]:
+    return [append[1] for append in batch.appends]
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _journal_error(name: str, action: str, exc: OSError) -> JournalError:
+    if exc.errno in _REFUSED:
+        log.error("%s refused: file=%s is not a regular file (a symlink?); move it out of the data dir", action, name)
+        return StorageRefused(exc.strerror or str(exc))
+    log.error("%s failed: file=%s error=%s", action, name, exc.strerror or exc)
+    kind = StorageFull if exc.errno in _FULL else StorageUnavailable
+    return kind(exc.strerror or str(exc))

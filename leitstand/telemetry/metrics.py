@@ -1,0 +1,285 @@
+"""Metrics for Prometheus: what the service answered, stored and synced, across all workers.
+
+Worker processes share their figures through prometheus-client's multiprocess mode: each
+process keeps its values in mmap files in one directory, and a scrape, whichever worker
+answers it, sums the files of all of them (also of workers that have died, so counters
+never go back). Values are written before the answer is sent, so a scrape sees every
+request that has been answered. A single process without a directory keeps them in memory.
+
+Where the directory comes from:
+
+* ``PROMETHEUS_MULTIPROC_DIR`` when set: ``leitstand serve --workers N`` sets it to a fresh
+  directory (``LEITSTAND_METRICS_DIR`` emptied, or a private temp dir removed at exit);
+* otherwise ``LEITSTAND_METRICS_DIR``, or for a worker of ``uvicorn --workers N`` a temp dir
+  named after its supervisor; the first worker of a new supervisor empties it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import errno
+import fcntl
+import multiprocessing
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client import values as prometheus_values
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.registry import Collector
+
+from leitstand import __version__
+from leitstand.config import Config, ConfigError
+from leitstand.storage import journal
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+OTHER = "_other"
+_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_OWNER = ".owner"
+_TEMP_PREFIX = "leitstand-metrics-"
+_SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_APPENDS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+_BYTES = (256, 1 << 10, 4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20)
+
+
+class Metrics(journal.Observer):
+    """The figures of one process; the journal reports to it as its observer."""
+
+    def __init__(self, config: Config) -> None:
+        self.directory = _directory(config)
+        self.max_domains = config.metrics_max_domains
+        # prometheus-client picks its value store from the environment when it is imported,
+        # which may be before the directory was known; pick it again, before any metric exists.
+        # Its pid check on every write (a getpid call) guards against fork; workers are
+        # spawned, never forked, so the pid is read once.
+        pid = os.getpid()
+        prometheus_values.ValueClass = (
+            prometheus_values.MultiProcessValue(lambda: pid)  # type: ignore[no-untyped-call]
+            if self.directory
+            else prometheus_values.MutexValue
+        )
+        # Only the in-memory store has _created series; without them both modes look alike.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
+        own = CollectorRegistry(auto_describe=True)
+        self._requests = Counter(
+            "leitstand_requests",
+            "Requests answered, by route, status and reason phrase.",
+            ["route", "status", "reason"],
+            registry=own,
+        )
+        self._latency = Histogram(
+            "leitstand_request_duration_seconds",
+            "Time from request to answer, by route.",
+            ["route"],
+            buckets=_SECONDS,
+            registry=own,
+        )
+        self._events = Counter("leitstand_events_written", "Events stored, by domain.", ["domain"], registry=own)
+        self._bytes = Counter("leitstand_bytes_written", "Bytes appended, by domain.", ["domain"], registry=own)
+        self._fsync = Histogram(
+            "leitstand_fsync_duration_seconds", "Time one fdatasync of a commit took.", buckets=_SECONDS, registry=own
+        )
+        self._appends = Histogram(
+            "leitstand_commit_appends", "Appends (requests) one commit wrote together.", buckets=_APPENDS, registry=own
+        )
+        self._commit_bytes = Histogram(
+            "leitstand_commit_bytes", "Bytes one commit wrote.", buckets=_BYTES, registry=own
+        )
+        self._open_files = Gauge(
+            "leitstand_open_files", "Journal files held open.", multiprocess_mode="livesum", registry=own
+        )
+        self._torn = Counter("leitstand_torn_tails_repaired", "Torn last lines and requests cut short by a crash, set aside.", registry=own)
+        errors = Counter(
+            "leitstand_storage_errors", "Failed commits, by kind (full, unavailable, refused).", ["kind"], registry=own
+        )
+        self._unavailable = errors.labels("unavailable")
+        self._failures = {journal.StorageFull: errors.labels("full"), journal.StorageRefused: errors.labels("refused")}
+        self._by_status: dict[tuple[str, int, str], tuple[Any, Any]] = {}
+        self._by_domain: dict[str, tuple[Any, Any]] = {}
+        self._other = (self._events.labels(OTHER), self._bytes.labels(OTHER))
+        if self.directory is None:
+            self._registry = own
+        else:
+            self._registry = CollectorRegistry()
+            MultiProcessCollector(self._registry, str(self.directory))  # type: ignore[no-untyped-call]
+        self._registry.register(_AtScrape(config.data_dir))
+
+    # -- from the HTTP app, on the event loop, before the answer is sent ---------------
+
+    def answered(self, route: str, status: int, reason: str, seconds: float) -> None:
+        """``route`` is a fixed path, ``/ingest`` or ``other``: never the client's own text."""
+        key = (route, status, reason)
+        pair = self._by_status.get(key)
+        if pair is None:
+            try:
+                pair = self._by_status[key] = (
+                    self._requests.labels(route, str(status), reason),
+                    self._latency.labels(route),
+                )
+            except OSError:  # the metrics dir is full: no answer is refused for a metric
+                return
+        pair[0].inc()
+        pair[1].observe(seconds)
+
+    def stored(self, domain: str, events: int, nbytes: int) -> None:
+        pair = self._by_domain.get(domain)
+        if pair is None:
+            pair = self._domain(domain)
+        pair[0].inc(events)
+        pair[1].inc(nbytes)
+
+    def _domain(self, domain: str) -> tuple[Any, Any]:
+        """The counters of a domain seen for the first time, or those of ``_other`` past the limit."""
+        if len(self._by_domain) >= self.max_domains:
+            return self._other
+        try:
+            pair = self._by_domain[domain] = (self._events.labels(domain), self._bytes.labels(domain))
+        except OSError:  # the metrics dir is full: no answer is refused for a metric
+            return self._other
+        return pair
+
+    def render(self) -> bytes:
+        """The text a scrape gets; reads files in multiprocess mode, so not on the event loop."""
+        return generate_latest(self._registry)
+
+    def close(self) -> None:
+        """At the end of a worker: its live gauges (open files) stop counting."""
+        if self.directory is not None:
+            mark_process_dead(os.getpid(), str(self.directory))  # type: ignore[no-untyped-call]
+
+    # -- from the journal, on its pool threads ------------------------------------------
+
+    def committed(self, appends: int, nbytes: int, sync_seconds: float | None) -> None:
+        self._appends.observe(appends)
+        self._commit_bytes.observe(nbytes)
+        if sync_seconds is not None:
+            self._fsync.observe(sync_seconds)
+
+    def failed(self, error: journal.JournalError) -> None:
+        self._failures.get(type(error), self._unavailable).inc()
+
+    def repaired(self) -> None:
+        self._torn.inc()
+
+    def opened(self, delta: int) -> None:
+        self._open_files.inc(delta)
+
+
+class _AtScrape(Collector):
+    """Figures computed when they are asked for, by the worker that answers the scrape."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+
+    def collect(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily("leitstand_build_info", "The running version; always 1.", labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info
+        try:
+            free = shutil.disk_usage(self.data_dir).free
+        except OSError:
+            return
+        yield GaugeMetricFamily("leitstand_data_dir_free_bytes", "Free bytes in the data dir.", value=free)
+
+
+def share_between_workers(config: Config) -> None:
+    """For ``leitstand serve``, before it starts its workers: give them one fresh directory.
+
+    One worker runs in this process and needs none. Otherwise ``LEITSTAND_METRICS_DIR`` is
+    emptied, or a private temp dir is made and removed when the supervisor exits.
+    """
+    if config.workers == 1:
+        return
+    try:
+        if config.metrics_dir is None:
+            _sweep()
+            directory = Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX))
+            atexit.register(shutil.rmtree, directory, ignore_errors=True)
+        else:
+            directory = config.metrics_dir
+        _claim(directory, _identity(os.getpid()))
+    except OSError as exc:
+        raise _unusable(exc) from None
+    os.environ[_ENV] = str(directory)
+
+
+def _directory(config: Config) -> Path | None:
+    """Where this process shares its figures, emptied if it is new to the current supervisor."""
+    if os.environ.get(_ENV):
+        return Path(os.environ[_ENV])
+    parent = multiprocessing.parent_process()
+    if config.metrics_dir is None and parent is None:
+        return None
+    supervisor = os.getpid() if parent is None or parent.pid is None else parent.pid
+    directory = config.metrics_dir or Path(tempfile.gettempdir()) / f"{_TEMP_PREFIX}{os.getuid()}-{supervisor}"
+    try:
+        if config.metrics_dir is None:
+            _sweep()
+        _claim(directory, _identity(supervisor))
+    except OSError as exc:
+        raise _unusable(exc) from None
+    os.environ[_ENV] = str(directory)
+    return directory
+
+
+def _claim(directory: Path, owner: str) -> None:
+    """Make ``directory`` the metrics dir of ``owner``: emptied of metrics files unless it already is."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if os.fstat(fd).st_uid != os.geteuid():
+            raise PermissionError(errno.EACCES, "owned by another user")
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        marker = directory / _OWNER
+        if not marker.exists() or marker.read_text() != owner:
+            for stale in directory.glob("*.db"):
+                stale.unlink()
+            marker.write_text(owner)
+    finally:
+        os.close(fd)
+
+
+def _sweep() -> None:
+    """Remove the temp dirs of supervisors that are gone without cleaning up (killed, or uvicorn's own)."""
+    for directory in Path(tempfile.gettempdir()).glob(f"{_TEMP_PREFIX}*"):
+        try:
+            owner = (directory / _OWNER).read_text()
+            if directory.lstat().st_uid != os.geteuid() or _alive(owner):
+                continue
+        except (OSError, ValueError):
+            continue  # not set up yet, or not ours
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _alive(owner: str) -> bool:
+    try:
+        return _identity(int(owner.split()[1])) == owner
+    except (OSError, IndexError):
+        return False
+
+
+def _unusable(exc: OSError) -> ConfigError:
+    return ConfigError(
+        f"LEITSTAND_METRICS_DIR is not usable: {journal.reason(exc)}; point it at a writable directory "
+        "of this user, on a local disk or tmpfs (for several workers, also when the temp dir is read-only)"
+    )
+
+
+def _identity(pid: int) -> str:
+    """A process, told apart from any later one with the same pid: boot id and start time."""
+    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    started = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19]
+    return f"{boot} {pid} {started}"

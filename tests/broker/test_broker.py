@@ -1,0 +1,396 @@
+"""Broker mode against real NATS servers: front ends publish, ``leitstand archive`` writes exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import nats
+import orjson
+import pytest
+from brokers import Broker, Nats, events_in, wait_stored
+from conftest import TOKEN, Load, assert_all_acked_stored_once, read_lines, run_cli
+from nats.js.api import KeyValueConfig
+
+from leitstand.broker.archiver import ArchiveError, Entry, Lease, LeaseLost, Record
+from leitstand.intake import domains
+from leitstand.storage.keylog import key_hash
+
+# 253 characters, the longest domain: a subject of five tokens, a shortened file name.
+LONGEST = ".".join(["a" * 63] * 3 + ["b" * 61])
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    made = Broker(tmp_path)
+    yield made
+    made.close()
+
+
+def post(url: str, domain: str, body: object, **headers: str) -> httpx.Response:
+    return httpx.post(f"{url}/ingest/{domain}", content=orjson.dumps(body), headers={"X-Auth": TOKEN, **headers},
+                      timeout=15)
+
+
+def assert_in_order(data_dir: Path) -> None:
+    """Each Load client posts one request after the other, so its events must appear in increasing order."""
+    for path in data_dir.glob("*.jsonl"):
+        last: dict[str, tuple[int, int]] = {}
+        for line in read_lines(path):
+            client, *position = orjson.loads(line)["id"].split("-")
+            here = (int(position[0]), int(position[1]))
+            assert here > last.get(client, (-1, -1)), f"{path.name}: client {client} out of order at {here}"
+            last[client] = here
+
+
+def test_round_trip_with_the_same_checks_as_direct_mode(broker: Broker, tmp_path: Path) -> None:
+    broker.single()
+    front = broker.frontend(LEITSTAND_DOMAINS_DENY="secret.*", LEITSTAND_MAX_EVENTS="3")
+    assert httpx.get(front.url + "/ready").status_code == 200
+    rejected = [
+        httpx.post(front.url + "/ingest/a.example", content=b'{"id":"r1"}', headers={"X-Auth": "wrong"}),
+        post(front.url, "a.example", [1]),
+        front.post("a.example", b'{"id":"r3",'),
+        post(front.url, "secret.example", {"id": "r4"}),
+        post(front.url, "-bad-", {"id": "r5"}),
+        post(front.url, "a.example", [{"id": f"r6-{i}"} for i in range(4)]),
+        post(front.url, "a.example", {"id": "r7"}, **{"Idempotency-Key": "k" * 129}),
+    ]
+    assert [r.status_code for r in rejected] == [401, 400, 400, 403, 400, 413, 400]
+    assert rejected[-1].text == "invalid idempotency key\n"
+    accepted = [
+        post(front.url, "a.example", {"id": "a1", "text": "ä €"}),
+        post(front.url, "a.example", [{"id": "a2"}, {"id": "a3"}]),
+        post(front.url, "b.example", {"id": "b1"}),
+        post(front.url, "a.example", []),
+        post(front.url, LONGEST, {"id": "long"}),
+    ]
+    assert [r.status_code for r in accepted] == [200, 200, 200, 200, 200]
+    archiver = broker.archiver()
+    wait_stored([archiver.data_dir], {"a1", "a2", "a3", "b1", "long"})
+    assert read_lines(archiver.data_dir / domains.file_name(LONGEST)) == [
+        f'{{"id":"long","domain":"{LONGEST}"}}'.encode()
+    ]
+    time.sleep(1)  # anything rejected would have come by now
+    assert read_lines(archiver.data_dir / "a.example.jsonl") == [
+        '{"id":"a1","text":"ä €","domain":"a.example"}'.encode(),
+        b'{"id":"a2","domain":"a.example"}',
+        b'{"id":"a3","domain":"a.example"}',
+    ]
+    assert sorted(events_in(archiver.data_dir)) == ["a1", "a2", "a3", "b1", "long"]
+    # The archiver's state dir is not a stray to the operator commands.
+    checked = run_cli("verify", "--data-dir", str(archiver.data_dir))
+    assert checked.returncode == 0, checked.stdout
+    assert "verify: 3 files, 0 problems" in checked.stdout
+    assert archiver.stop() == 0
+    assert "archiver stopped: every acked message is on disk" in archiver.output()
+
+
+def test_a_retried_idempotency_key_is_stored_once(broker: Broker) -> None:
+    node = broker.single()
+    front = broker.frontend()
+    archiver = broker.archiver()
+    key = {"Idempotency-Key": "order-4711"}
+    first = post(front.url, "a.example", {"id": "k1"}, **key)
+    again = post(front.url, "a.example", {"id": "k1"}, **key)
+    assert (first.status_code, "idempotent-replayed" in first.headers) == (200, False)
+    assert (again.status_code, again.headers["idempotent-replayed"]) == (200, "true")
+    # The same key in another domain is another request.
+    assert post(front.url, "b.example", {"id": "k1b"}, **key).status_code == 200
+    # The same key with other events is refused and publishes nothing, as in direct mode.
+    other = post(front.url, "a.example", {"id": "k1-other"}, **key)
+    assert (other.status_code, other.text) == (409, "conflict\n")
+    # The same events sent another way are the same request: the key stands for the stored lines.
+    pair = {"Idempotency-Key": "pair"}
+    assert post(front.url, "a.example", [{"id": "p1"}, {"id": "p2"}], **pair).status_code == 200
+    ndjson = front.post("a.example", b'{"id":"p1"}\n{"id":"p2"}\n', headers={"Content-Type": "application/x-ndjson",
+                                                                        **pair})
+    assert (ndjson.status_code, ndjson.headers["idempotent-replayed"]) == (200, "true")
+    wait_stored([archiver.data_dir], {"k1", "k1b", "p1", "p2"})
+    # Still within the duplicate window after the archiver has written and purged it.
+    assert post(front.url, "a.example", {"id": "k1"}, **key).status_code == 200
+    assert post(front.url, "a.example", {"id": "k1-late"}, **key).status_code == 409
+    # A claim gone before the stream forgets the message (a retry published it late): other events
+    # under the key are stored, not taken for a duplicate of the first ones.
+    asyncio.run(forget(node, "a.example", "order-4711"))
+    assert post(front.url, "a.example", {"id": "k1-new"}, **key).status_code == 200
+    assert post(front.url, "a.example", {"id": "k2"}).status_code == 200
+    wait_stored([archiver.data_dir], {"k1-new", "k2"})
+    assert Counter(events_in(archiver.data_dir)) == {"k1": 1, "k1b": 1, "p1": 1, "p2": 1, "k1-new": 1, "k2": 1}
+
+
+async def forget(node: Nats, domain: str, key: str) -> None:
+    """Delete a key's claim from the key bucket, as its TTL would."""
+    nc = await nats.connect(node.url)
+    keys = await nc.jetstream().key_value("LEITSTAND_KEYS")
+    await keys.delete(key_hash(domain, key.encode()).hex())
+    await nc.close()
+
+
+def test_concurrent_requests_with_one_key_store_one_body_once(broker: Broker) -> None:
+    broker.single()
+    front = broker.frontend()
+    archiver = broker.archiver()
+    bodies = [{"id": f"race-{i % 2}"} for i in range(8)]
+    start = threading.Barrier(len(bodies))
+
+    def send(body: dict[str, str]) -> tuple[str, int]:
+        start.wait()
+        return body["id"], post(front.url, "a.example", body, **{"Idempotency-Key": "race"}).status_code
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(send, bodies))
+    assert {status for _, status in answers} <= {200, 409}
+    winners = {body for body, status in answers if status == 200}
+    assert len(winners) == 1, answers
+    assert post(front.url, "a.example", {"id": "after"}).status_code == 200
+    wait_stored([archiver.data_dir], winners | {"after"})
+    assert Counter(events_in(archiver.data_dir)) == {winners.pop(): 1, "after": 1}
+
+
+def test_a_key_is_forgotten_after_the_window_and_an_older_stream_is_updated(broker: Broker) -> None:
+    node = broker.single()
+
+    async def stream_as_an_older_leitstand_made_it() -> None:
+        nc = await nats.connect(node.url)
+        await nc.jetstream().add_stream(name="LEITSTAND", subjects=["leitstand.ingest.>"], storage="file")
+        await nc.close()
+
+    async def windows() -> tuple[float | None, float | None]:
+        nc = await nats.connect(node.url)
+        js = nc.jetstream()
+        stream, keys = await js.stream_info("LEITSTAND"), await js.stream_info("KV_LEITSTAND_KEYS")
+        await nc.close()
+        return stream.config.duplicate_window, keys.config.max_age
+
+    asyncio.run(stream_as_an_older_leitstand_made_it())
+    window = {"LEITSTAND_IDEMPOTENCY_WINDOW": "2s"}
+    front = broker.frontend(**window)
+    assert asyncio.run(windows()) == (2.0, 2.0)
+    assert "stream LEITSTAND updated to LEITSTAND_IDEMPOTENCY_WINDOW: duplicate_window 120.0s -> 2.0s" in front.output()
+    archiver = broker.archiver(**window)
+    key = {"Idempotency-Key": "short"}
+    assert post(front.url, "a.example", {"id": "w1"}, **key).status_code == 200
+    assert post(front.url, "a.example", {"id": "w1"}, **key).status_code == 200
+    assert post(front.url, "a.example", {"id": "w2"}, **key).status_code == 409
+    time.sleep(3)
+    # Forgotten, as in direct mode: the same events are stored again, other events are no conflict.
+    assert post(front.url, "a.example", {"id": "w1"}, **key).status_code == 200
+    time.sleep(3)
+    assert post(front.url, "a.example", {"id": "w2"}, **key).status_code == 200
+    wait_stored([archiver.data_dir], {"w1", "w2"})
+    deadline = time.monotonic() + 10
+    while Counter(events_in(archiver.data_dir)) != {"w1": 2, "w2": 1}:
+        assert time.monotonic() < deadline, Counter(events_in(archiver.data_dir))
+        time.sleep(0.1)
+
+
+def test_a_message_too_large_for_the_broker_is_413_and_not_stored(broker: Broker) -> None:
+    broker.single(config="max_payload: 65536\n")
+    front = broker.frontend()
+    archiver = broker.archiver()
+    big = post(front.url, "a.example", {"id": "big", "pad": "x" * 70000})
+    assert (big.status_code, big.text) == (413, "payload too large\n")
+    assert post(front.url, "a.example", {"id": "small"}).status_code == 200
+    wait_stored([archiver.data_dir], {"small"})
+    assert events_in(archiver.data_dir) == ["small"]
+
+
+def test_a_front_end_refuses_to_start_on_a_stream_it_cannot_use(broker: Broker, tmp_path: Path) -> None:
+    node = broker.single()
+
+    async def make_other_stream() -> None:
+        nc = await nats.connect(node.url)
+        await nc.jetstream().add_stream(name="LEITSTAND", subjects=["other.>"])
+        await nc.close()
+
+    asyncio.run(make_other_stream())
+    try:
+        broker.frontend()
+    except RuntimeError as exc:
+        message = str(exc)
+    else:
+        raise AssertionError("the front end started on a stream of other subjects")
+    assert "stream LEITSTAND exists but subjects is ['other.>'], needs ['leitstand.ingest.>']" in message
+    assert "Traceback" not in message
+
+
+def test_a_front_end_starts_without_the_broker_and_answers_503_until_it_is_there(broker: Broker, tmp_path: Path) -> None:
+    node = Nats(tmp_path / "nats-late", "late")
+    broker.nodes.append(node)
+    front = broker.frontend(LEITSTAND_NATS_TIMEOUT="1")
+    early = post(front.url, "a.example", {"id": "early"})
+    assert (early.status_code, early.text) == (503, "broker unavailable\n")
+    assert httpx.get(front.url + "/ready").text == "not ready: broker unavailable\n"
+    node.start().wait_ready()
+    deadline = time.monotonic() + 15
+    while post(front.url, "a.example", {"id": "late"}).status_code != 200:
+        assert time.monotonic() < deadline, "no 200 after the broker came up"
+        time.sleep(0.2)
+    archiver = broker.archiver()
+    wait_stored([archiver.data_dir], {"late"})
+    assert "early" not in events_in(archiver.data_dir)
+
+
+def test_broker_down_is_503_and_every_200_is_archived_after_it_is_back(broker: Broker) -> None:
+    node = broker.single()
+    front = broker.frontend()
+    with Load(front.url, ["d1", "d2"], clients=8) as load:
+        time.sleep(1)
+        node.kill()
+        time.sleep(1)
+        down = post(front.url, "d1", {"id": "while-down"})
+        ready = httpx.get(front.url + "/ready")
+        with load._lock:
+            acked_while_down = len(load.acked)
+        time.sleep(0.5)
+        with load._lock:
+            assert len(load.acked) == acked_while_down, "200 while the broker was down"
+        node.start().wait_ready()
+        time.sleep(2)
+    assert (down.status_code, down.text, down.headers["retry-after"]) == (503, "broker unavailable\n", "1")
+    assert ready.status_code == 503
+    assert load.statuses[503] > 0 and load.statuses[200] > 100
+    assert set(load.statuses) <= {200, 503}
+    archiver = broker.archiver()
+    wait_stored([archiver.data_dir], load.acked)
+    assert_all_acked_stored_once(archiver.data_dir, load.acked)
+    assert "while-down" not in events_in(archiver.data_dir)
+
+
+def test_archivers_killed_with_kill_9_in_a_loop_store_exactly_once_in_order(broker: Broker) -> None:
+    broker.single()
+    front = broker.frontend()
+    rng = random.Random()
+    seed = rng.randrange(1 << 30)
+    rng.seed(seed)
+    # Two archivers on one data dir: one writes, the other takes over when it dies.
+    archivers = [broker.archiver(), broker.archiver()]
+    with Load(front.url, ["k1", "k2", "k3"], clients=16, batches=(1, 3)) as load:
+        for _ in range(10):
+            deadline = time.monotonic() + 15
+            while not any(a.active for a in archivers) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.1, 1.0))
+            victim = next((a for a in archivers if a.active), archivers[0])
+            victim.kill()
+            victim.spawn()
+    data_dir = archivers[0].data_dir
+    wait_stored([data_dir], load.acked, timeout=60)
+    found = assert_all_acked_stored_once(data_dir, load.acked)
+    assert len(load.acked) > 300 and set(found) == load.acked, f"seed {seed}"
+    assert_in_order(data_dir)
+
+
+def test_only_the_lease_holder_writes_and_a_standby_takes_over(broker: Broker, tmp_path: Path) -> None:
+    broker.single()
+    front = broker.frontend()
+    # Separate data dirs show who wrote what; in production they share one (or the same disk).
+    first = broker.archiver(tmp_path / "first")
+    first.wait_for("archiver active")
+    second = broker.archiver(tmp_path / "second")
+    dirs = [first.data_dir, second.data_dir]
+    ids = [f"e{i}" for i in range(40)]
+    for i in ids[:10]:
+        assert post(front.url, "a.example", {"id": i}).status_code == 200
+    wait_stored(dirs, set(ids[:10]))
+    assert not second.active and events_in(second.data_dir) == []
+    # A stalled holder (SIGSTOP) loses the lease; the standby takes over; when the stalled
+    # one wakes up it must not write again.
+    first.pause()
+    for i in ids[10:20]:
+        assert post(front.url, "a.example", {"id": i}).status_code == 200
+    second.wait_for("archiver active", timeout=15)
+    wait_stored(dirs, set(ids[:20]))
+    first.resume()
+    first.wait_for("lease lost", timeout=10)
+    for i in ids[20:30]:
+        assert post(front.url, "a.example", {"id": i}).status_code == 200
+    wait_stored(dirs, set(ids[:30]))
+    assert events_in(first.data_dir) == ids[:10]
+    # The holder stops cleanly: the former one takes over at once, without waiting for the TTL.
+    assert second.stop() == 0
+    first.wait_for("archiver active", count=2, timeout=5)
+    for i in ids[30:]:
+        assert post(front.url, "a.example", {"id": i}).status_code == 200
+    wait_stored(dirs, set(ids))
+    assert events_in(first.data_dir) + events_in(second.data_dir) == ids[:10] + ids[30:] + ids[10:30]
+
+
+def test_cluster_node_killed_during_ingest_loses_no_acked_event(broker: Broker) -> None:
+    nodes = broker.cluster()
+    front = broker.frontend(LEITSTAND_NATS_REPLICAS="3")
+    archiver = broker.archiver(LEITSTAND_NATS_REPLICAS="3")
+    with Load(front.url, ["c1", "c2"], clients=16) as load:
+        time.sleep(1.5)
+        nodes[1].kill()
+        time.sleep(2.5)
+    assert load.statuses[200] > 100
+    wait_stored([archiver.data_dir], load.acked, timeout=60)
+    assert_all_acked_stored_once(archiver.data_dir, load.acked)
+    assert_in_order(archiver.data_dir)
+
+
+def test_a_holder_stops_writing_before_a_standby_can_get_the_lease(broker: Broker) -> None:
+    """Fencing: with no renewal (a stalled holder), the holder's own check fails before the lease expires."""
+    node = broker.single()
+
+    async def race() -> tuple[float, float]:
+        nc = await nats.connect(node.url)
+        js = nc.jetstream()
+        kv = await js.create_key_value(KeyValueConfig(bucket="LEASE_TEST", history=1, ttl=2.0))
+        holder, standby = Lease(kv, 2.0), Lease(kv, 2.0)
+        assert await holder.acquire(asyncio.Event())
+        holder.check()
+        stopped = None
+        contender = asyncio.create_task(standby.acquire(asyncio.Event()))
+        while not contender.done():
+            try:
+                holder.check()
+            except LeaseLost:
+                stopped = stopped or time.monotonic()
+            await asyncio.sleep(0.01)
+        taken = time.monotonic()
+        await nc.close()
+        assert stopped is not None
+        return stopped, taken
+
+    stopped, taken = asyncio.run(race())
+    assert stopped < taken
+
+
+def test_recovery_cuts_an_unfinished_batch_and_refuses_a_foreign_write(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    record = Record(data)
+    (data / "a.jsonl").write_bytes(b"1\n2\n")
+    (data / "b.jsonl").write_bytes(b"x\n")
+    record.write("s1", {"a.jsonl": Entry(done=5, seq=9, offset=4, length=4), "b.jsonl": Entry(3, 7, 0, 2)})
+    (data / "a.jsonl").write_bytes(b"1\n2\n3")  # a crash in the middle of the append
+    assert record.recover("s1") == {"a.jsonl": 5, "b.jsonl": 7}
+    assert (data / "a.jsonl").read_bytes() == b"1\n2\n"
+    (data / "a.jsonl").write_bytes(b"1\n2\n3\n4\n")  # landed whole
+    assert record.recover("s1") == {"a.jsonl": 9, "b.jsonl": 7}
+    assert record.recover("other stream") == {}
+    (data / "b.jsonl").write_bytes(b"x\ny\n")  # someone else appended
+    try:
+        record.recover("s1")
+    except ArchiveError as exc:
+        assert "b.jsonl is 4 bytes but the archiver left it at 0 to 2" in str(exc)
+    else:
+        raise AssertionError("a file longer than the archiver left it went unnoticed")
+
+
+def test_check_config_hides_the_credentials_in_a_nats_url(tmp_path: Path) -> None:
+    url = "nats://archiver:s3cret-pw@n1:4222,nats://n2:4222"
+    shown = run_cli("check-config", "--data-dir", str(tmp_path), env={"LEITSTAND_TOKEN": TOKEN,
+                                                                      "LEITSTAND_NATS_URL": url})
+    assert shown.returncode == 0, shown.stdout
+    assert "nats://<redacted>@n1:4222,nats://n2:4222  (env)" in shown.stdout
+    assert "s3cret" not in shown.stdout + shown.stderr

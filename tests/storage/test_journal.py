@@ -1,0 +1,430 @@
+"""The journal on its own, on real files: group commit, the file cache, recovery, rollback."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from leitstand.storage import datadir
+from leitstand.storage.journal import Appended, Journal, StorageFull, StorageRefused, StorageUnavailable
+from leitstand.storage.keylog import RECORD
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+async def opened(directory: Path, **kw: object) -> Journal:
+    directory.mkdir(exist_ok=True)
+    journal = Journal(directory, **kw)  # type: ignore[arg-type]
+    await journal.open()
+    return journal
+
+
+def record_syncs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """From now on, every fdatasync still syncs and is listed by its descriptor."""
+    syncs: list[int] = []
+    real = os.fdatasync
+
+    def recording(fd: int) -> None:
+        syncs.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", recording)
+    return syncs
+
+
+def test_concurrent_appends_share_syncs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    syncs = record_syncs(monkeypatch)
+
+    async def main() -> None:
+        journal = await opened(tmp_path)
+        await asyncio.gather(*(journal.append("a.jsonl", b"%d\n" % n) for n in range(500)))
+        await journal.close()
+
+    run(main())
+    lines = (tmp_path / "a.jsonl").read_bytes().splitlines()
+    assert sorted(map(int, lines)) == list(range(500))
+    assert 1 <= len(syncs) < 100, "appends waiting together must share one fdatasync"
+
+
+def test_no_sync_when_fsync_is_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "fdatasync", lambda fd: pytest.fail("fdatasync with fsync off"))
+
+    async def main() -> None:
+        journal = await opened(tmp_path, fsync=False)
+        await journal.append("a.jsonl", b"x\n")
+        await journal.close()
+
+    run(main())
+    assert (tmp_path / "a.jsonl").read_bytes() == b"x\n"
+
+
+def test_new_file_syncs_its_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[bool] = []
+    real = os.fsync
+
+    def recording(fd: int) -> None:
+        synced.append(os.path.samestat(os.fstat(fd), os.stat(tmp_path)))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+
+    async def main() -> None:
+        journal = await opened(tmp_path)
+        await journal.append("new.jsonl", b"x\n")
+        await journal.append("new.jsonl", b"y\n")
+        await journal.close()
+
+    run(main())
+    assert synced == [True], "exactly one directory fsync, for the creation"
+
+
+def test_open_files_are_bounded(tmp_path: Path) -> None:
+    async def main() -> None:
+        journal = await opened(tmp_path, max_open_files=3)
+        for n in range(10):
+            await journal.append(f"f{n}.jsonl", b"x\n")
+            assert journal.open_files <= 3
+        await journal.append("f0.jsonl", b"again\n")
+        await journal.close()
+
+    run(main())
+    assert (tmp_path / "f0.jsonl").read_bytes() == b"x\nagain\n"
+    assert len(os.listdir(f"/proc/{os.getpid()}/fd")) < 50
+
+
+def test_torn_tails_are_repaired_at_open(tmp_path: Path) -> None:
+    (tmp_path / "a.jsonl").write_bytes(b"1\n2\nfrag")
+    (tmp_path / "b.jsonl").write_bytes(b"no newline at all")
+    (tmp_path / "c.jsonl").write_bytes(b"fine\n")
+
+    async def count() -> int:
+        journal = Journal(tmp_path)
+        repaired = await journal.open()
+        await journal.close()
+        return repaired
+
+    assert run(count()) == 2
+    assert (tmp_path / "a.jsonl").read_bytes() == b"1\n2\n"
+    assert (tmp_path / "b.jsonl").read_bytes() == b""
+    assert (tmp_path / "c.jsonl").read_bytes() == b"fine\n"
+    torn = {p.name.split(".torn-")[0]: p.read_bytes() for p in tmp_path.glob("*.torn-*")}
+    assert torn == {"a.jsonl": b"frag", "b.jsonl": b"no newline at all"}
+
+
+def test_tail_torn_by_another_writer_is_repaired_before_appending(tmp_path: Path) -> None:
+    async def main() -> None:
+        journal = await opened(tmp_path)
+        await journal.append("a.jsonl", b"1\n")
+        with open(tmp_path / "a.jsonl", "ab") as other:  # another process, dying mid-line
+            other.write(b"half")
+        await journal.append("a.jsonl", b"2\n")
+        await journal.close()
+
+    run(main())
+    assert (tmp_path / "a.jsonl").read_bytes() == b"1\n2\n"
+    assert [p.read_bytes() for p in tmp_path.glob("a.jsonl.torn-*")] == [b"half"]
+
+
+def fail_next_sync(monkeypatch: pytest.MonkeyPatch, error: int = errno.EIO) -> list[int]:
+    """Make the next fdatasync fail with ``error``; returns the descriptor it failed on."""
+    real = os.fdatasync
+    failed: list[int] = []
+
+    def failing(fd: int) -> None:
+        if not failed:
+            failed.append(fd)
+            raise OSError(error, os.strerror(error))
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", failing)
+    return failed
+
+
+@pytest.mark.parametrize(
+    ("error", "kind"),
+    [(errno.EIO, StorageUnavailable), (errno.ENOSPC, StorageFull), (errno.EDQUOT, StorageFull)],
+)
+def test_failed_sync_rolls_back_and_reopens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: int, kind: type[Exception]
+) -> None:
+    async def main() -> None:
+        journal = await opened(tmp_path)
+        await journal.append("a.jsonl", b"good\n")
+        failing = fail_next_sync(monkeypatch, error)
+        with pytest.raises(kind):
+            await journal.append("a.jsonl", b"lost\n")
+        assert (tmp_path / "a.jsonl").read_bytes() == b"good\n"
+        with pytest.raises(OSError):
+            os.fstat(failing[0])  # the descriptor that failed is closed, never used again
+        await journal.append("a.jsonl", b"after\n")
+        await journal.close()
+
+    run(main())
+    assert (tmp_path / "a.jsonl").read_bytes() == b"good\nafter\n"
+
+
+def test_short_write_is_an_error_and_rolled_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = os.write
+
+    def short(fd: int, data: bytes) -> int:
+        if len(data) > 10:
+            real(fd, data[:5])
+            raise_next.append(True)
+            return 5
+        if raise_next:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data)
+
+    raise_next: list[bool] = []
+
+    async def main() -> None:
+        journal = await opened(tmp_path)
+        await journal.append("a.jsonl", b"ok\n")
+        monkeypatch.setattr(os, "write", short)
+        with pytest.raises(StorageFull):
+            await journal.append("a.jsonl", b"a long line\n")
+        monkeypatch.setattr(os, "write", real)
+        await journal.close()
+
+    run(main())
+    assert (tmp_path / "a.jsonl").read_bytes() == b"ok\n"
+
+
+def test_names_outside_the_directory_are_refused(tmp_path: Path) -> None:
+    async def main() -> None:
+        journal = await opened(tmp_path)
+        for name in ("../x.jsonl", "a/b.jsonl", "x.txt"):
+            with pytest.raises(ValueError):
+                await journal.append(name, b"x\n")
+        await journal.close()
+
+    run(main())
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("plant", ["symlink", "dangling symlink", "directory", "fifo"])
+def test_a_name_that_is_not_a_regular_file_is_refused(tmp_path: Path, plant: str) -> None:
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"")
+    data = tmp_path / "data"
+    data.mkdir()
+    planted = data / "a.jsonl"
+    if plant == "symlink":
+        planted.symlink_to(outside)
+    elif plant == "dangling symlink":
+        planted.symlink_to(tmp_path / "would-be-created")
+    elif plant == "directory":
+        planted.mkdir()
+    else:
+        os.mkfifo(planted)
+
+    async def main() -> None:
+        journal = await opened(data)
+        with pytest.raises(StorageRefused):
+            await journal.append("a.jsonl", b"x\n")
+        await journal.append("b.jsonl", b"y\n")  # other files are not affected
+        await journal.close()
+
+    run(main())
+    assert outside.read_bytes() == b""
+    assert not (tmp_path / "would-be-created").exists()
+    assert (data / "b.jsonl").read_bytes() == b"y\n"
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o640])
+def test_new_files_get_the_configured_mode(tmp_path: Path, mode: int) -> None:
+    async def main() -> None:
+        journal = Journal(tmp_path, file_mode=mode)
+        await journal.open()
+        await journal.append("a.jsonl", b"x\n")
+        await journal.close()
+
+    old = os.umask(0o022)
+    try:
+        run(main())
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.jsonl").stat().st_mode) == mode
+
+
+def test_rollback_cuts_a_renamed_file_and_makes_no_new_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def main() -> None:
+        journal = await opened(tmp_path)
+        await journal.append("a.jsonl", b"good\n")
+        (tmp_path / "a.jsonl").rename(tmp_path / "a.jsonl.1")  # an operator rotating by hand
+        fail_next_sync(monkeypatch)
+        with pytest.raises(StorageUnavailable):
+            await journal.append("a.jsonl", b"lost\n")
+        assert not (tmp_path / "a.jsonl").exists()
+        await journal.append("a.jsonl", b"after\n")
+        await journal.close()
+
+    run(main())
+    assert (tmp_path / "a.jsonl.1").read_bytes() == b"good\n"
+    assert (tmp_path / "a.jsonl").read_bytes() == b"after\n"
+
+
+def test_rollback_uses_the_old_descriptor_when_no_fresh_one_opens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_open = os.open
+
+    def no_proc(path, *args, **kw):  # type: ignore[no-untyped-def]
+        if str(path).startswith("/proc/self/fd/"):
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_open(path, *args, **kw)
+
+    async def main() -> None:
+        journal = await opened(tmp_path)
+        await journal.append("a.jsonl", b"good\n")
+        monkeypatch.setattr(os, "open", no_proc)
+        fail_next_sync(monkeypatch)
+        with pytest.raises(StorageUnavailable):
+            await journal.append("a.jsonl", b"lost\n")
+        await journal.append("a.jsonl", b"after\n")
+        await journal.close()
+
+    run(main())
+    assert (tmp_path / "a.jsonl").read_bytes() == b"good\nafter\n"
+
+
+def test_appends_waiting_for_the_lock_join_the_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While another worker holds the file lock, new appends join the commit already waiting for it."""
+
+    async def main() -> list[int]:
+        journal = await opened(tmp_path)
+        await journal.append("a.jsonl", b"0\n")
+        other = os.open(tmp_path / "a.jsonl", os.O_RDONLY)  # another worker's descriptor
+        fcntl.flock(other, fcntl.LOCK_EX)
+        syncs = record_syncs(monkeypatch)
+        first = asyncio.ensure_future(journal.append("a.jsonl", b"1\n"))
+        await asyncio.sleep(0.05)  # its commit now waits for the lock
+        later = [asyncio.ensure_future(journal.append("a.jsonl", b"%d\n" % n)) for n in (2, 3)]
+        await asyncio.sleep(0.05)
+        fcntl.flock(other, fcntl.LOCK_UN)
+        os.close(other)
+        await asyncio.gather(first, *later)
+        await journal.close()
+        return syncs
+
+    assert len(run(main())) == 1
+    assert (tmp_path / "a.jsonl").read_bytes() == b"0\n1\n2\n3\n"
+
+
+_DIES_MID_WRITE = r"""
+import asyncio, fcntl, os, sys
+from pathlib import Path
+from leitstand.storage.journal import Journal
+
+directory, cut, first = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3].encode().replace(b"|", b"\n")
+appends = [(a.encode().replace(b"|", b"\n"), k.encode() or None) for a, k in zip(sys.argv[4::2], sys.argv[5::2])]
+real_write = os.write
+
+def dying(fd, data):
+    if os.readlink(f"/proc/self/fd/{fd}").endswith(".jsonl"):
+        real_write(fd, data[:cut])
+        os._exit(9)
+    return real_write(fd, data)
+
+async def main():
+    journal = Journal(directory)
+    await journal.open()
+    await journal.append("a.jsonl", first)
+    # Hold the file's lock while appending, so that all appends share one commit.
+    held = os.open(directory / "a.jsonl", os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    os.write = dying
+    pending = [asyncio.ensure_future(journal.append("a.jsonl", data, key)) for data, key in appends]
+    await asyncio.sleep(0.05)
+    fcntl.flock(held, fcntl.LOCK_UN)
+    await asyncio.gather(*pending)
+    raise SystemExit("the commit did not die")
+
+asyncio.run(main())
+"""
+
+
+def die_mid_write(directory: Path, cut: int, appends: list[tuple[str, str]], first: str = "0|") -> None:
+    """Let a process append ``first`` to ``a.jsonl`` in ``directory``, then ``appends`` in one commit
+    (each its lines, ``|`` for a newline, and its key or ``""``), and die after writing ``cut`` bytes
+    of that commit's data: as a kill or a power cut leaves a write that was under way."""
+    args = [str(directory), str(cut), first, *(part for append in appends for part in append)]
+    died = subprocess.run([sys.executable, "-c", _DIES_MID_WRITE, *args], capture_output=True, text=True, check=False)
+    assert died.returncode == 9, died.stderr
+
+
+@pytest.mark.parametrize(
+    ("appends", "cut", "kept", "aside"),
+    [
+        ([("a|b|c|", "")], 3, b"0\n", b"a\nb"),
+        ([("a|b|c|", "")], 4, b"0\n", b"a\nb\n"),
+        ([("x|", ""), ("a|b|c|", ""), ("y|", "")], 5, b"0\nx\n", b"a\nb"),
+        ([("x|", ""), ("y|", ""), ("z|", "")], 5, b"0\nx\ny\n", b"z"),
+        ([("a|b|", "k")], 2, b"0\n", b"a\n"),
+        ([("x|", "k1"), ("a|b|", "k2")], 4, b"0\nx\n", b"a\n"),
+        ([("a|b|", "k")], 0, b"0\n", None),
+    ],
+    ids=["batch-torn", "batch-whole-lines", "batch-among-singles", "singles", "keyed-batch", "key-then-batch",
+         "records-only"],
+)
+def test_a_request_cut_short_by_a_crash_is_set_aside_whole(
+    tmp_path: Path, appends: list[tuple[str, str]], cut: int, kept: bytes, aside: bytes | None
+) -> None:
+    """Every request is in the file whole or not at all after a crash, with or without a key, and
+    what was cut off is set aside once; a retry of a key that was cut off stores it."""
+    die_mid_write(tmp_path, cut, appends)
+    lost = [(data.replace("|", "\n").encode(), key.encode()) for data, key in appends if key]
+    lost = [(lines, key) for lines, key in lost if lines not in kept]
+
+    async def reopen() -> list[int]:
+        journal = Journal(tmp_path)
+        repaired = [await journal.open()]
+        for lines, key in lost:
+            assert await journal.append("a.jsonl", lines, key) is Appended.STORED
+            assert await journal.append("a.jsonl", lines, key) is Appended.DUPLICATE
+        await journal.close()
+        journal = Journal(tmp_path)
+        repaired.append(await journal.open())
+        await journal.close()
+        return repaired
+
+    assert run(reopen()) == [0 if aside is None else 1, 0], "set aside once"
+    stored = kept + b"".join(lines for lines, _ in lost)
+    assert (tmp_path / "a.jsonl").read_bytes() == stored
+    assert [p.read_bytes() for p in tmp_path.glob("a.jsonl.torn-*")] == ([] if aside is None else [aside])
+    requests = tmp_path / ".leitstand" / "requests" / "a.jsonl.log"
+    ends = [r[4] for r in RECORD.iter_unpack(requests.read_bytes())] if requests.exists() else []
+    assert all(end <= len(stored) for end in ends), "a record of data that is not in the file"
+
+
+def test_a_journal_name_at_the_length_limit_keeps_its_records_and_torn_tails(tmp_path: Path) -> None:
+    """The request log and the set-aside file of a 255-byte journal name must fit the filesystem too."""
+    name = "a" * 60 + "." + "b" * 60 + "." + "c" * 60 + "." + "d" * 49 + "_0123456789abcdef.jsonl"
+    assert len(name) == 255
+
+    async def main() -> None:
+        journal = await opened(tmp_path)
+        assert await journal.append(name, b"1\n2\n", b"k") is Appended.STORED
+        assert await journal.append(name, b"3\n4\n") is Appended.STORED
+        await journal.close()
+        with open(tmp_path / name, "ab") as other:  # another process, dying mid-line
+            other.write(b"half")
+        journal = await opened(tmp_path)
+        assert await journal.append(name, b"1\n2\n", b"k") is Appended.DUPLICATE
+        await journal.close()
+
+    run(main())
+    assert (tmp_path / name).read_bytes() == b"1\n2\n3\n4\n"
+    (torn,) = [p for p in tmp_path.iterdir() if ".torn-" in p.name]
+    assert len(torn.name) == 255 and torn.read_bytes() == b"half"
+    assert datadir.kind_of(torn.name) is datadir.Kind.TORN
