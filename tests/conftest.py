@@ -80,6 +80,8 @@ class Server:
             return [sys.executable, "-m", "leitstand", "serve", "--host", "127.0.0.1", "--port", str(self.port),
                     "--workers", str(self.workers)]
         argv = [sys.executable, "-m", "uvicorn", "app:app", "--host", "127.0.0.1", "--port", str(self.port)]
+        if "LEITSTAND_SSL_CERTFILE" in self.env:  # uvicorn takes its TLS files as flags, as an operator gives them
+            argv += ["--ssl-certfile", self.env["LEITSTAND_SSL_CERTFILE"], "--ssl-keyfile", self.env["LEITSTAND_SSL_KEYFILE"]]
         return argv + (["--workers", str(self.workers)] if self.workers > 1 else [])
 
     def spawn(self) -> subprocess.Popen[bytes]:
@@ -174,6 +176,19 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) 
         [sys.executable, "-m", "leitstand", *args], cwd=ROOT, env=full_env, capture_output=True, text=True,
         timeout=timeout, check=False,
     )
+
+
+def tls_files(directory: Path) -> tuple[dict[str, str], Path]:
+    """A certificate for 127.0.0.1 from a new CA: the settings that make the service speak HTTPS, and the CA file."""
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    certfile, keyfile, cafile = directory / "cert.pem", directory / "key.pem", directory / "ca.pem"
+    cert.cert_chain_pems[0].write_to_path(str(certfile))
+    cert.private_key_pem.write_to_path(str(keyfile))
+    ca.cert_pem.write_to_path(str(cafile))
+    return {"LEITSTAND_SSL_CERTFILE": str(certfile), "LEITSTAND_SSL_KEYFILE": str(keyfile)}, cafile
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ from leitstand.broker.jetstream import BrokerError, BrokerUnavailable, Publisher
 from leitstand.config import Config
 from leitstand.intake import domains, events
 from leitstand.server.routes import Routes
+from leitstand.server.stopping import Stopping
 from leitstand.storage.journal import Appended, Journal, StorageFull, StorageRefused, StorageUnavailable, reason
 from leitstand.telemetry.logs import RequestLog
 from leitstand.telemetry.metrics import Metrics
@@ -169,6 +170,7 @@ class Leitstand:
         # Broker mode: accepted requests go to NATS JetStream instead of the journal.
         self.broker = Publisher(broker) if broker is not None else None
         self._watch: asyncio.Task[None] | None = None
+        self.stopping = Stopping()
         self.request_log = request_log
         self.body_deadlines = Deadlines(config.body_timeout)
         self._ids = itertools.count(1)
@@ -204,6 +206,7 @@ class Leitstand:
                         await send({"type": "lifespan.startup.failed", "message": str(exc)})
                         return
                 self._watch_token_file()
+                self.stopping.install()
                 details = {
                     "version": __version__,
                     "torn_tails_repaired": repaired,
@@ -216,6 +219,7 @@ class Leitstand:
                 # uvicorn has stopped accepting and finished every request by now.
                 if self._watch is not None:
                     self._watch.cancel()
+                self.stopping.close()
                 await self.journal.close()
                 if self.broker is not None:
                     await self.broker.close()
