@@ -233,7 +233,8 @@ class Load:
     clients give each batch its own Idempotency-Key and send it again (same key, same body)
     after a connection error or a 5xx until it is answered: every batch they send is then
     acknowledged, and on disk once. Every batch sent, acknowledged or not, must be on disk
-    whole or not at all (:func:`partial_batches`).
+    whole or not at all (:func:`partial_batches`). ``pace``: each client sends at most one
+    request per so many seconds (a steady rate instead of as fast as it can).
     """
 
     def __init__(
@@ -245,8 +246,13 @@ class Load:
         pad: int = 0,
         seed: int = 0,
         keyed: int = 0,
+        pace: float = 0.0,
     ) -> None:
         self.url = url
+        self.pace = pace
+        # The longest time one request took to be answered (or to fail), and how many failed unanswered.
+        self.slowest = 0.0
+        self.unanswered = 0
         self.keyed = keyed
         self.domains = domains
         self.batches = batches
@@ -279,7 +285,7 @@ class Load:
         rng = random.Random(f"{self.seed}-{n}")
         with httpx.Client(headers={"X-Auth": TOKEN}, timeout=30) as client:
             for seq in itertools.count():
-                if self._stop.is_set():
+                if self._stop.wait(self.pace * rng.uniform(0.5, 1.5)) if self.pace else self._stop.is_set():
                     return
                 ids = [f"{n}-{seq}-{i}" for i in range(rng.choice(self.batches))]
                 events = [{"id": i, "pad": "x" * rng.randrange(self.pad)} if self.pad else {"id": i} for i in ids]
@@ -301,11 +307,17 @@ class Load:
         self, client: httpx.Client, url: str, body: bytes, headers: dict[str, str], ids: list[str], first: bool
     ) -> bool:
         """Whether the request was answered, other than with a 5xx."""
+        started = time.monotonic()
         try:
             response = client.post(url, content=body, headers=headers)
         except httpx.HTTPError:
+            with self._lock:
+                self.unanswered += 1
             time.sleep(0.02)
             return False
+        finally:
+            with self._lock:
+                self.slowest = max(self.slowest, time.monotonic() - started)
         with self._lock:
             self.statuses[response.status_code] += 1
             self.request_ids.add(response.headers.get("x-request-id", ""))
