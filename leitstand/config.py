@@ -96,6 +96,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LEITSTAND_METRICS_PUBLIC", "0", "1: GET /metrics answers without the token."),
     Setting("LEITSTAND_METRICS_MAX_DOMAINS", "500", "Domains with their own metrics label; the rest count as _other."),
     Setting("LEITSTAND_METRICS_DIR", "(temp dir)", "Where worker processes share their metrics; emptied at start."),
+    Setting(
+        "LEITSTAND_OTLP_DOMAIN_ATTRIBUTE",
+        "service.name",
+        "Resource attribute whose value (made a valid domain) names the domain of OTLP logs.",
+    ),
 )
 DEFAULTS = {s.env: s.default for s in SETTINGS}
 
@@ -150,6 +155,7 @@ class Config:
     metrics_public: bool = False
     metrics_max_domains: int = 500
     metrics_dir: Path | None = None
+    otlp_domain_attribute: str = "service.name"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, *, need_token: bool = True) -> Config:
@@ -210,6 +216,7 @@ class Config:
             metrics_public=_choice("LEITSTAND_METRICS_PUBLIC", get("LEITSTAND_METRICS_PUBLIC"), ("0", "1")) == "1",
             metrics_max_domains=_int("LEITSTAND_METRICS_MAX_DOMAINS", get("LEITSTAND_METRICS_MAX_DOMAINS"), 1),
             metrics_dir=path("LEITSTAND_METRICS_DIR"),
+            otlp_domain_attribute=get("LEITSTAND_OTLP_DOMAIN_ATTRIBUTE"),
         )
 
     def keyring(self) -> auth.Keyring:
@@ -247,6 +254,7 @@ class Config:
             "broker": f"nats stream={self.nats_stream} replicas={self.nats_replicas}" if self.nats_urls else "-",
             "metrics_public": self.metrics_public,
             "metrics_max_domains": self.metrics_max_domains,
+            "otlp_domain_attribute": self.otlp_domain_attribute,
         }
 
 

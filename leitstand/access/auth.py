@@ -19,15 +19,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from leitstand.intake.domains import Patterns
+from leitstand.intake.domains import Patterns, normalize
 
 log = logging.getLogger("leitstand.auth")
 
 _BEARER = b"bearer "
 _ALL: tuple[str, ...] = ("*",)
-# Options a token line may carry. ``domains`` is the write scope; a read API would add
-# ``read=`` here, and Grant a field beside ``write``.
-_OPTIONS = frozenset({"domains"})
+# Options a token line may carry. ``domains`` is the write scope; ``otlp-domain`` the one
+# domain its OpenTelemetry logs go to. A read API would add ``read=`` here, and Grant a field
+# beside ``write``.
+_OPTIONS = frozenset({"domains", "otlp-domain"})
 
 
 class TokenFileError(Exception):
@@ -36,10 +37,11 @@ class TokenFileError(Exception):
 
 @dataclass(frozen=True, eq=False)
 class Grant:
-    """What one token may do: write to the domains matching ``write``."""
+    """What one token may do: write to the domains matching ``write``; ``otlp_domain``: where its OTLP logs go."""
 
     digest: bytes = field(repr=False)
     write: Patterns
+    otlp_domain: str | None = None
 
     def may_write(self, domain: str) -> bool:
         return self.write.match(domain)
@@ -50,8 +52,8 @@ class Grant:
         return self.write.patterns == _ALL
 
 
-def grant(token: str, write: Iterable[str] = _ALL) -> Grant:
-    return Grant(_digest(token.encode("utf-8")), Patterns(tuple(write)))
+def grant(token: str, write: Iterable[str] = _ALL, otlp_domain: str | None = None) -> Grant:
+    return Grant(_digest(token.encode("utf-8")), Patterns(tuple(write)), otlp_domain)
 
 
 def from_list(tokens: str) -> list[Grant]:
@@ -60,7 +62,7 @@ def from_list(tokens: str) -> list[Grant]:
 
 
 def read_token_file(path: Path) -> list[Grant]:
-    """The grants of a token file: ``<token> [domains=<pattern>,...]`` per line, ``#`` comments.
+    """The grants of a token file: ``<token> [domains=<pattern>,...] [otlp-domain=<domain>]`` per line, ``#`` comments.
 
     Raises :class:`TokenFileError` for a file that cannot be read, holds no token, or has a
     line that does not parse: a half-understood file must not silently widen or narrow access.
@@ -76,12 +78,18 @@ def read_token_file(path: Path) -> list[Grant]:
             continue
         token, options = words[0], words[1:]
         write = _ALL
+        otlp_domain = None
         for option in options:
             key, sep, value = option.partition("=")
             if not sep or key not in _OPTIONS or not split_list(value):
-                raise TokenFileError(f"line {number}: unknown option (use domains=<pattern>,...)")
-            write = tuple(split_list(value))
-        grants.append(grant(token, write))
+                raise TokenFileError(
+                    f"line {number}: unknown option (use domains=<pattern>,... and otlp-domain=<domain>)"
+                )
+            if key == "domains":
+                write = tuple(split_list(value))
+            elif (otlp_domain := normalize(value)) is None:
+                raise TokenFileError(f"line {number}: otlp-domain is not a valid domain")
+        grants.append(grant(token, write, otlp_domain))
     if not grants:
         raise TokenFileError("it holds no token")
     return grants

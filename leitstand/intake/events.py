@@ -61,15 +61,14 @@ class TooLarge(PayloadError):
     """A body refused for its size, not its form."""
 
 
-def encode(body: bytes, domain: str, *, ndjson: bool = False, limits: Limits = Limits()) -> tuple[bytes, int]:
-    """The journal lines for ``body`` and how many events they hold."""
-    if ndjson:
-        texts = [line for line in body.split(b"\n") if line.strip()]
-        items = [_loads(text, limits.depth) for text in texts]
-    else:
-        texts = [body]
-        value = _loads(body, limits.depth)
-        items = value if type(value) is list else [value]
+def encode(body: bytes, domain: str, *, ndjson: bool | None = False, limits: Limits = Limits()) -> tuple[bytes, int]:
+    """The journal lines for ``body`` and how many events they hold.
+
+    ``ndjson``: True for NDJSON, False for one JSON value (an object or an array of them), None
+    to tell by the body: one JSON value, or else NDJSON. None is for the generic labels that
+    senders put on both (``text/plain``, ``application/x-www-form-urlencoded``, none at all).
+    """
+    texts, items = _items(body, ndjson, limits.depth)
     if len(items) > limits.events:
         raise TooLarge("too many events")
     out = []
@@ -97,6 +96,20 @@ def encode(body: bytes, domain: str, *, ndjson: bool = False, limits: Limits = L
     if len(lines) > limits.event_size and max(map(len, out)) > limits.event_size:
         raise TooLarge("event too large")
     return lines, len(out)
+
+
+def _items(body: bytes, ndjson: bool | None, depth: int) -> tuple[list[bytes], list[Any]]:
+    """The texts ``body`` is parsed from, and the values they hold."""
+    if not ndjson:
+        try:
+            value = _loads(body, depth)
+            return [body], value if type(value) is list else [value]
+        except PayloadError as exc:
+            # Not one value, but several lines: NDJSON, if the framing was left to the body.
+            if ndjson is not None or exc.reason != "invalid json" or b"\n" not in body.strip():
+                raise
+    texts = [line for line in body.split(b"\n") if line.strip()]
+    return texts, [_loads(text, depth) for text in texts]
 
 
 def _loads(text: bytes, depth: int) -> Any:

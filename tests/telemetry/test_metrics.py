@@ -310,7 +310,8 @@ def test_serve_removes_its_private_metrics_dir_and_those_left_behind(make_server
 
 
 def test_alert_rules_use_metrics_that_exist(server: Server) -> None:
-    """promtool is not on PyPI: check the structure, and that each expression names real series."""
+    """promtool checks the syntax (tests/deploy/test_prometheus.py); here: the structure, and that
+    each expression names real series."""
     rules = yaml.safe_load((ROOT / "deploy" / "prometheus" / "alerts.yml").read_text())
     assert server.post("alpha", "{}").status_code == 200
     exposed = {name for name, _ in scrape(server)}
