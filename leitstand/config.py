@@ -91,7 +91,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LEITSTAND_NATS_URL", "(none)", "nats:// URL(s), comma-separated, of NATS JetStream: broker mode."),
     Setting("LEITSTAND_NATS_STREAM", "LEITSTAND", "JetStream stream of broker mode, created if missing."),
     Setting("LEITSTAND_NATS_REPLICAS", "1", "Replicas of that stream (1, or 3 for a three-node cluster)."),
-    Setting("LEITSTAND_NATS_TIMEOUT", "5", "Seconds to wait for the broker's ack; later is 503 broker unavailable."),
+    Setting("LEITSTAND_NATS_TIMEOUT", "5", "Seconds a request may take in the broker, retries included; then 503."),
     Setting("LEITSTAND_ARCHIVE_LEASE", "10", "Seconds of leitstand archive's lease; a standby takes over after it."),
     Setting("LEITSTAND_METRICS_PUBLIC", "0", "1: GET /metrics answers without the token."),
     Setting("LEITSTAND_METRICS_MAX_DOMAINS", "500", "Domains with their own metrics label; the rest count as _other."),

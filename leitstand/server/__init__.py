@@ -1,1 +1,1 @@
-"""Serving events: the ASGI app that uvicorn runs, its routes and its API description."""
+"""Serving events: the ASGI app that uvicorn runs, its routes, its API description, and a quick stop."""
