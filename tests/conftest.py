@@ -234,7 +234,8 @@ class Load:
     after a connection error or a 5xx until it is answered: every batch they send is then
     acknowledged, and on disk once. Every batch sent, acknowledged or not, must be on disk
     whole or not at all (:func:`partial_batches`). ``pace``: each client sends at most one
-    request per so many seconds (a steady rate instead of as fast as it can).
+    request per so many seconds (a steady rate instead of as fast as it can). ``prefix``
+    starts every id, so that two loads at once never share one.
     """
 
     def __init__(
@@ -247,9 +248,11 @@ class Load:
         seed: int = 0,
         keyed: int = 0,
         pace: float = 0.0,
+        prefix: str = "",
     ) -> None:
         self.url = url
         self.pace = pace
+        self.prefix = prefix
         # The longest time one request took to be answered (or to fail), and how many failed unanswered.
         self.slowest = 0.0
         self.unanswered = 0
@@ -287,7 +290,7 @@ class Load:
             for seq in itertools.count():
                 if self._stop.wait(self.pace * rng.uniform(0.5, 1.5)) if self.pace else self._stop.is_set():
                     return
-                ids = [f"{n}-{seq}-{i}" for i in range(rng.choice(self.batches))]
+                ids = [f"{self.prefix}{n}-{seq}-{i}" for i in range(rng.choice(self.batches))]
                 events = [{"id": i, "pad": "x" * rng.randrange(self.pad)} if self.pad else {"id": i} for i in ids]
                 body = orjson.dumps(events if len(events) > 1 else events[0])
                 url = f"{self.url}/ingest/{rng.choice(self.domains)}"
