@@ -69,9 +69,12 @@ def read_until(proc: subprocess.Popen[bytes], expected: bytes, timeout: float = 
 
 def test_tail_follows_appends_and_stops_on_ctrl_c(data_dir: Path, server: Server) -> None:
     assert server.post("app", '[{"n":1},{"n":2},{"n":3}]').status_code == 200
+    # SIGINT as a terminal sends it: a suite started in the background (`cmd &`) hands its children
+    # SIGINT ignored, and Python then never raises KeyboardInterrupt.
     proc = subprocess.Popen(
         [sys.executable, "-m", "leitstand", "tail", "app", "-n", "1", "-f", "--data-dir", str(data_dir)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         assert read_until(proc, b'{"n":3,') == b'{"n":3,"domain":"app"}\n'
