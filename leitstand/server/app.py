@@ -160,6 +160,7 @@ class Leitstand:
             config.data_dir,
             fsync=config.fsync,
             max_open_files=config.max_open_files,
+            syncfs=config.syncfs,
             file_mode=config.file_mode,
             key_window=config.idempotency_window,
             max_keys=config.idempotency_max_keys,

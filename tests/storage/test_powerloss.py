@@ -143,7 +143,7 @@ def test_eio_is_503_rolls_back_and_spares_other_domains(make_server: Any, tmp_pa
             assert disk.read_bytes() == journal.read_bytes()
         finally:
             server.kill()
-    assert "write failed" in server.output()
+    assert f"{op} failed: file=sick.jsonl" in server.output()
 
 
 def test_kill_9_in_the_middle_of_writing_a_batch_keeps_it_whole_or_not_at_all(make_server: Any, tmp_path: Path) -> None:
