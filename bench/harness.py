@@ -234,13 +234,20 @@ def rss_mib(pid: int) -> float:
 # -- the load ------------------------------------------------------------------------
 
 
-def wrk_script(body: bytes, directory: Path) -> Path:
+def wrk_script(body: bytes, directory: Path, domains: int = 1) -> Path:
+    """wrk's Lua script: POST ``body``; with several ``domains``, each request to one drawn at random."""
     path = directory / "post.lua"
+    spread = (
+        f"math.randomseed(os.time() + tonumber(tostring({{}}):sub(8), 16))\n"
+        f'request = function() return wrk.format(nil, "/ingest/d" .. math.random({domains}) .. ".{DOMAIN}") end\n'
+        if domains > 1
+        else ""
+    )
     path.write_text(
         'wrk.method = "POST"\n'
         f"wrk.body = [==[{body.decode()}]==]\n"
         'wrk.headers["Content-Type"] = "application/json"\n'
-        f'wrk.headers["X-Auth"] = "{TOKEN}"\n'
+        f'wrk.headers["X-Auth"] = "{TOKEN}"\n' + spread
     )
     return path
 
@@ -308,10 +315,14 @@ def run_one(
     duration: float,
     tmp: Path,
     extra_env: dict[str, str] | None = None,
+    domains: int = 1,
 ) -> Run:
-    """One measured run on a fresh server: a warmup, then ``duration`` seconds of load, then the lines counted."""
+    """One measured run on a fresh server: a warmup, then ``duration`` seconds of load, then the lines counted.
+
+    With several ``domains``, every request goes to one of them drawn at random.
+    """
     per_request, payload = BODIES[body]
-    script = wrk_script(payload, tmp)
+    script = wrk_script(payload, tmp, domains)
     with serve(app, workers, tmp, extra_env) as server:
         warm = wrk(server.url, script, connections, warmup)
         cpu = cpu_seconds(server.pid)
