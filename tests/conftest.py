@@ -255,6 +255,16 @@ class Load:
             thread.start()
         return self
 
+    def wait_acked(self, count: int, timeout: float = 30) -> None:
+        """Until at least ``count`` events are acknowledged: a sign of load that no slow machine fakes."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if len(self.acked) >= count:
+                    return
+            assert time.monotonic() < deadline, f"fewer than {count} events acknowledged in {timeout} s"
+            time.sleep(0.02)
+
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         for thread in self._threads:
