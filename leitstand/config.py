@@ -62,7 +62,11 @@ SETTINGS: tuple[Setting, ...] = (
         "reports its errors (Linux 5.8+, ext4/xfs/btrfs); it also flushes other programs' writes to that "
         "filesystem. off: one fdatasync per file.",
     ),
-    Setting("LEITSTAND_MAX_OPEN_FILES", "256", "Journal files kept open at once (least recently used closed)."),
+    Setting(
+        "LEITSTAND_MAX_OPEN_FILES",
+        "4096",
+        "Journal files kept open at once (least recently used closed); the descriptor limit is raised to fit.",
+    ),
     Setting("LEITSTAND_LOG_FORMAT", "text", "text or json, one line per request on stdout."),
     Setting("LEITSTAND_READY_MIN_FREE", "64MiB", "GET /ready answers 503 below this much free space."),
     Setting("LEITSTAND_DOMAINS_ALLOW", "(all)", "Comma-separated globs of the domains that may be written."),
@@ -134,7 +138,7 @@ class Config:
     body_timeout: int = 30
     fsync: bool = True
     syncfs: bool = True
-    max_open_files: int = 256
+    max_open_files: int = 4096
     log_format: str = "text"
     ready_min_free: int = 64 << 20
     domains_allow: tuple[str, ...] = ()

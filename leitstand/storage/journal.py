@@ -42,6 +42,7 @@ import errno
 import fcntl
 import logging
 import os
+import resource
 import stat
 import threading
 import time
@@ -233,7 +234,7 @@ class Journal:
         directory: Path,
         *,
         fsync: bool = True,
-        max_open_files: int = 256,
+        max_open_files: int = 4096,
         file_mode: int = 0o600,
         key_window: float = 86400.0,
         max_keys: int = 100_000,
@@ -246,7 +247,7 @@ class Journal:
         self.observer = observer or Observer()
         self.fsync = fsync
         self.file_mode = file_mode
-        self.max_open_files = max_open_files
+        self.max_open_files = _allow_open_files(max_open_files)
         self.keys = KeyIndex(key_window, max_keys)
         self.syncfs = syncfs
         self._files: OrderedDict[str, _File] = OrderedDict()
@@ -694,6 +695,37 @@ def last_line_end(fd: int, size: int, count: int = 1) -> int:
                 return start + index + 1
         pos = start
     return 0
+
+
+# Descriptors beyond the journal's own: sockets, the request logs' directory, the pool's, the runtime's.
+_SPARE_DESCRIPTORS = 1024
+
+
+def _allow_open_files(wanted: int) -> int:
+    """How many journal files may be kept open: ``wanted``, with the process's descriptor limit
+    raised to fit them (each may hold two: its data and its request log), up to the hard limit.
+
+    Below what is needed, fewer are kept open (logged once), and the least recently used are
+    closed sooner: slower with very many domains, never wrong.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = 2 * wanted + _SPARE_DESCRIPTORS
+    if soft != resource.RLIM_INFINITY and soft < need:
+        raised = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < need:
+        fits = max(1, (soft - _SPARE_DESCRIPTORS) // 2)
+        log.warning(
+            "only %d open files allowed (ulimit -n): keeping %d journal files open instead of %d; "
+            "raise the limit (LimitNOFILE= in systemd, ulimit -n) for many domains",
+            soft, fits, wanted,
+        )
+        return fits
+    return wanted
 
 
 def syncfs_works(directory: Path) -> bool:

@@ -533,3 +533,28 @@ def test_syncfs_is_used_only_where_it_is_known_to_report_failures(tmp_path: Path
     assert filesystem_type(tmp_path) in {"ext4", "xfs", "btrfs", "tmpfs", "overlay"}
     assert syncfs_works(tmp_path) is (filesystem_type(tmp_path) in {"ext4", "xfs", "btrfs"})
     assert filesystem_type(Path("/proc")) == "proc" and not syncfs_works(Path("/proc"))
+
+
+@pytest.mark.parametrize(("hard", "kept"), [(None, 4096), (1500, 238)], ids=["enough", "too-low"])
+def test_the_descriptor_limit_is_raised_to_fit_the_open_files(tmp_path: Path, hard: int | None, kept: int) -> None:
+    """Each open journal file may hold two descriptors: the soft limit is raised to fit them, and
+    below the hard limit fewer files are kept open, with a warning that says what to raise."""
+    import resource
+
+    if hard is None:
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        assert hard >= 2 * 4096 + 1024, "the machine's hard limit is too low for this test"
+
+    def limits() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+
+    script = (
+        "import logging, resource; from leitstand.storage.journal import Journal; logging.basicConfig(); "
+        "j = Journal(__import__('pathlib').Path('.')); "
+        "print(j.max_open_files, resource.getrlimit(resource.RLIMIT_NOFILE)[0])"
+    )
+    child = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, preexec_fn=limits, capture_output=True,
+                           text=True, check=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+    kept_open, soft = map(int, child.stdout.split())
+    assert kept_open == kept and soft >= 2 * kept + 1024
+    assert ("raise the limit (LimitNOFILE=" in child.stderr) is (kept < 4096)
