@@ -84,7 +84,8 @@ def _send_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     push.add_argument(
         "--token",
         help="the token; visible in `ps` to every user of the machine, so prefer the environment: "
-        "LEITSTAND_TOKEN (of several, comma-separated, the first is used)",
+        "LEITSTAND_TOKEN (of several, comma-separated, the first is used), else LEITSTAND_TOKEN_FILE "
+        "(the first token in it that may write to DOMAIN)",
     )
     push.add_argument("--outbox", type=Path, metavar="DIR", help="keep events in DIR until the service has them")
     push.add_argument("--tail", type=int, metavar="N", help="send only the last N events")
@@ -288,9 +289,13 @@ def _send(args: argparse.Namespace) -> int:
     from leitstand.access import auth
     from leitstand.client import client, outbox, send
 
-    token = args.token or next(iter(auth.split_list(os.environ.get("LEITSTAND_TOKEN", ""))), "")
+    try:
+        token = args.token or client.token_from_env(args.domain) or ""
+    except auth.TokenFileError as exc:
+        _fail(f"LEITSTAND_TOKEN_FILE is not usable: {exc}")
     if not token and not args.dry_run:
-        _fail("no token: export LEITSTAND_TOKEN=<token> (or give --token, which other users can see in ps)")
+        _fail("no token: export LEITSTAND_TOKEN_FILE=<file of tokens> or LEITSTAND_TOKEN=<token> "
+              "(or give --token, which other users can see in ps)")
     if args.tail is not None and args.tail < 0 or args.max_events < 1 or args.max_bytes < 2:
         _fail("--tail must be 0 or more, --max-events 1 or more, --max-bytes 2 or more")
     for name in args.files:
@@ -309,8 +314,8 @@ def _send(args: argparse.Namespace) -> int:
     except outbox.OutboxError as exc:
         _fail(str(exc))
     except client.Rejected as exc:
-        print(f"send: rejected ({exc}): nothing more can be delivered; check the token, its scope and the domain",
-              file=sys.stderr)
+        print(f"send: rejected ({exc}): the service refuses every request like this one, so nothing more was sent; "
+              "check the token, its scope, the domain and the service's limits", file=sys.stderr)
         return 1
     handled = done.read if args.dry_run else done.stored
     rate = f", {handled / done.seconds:.0f} events/s" if done.seconds > 0 else ""
