@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import shutil
 import signal
 import socket
 import ssl
@@ -174,6 +175,29 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) 
         [sys.executable, "-m", "leitstand", *args], cwd=ROOT, env=full_env, capture_output=True, text=True,
         timeout=timeout, check=False,
     )
+
+
+def without_venv_env() -> dict[str, str]:
+    """The environment of a new user's shell: no LEITSTAND_*, and no virtualenv active or on the PATH."""
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if "/.venv/" not in p + "/")
+    return {k: v for k, v in os.environ.items() if not k.startswith("LEITSTAND_") and k != "VIRTUAL_ENV"} | {
+        "PATH": path}
+
+
+@pytest.fixture(scope="session")
+def fresh_checkout(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the checkout as a new user's clone has it: the files git knows, as they are in the
+    work tree, without .venv, data or a dev token. Shared by the tests of the README and the scripts,
+    so that the first ``./scripts/start`` in it pays for the install once."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    target = tmp_path_factory.mktemp("checkout")
+    for name in filter(None, listed):
+        source = ROOT / name
+        if source.is_file():  # not a file deleted in the work tree
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target / name)
+    return target
 
 
 @pytest.fixture
