@@ -15,6 +15,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +176,30 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) 
         [sys.executable, "-m", "leitstand", *args], cwd=ROOT, env=full_env, capture_output=True, text=True,
         timeout=timeout, check=False,
     )
+
+
+def require_root(why: str) -> None:
+    """Skip the test, with a one-line reason, unless it runs as root (as CI does)."""
+    if os.geteuid() != 0:
+        pytest.skip(f"needs root: {why}")
+
+
+@contextmanager
+def refusing_new_files(directory: Path) -> Iterator[Path]:
+    """``directory``, in which no file can be created (permission denied) while in the block: the
+    ext4 immutable flag as root, who ignores modes; a mode without write permission otherwise."""
+    mode = directory.stat().st_mode
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "+i", str(directory)], check=True)
+    else:
+        directory.chmod(0o500)
+    try:
+        yield directory
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(directory)], check=True)
+        else:
+            directory.chmod(mode)
 
 
 def without_venv_env() -> dict[str, str]:

@@ -102,6 +102,8 @@ def test_tail_follows_appends_and_stops_on_ctrl_c(data_dir: Path, server: Server
     proc = subprocess.Popen(
         [sys.executable, "-m", "leitstand", "tail", "app", "-n", "1", "-f", "--data-dir", str(data_dir)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        # Ctrl+C as on a terminal, also when the suite itself was started in the background (SIGINT ignored).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         assert read_until(proc, b'{"n":3,') == b'{"n":3,"domain":"app"}\n'
