@@ -30,6 +30,11 @@ class Setting:
     default: str
     meaning: str
 
+    @property
+    def flag(self) -> str:
+        """The command-line flag that sets it: LEITSTAND_DATA_DIR is ``--data-dir``."""
+        return "--" + self.env.removeprefix("LEITSTAND_").lower().replace("_", "-")
+
 
 SETTINGS: tuple[Setting, ...] = (
     Setting(

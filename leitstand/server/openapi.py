@@ -82,7 +82,7 @@ OPENAPI: dict[str, Any] = {
                     },
                     "400": _text(
                         "invalid domain, invalid json, number out of range, duplicate key, json too deep, "
-                        "invalid payload, domain mismatch, invalid gzip, invalid content-length, invalid idempotency key"
+                        "invalid payload, domain mismatch, empty body, invalid gzip, invalid idempotency key"
                     ),
                     "401": _text("unauthorized"),
                     "403": _text("forbidden (the token may not write to this domain), domain not allowed"),
