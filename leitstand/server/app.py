@@ -331,7 +331,7 @@ class Leitstand:
             domain or "-",
             count,
             nbytes,
-            round((time.perf_counter() - started) * 1000, 3),
+            time.perf_counter() - started,
             request_id.decode(),
             address,
         )
