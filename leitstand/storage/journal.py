@@ -18,6 +18,8 @@ Why it is built this way:
   need no record: a line is whole or torn.
 * **Idempotency keys.** An append may carry a key; the key is looked up and recorded in the
   commit, under the lock, so two workers with the same key never both store.
+* **Times.** The first commit of each second notes where it wrote in the file's time index
+  (:mod:`leitstand.storage.timeindex`), unsynced; start and a clean stop settle the index.
 
 All file I/O runs on a small thread pool, never on the event loop. The journal knows
 file names and bytes; it knows nothing of HTTP or domains, and tells what it does only to
@@ -42,6 +44,7 @@ from typing import NamedTuple
 
 from leitstand.storage.durable import CHUNK, NAME_MAX, read_range, write_whole
 from leitstand.storage.keylog import NO_KEY, RECORD, KeyIndex, RequestLog, key_hash, lines_hash, open_requests_dir
+from leitstand.storage.timeindex import TimeLog, open_times_dir
 
 log = logging.getLogger("leitstand.journal")
 
@@ -173,7 +176,7 @@ class _Batch:
 class _File:
     """One journal file and the appends waiting for its next commit."""
 
-    __slots__ = ("batch", "busy", "end", "fd", "mutex", "name", "requests")
+    __slots__ = ("batch", "busy", "end", "fd", "mutex", "name", "requests", "times")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -182,6 +185,7 @@ class _File:
         self.end = -1
         self.batch = _Batch()
         self.requests = RequestLog(name)
+        self.times = TimeLog(name)
         # A commit is under way or scheduled; only the event loop reads and sets it.
         self.busy = False
         # The batch is filled on the event loop and taken on a pool thread.
@@ -218,6 +222,8 @@ class Journal:
         # .leitstand/requests, once it exists; only commit threads touch it, under a file's lock.
         self._requests_dir: int | None = None
         self._requests_dir_lock = threading.Lock()
+        # .leitstand/times, opened (and made) by the first commit or at start.
+        self._times_dir: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle -------------------------------------------------------------------
@@ -231,16 +237,34 @@ class Journal:
         """Wait for every commit under way, then close all files."""
         while any(f.busy for f in self._files.values()):
             await asyncio.sleep(0.005)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._mark_times)
         fds = [fd for f in self._files.values() for fd in self._release(f)]
         self._files.clear()
-        if self._requests_dir is not None:
-            fds.append(self._requests_dir)
-            self._requests_dir = None
+        for attribute in ("_requests_dir", "_times_dir"):
+            state_dir = getattr(self, attribute)
+            if state_dir is not None:
+                fds.append(state_dir)
+                setattr(self, attribute, None)
         if self._dir_fd >= 0:
             fds.append(self._dir_fd)
             self._dir_fd = -1
-        await asyncio.get_running_loop().run_in_executor(self._executor, _close_all, fds)
+        await loop.run_in_executor(self._executor, _close_all, fds)
         self._executor.shutdown(wait=True)
+
+    def _mark_times(self) -> None:
+        """A clean stop: each time index this process wrote ends at its file's end (nothing lost)."""
+        for f in self._files.values():
+            if f.fd is None or f.times.fd is None or self._times_dir is None:
+                continue
+            try:
+                fcntl.flock(f.fd, fcntl.LOCK_EX)
+                try:
+                    f.times.mark(self._times_dir, f.fd, os.fstat(f.fd).st_size, time.time())
+                finally:
+                    fcntl.flock(f.fd, fcntl.LOCK_UN)
+            except OSError as exc:
+                log.error("time index not closed: file=%s error=%s", f.times.name, exc.strerror)
 
     def _open_directory(self) -> dict[str, int]:
         """Open the directory and cut every file back to whole requests; returns the bytes set aside per file."""
@@ -249,17 +273,24 @@ class Journal:
         with os.scandir(self._dir_fd) as entries:
             names = [e.name for e in entries if e.name.endswith(SUFFIX) and e.is_file(follow_symlinks=False)]
         requests_dir = self._requests_dir_fd(create=False)
+        times_dir = None
+        try:
+            times_dir = self._times_dir_fd() if names else None
+        except OSError as exc:
+            log.error("time index dir not usable, since= reads whole files: error=%s", exc.strerror)
         for name in sorted(names):
             f = _File(name)
             fd = os.open(name, _OPEN_FLAGS, dir_fd=self._dir_fd)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 size = os.fstat(fd).st_size
-                cut = size - self._recover(f, fd, size, requests_dir)
-                if cut:
-                    repaired[name] = cut
+                good = self._recover(f, fd, size, requests_dir)
+                if size - good:
+                    repaired[name] = size - good
+                if times_dir is not None:
+                    f.times.settle(times_dir, fd, good, time.time())
             finally:
-                _close_all([fd, *f.requests.close()])
+                _close_all([fd, *f.requests.close(), *f.times.close()])
         return repaired
 
     @property
@@ -317,7 +348,7 @@ class Journal:
 
     def _release(self, f: _File) -> list[int]:
         """The descriptors of a file no longer kept (journal file and request log), for the caller to close."""
-        fds = f.requests.close()
+        fds = f.requests.close() + f.times.close()
         if f.fd is not None:
             fds.append(f.fd)
             self.observer.opened(-1)
@@ -408,6 +439,7 @@ class Journal:
             else:
                 data = b"".join([append[0] for append in batch.appends])
             write_whole(fd, data)
+            self._note_time(f, fd, size)
             if self.fsync:
                 os.fdatasync(fd)
                 synced = time.perf_counter() - started
@@ -452,6 +484,27 @@ class Journal:
                 records.append((now, key, lines, start, end))
             kept.append(data)
         return b"".join(kept), results, records
+
+    def _note_time(self, f: _File, fd: int, offset: int) -> None:
+        """The time index learns of the first commit of a second; it is a hint, so a failure costs no
+        commit (and is tried again the next second)."""
+        now = time.time()
+        if int(now) <= f.times.second:
+            return
+        try:
+            f.times.note(self._times_dir_fd(), fd, offset, now)
+        except OSError as exc:
+            f.times.second = int(now)
+            log.error("time index not written: file=%s error=%s", f.times.name, exc.strerror)
+
+    def _times_dir_fd(self) -> int:
+        if self._times_dir is None:
+            with self._requests_dir_lock:
+                if self._times_dir is None:
+                    times_dir = open_times_dir(self._dir_fd, create=True)
+                    assert times_dir is not None
+                    self._times_dir = times_dir
+        return self._times_dir
 
     def _requests_dir_fd(self, create: bool) -> int | None:
         """``.leitstand/requests``, opened once it exists (made by the first record, here or in another worker)."""
@@ -562,7 +615,7 @@ def repair(directory: Path) -> dict[str, int]:
     try:
         return journal._open_directory()
     finally:
-        _close_all([fd for fd in (journal._dir_fd, journal._requests_dir) if fd is not None and fd >= 0])
+        _close_all([fd for fd in (journal._dir_fd, journal._requests_dir, journal._times_dir) if fd is not None and fd >= 0])
         journal._executor.shutdown()
 
 

@@ -108,4 +108,5 @@ def test_data_dir_refusing_new_files_is_not_ready(make_server) -> None:  # type:
         subprocess.run(["chattr", "-i", str(server.data_dir)], check=True)
     assert httpx.get(server.url + "/ready").status_code == 200
     assert server.post("new-domain", batch(1)).status_code == 200
-    assert sorted(p.name for p in server.data_dir.iterdir()) == ["new-domain.jsonl", "old.jsonl"]
+    # .leitstand holds the time indexes of both files.
+    assert sorted(p.name for p in server.data_dir.iterdir()) == [".leitstand", "new-domain.jsonl", "old.jsonl"]
