@@ -1,4 +1,4 @@
-"""The API description served at ``/openapi.json`` and rendered at ``/docs``."""
+"""The API description served at ``/openapi.json`` and rendered at ``/docs`` (static/docs)."""
 
 from __future__ import annotations
 
@@ -133,19 +133,3 @@ OPENAPI: dict[str, Any] = {
         },
     },
 }
-
-DOCS_HTML = b"""<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>leitstand API</title>
-<link rel="stylesheet" href="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui.css">
-</head>
-<body>
-<div id="swagger-ui"></div>
-<script src="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
-<script>SwaggerUIBundle({url: "openapi.json", dom_id: "#swagger-ui"});</script>
-<noscript>The API description is at <a href="openapi.json">openapi.json</a>.</noscript>
-</body>
-</html>
-"""
