@@ -17,6 +17,7 @@ import signal
 import time
 import zlib
 from collections.abc import Callable
+from http import HTTPStatus
 from types import FrameType
 from typing import Any
 
@@ -129,7 +130,9 @@ def _refused(exc: HTTPException) -> Response:
     if "allow" in headers:
         headers["allow"] = ", ".join(sorted(headers["allow"].split(", ")))
     encoded = ((name.encode(), value.encode()) for name, value in headers.items())
-    return _text(exc.status_code, exc.detail.lower(), *encoded)
+    # The standard phrase in lower case, as every refusal; a reason of leitstand's own as it is.
+    standard = exc.detail == HTTPStatus(exc.status_code).phrase
+    return _text(exc.status_code, exc.detail.lower() if standard else exc.detail, *encoded)
 
 
 async def _answer(send: Send, response: Response, request_id: bytes) -> None:
