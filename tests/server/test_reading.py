@@ -323,3 +323,49 @@ def _rss(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS")
+
+
+def test_heartbeats_keep_a_quiet_stream_open_and_a_stop_ends_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In process, with the heartbeat at 0.2 s instead of 15 s: comments while nothing happens, then
+    the end of the answer as soon as the process is told to stop."""
+    import asyncio
+
+    from leitstand.config import Config
+    from leitstand.server import reading
+    from leitstand.storage.reader import Cursor
+    from leitstand.telemetry.metrics import Metrics
+
+    monkeypatch.setattr(reading, "HEARTBEAT", 0.2)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "app.jsonl").write_bytes(b'{"n":1}\n')
+    sent: list[dict[str, Any]] = []
+
+    async def main() -> float:
+        stopping = asyncio.Event()
+        routes = reading.ReadRoutes(data, Metrics(Config(tokens=TOKEN, data_dir=data)), lambda r: None, stopping)  # type: ignore[arg-type,return-value]
+        stream = reading._EventStream(routes, "app.jsonl", Cursor((data / "app.jsonl").stat().st_ino, 8), None)
+        never = asyncio.Event()
+
+        async def receive() -> dict[str, Any]:
+            await never.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        task = asyncio.ensure_future(stream({"type": "http"}, receive, send))
+        await asyncio.sleep(0.9)
+        stopped = asyncio.get_running_loop().time()
+        stopping.set()
+        await asyncio.wait_for(task, 2)
+        routes.close()
+        return asyncio.get_running_loop().time() - stopped
+
+    took = asyncio.run(main())
+    bodies = [m.get("body", b"") for m in sent if m["type"] == "http.response.body"]
+    assert sent[0]["status"] == 200
+    assert bodies[0] == b": leitstand\nretry: 2000\n\n"
+    assert 3 <= bodies.count(b": heartbeat\n\n") <= 5
+    assert sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
+    assert took < 0.5
