@@ -18,7 +18,8 @@ import asyncio
 import contextlib
 import datetime
 import os
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -63,6 +64,10 @@ class ReadRoutes:
         self._pool = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="reader")
         # Lines per minute that is over, per file (name, inode): minute -> count.
         self._minutes: dict[tuple[str, int], dict[int, int]] = {}
+        # The page last read per followed file and filter: streams at the same cursor (all that keep
+        # up) share one read and one framing, and only send it each.
+        self._pages: dict[tuple[str, bytes | None], tuple[Cursor, asyncio.Future[_Framed]]] = {}
+        self._followers: Counter[tuple[str, bytes | None]] = Counter()
         self.routes = [
             Route("/domains", self.domains, methods=["GET"]),
             Route("/events/{domain}", self.events, methods=["GET"]),
@@ -157,6 +162,28 @@ class ReadRoutes:
 
     # -- access --------------------------------------------------------------------------
 
+    async def follow(self, name: str, cursor: Cursor, q: bytes | None) -> _Framed:
+        """The events after ``cursor``, read once for every stream that asks at the same time."""
+        key = (name, q)
+        shared = self._pages.get(key)
+        if shared is None or _stale(shared[1]) or shared[0] != cursor:
+            future: asyncio.Future[_Framed] = asyncio.ensure_future(self._run(_follow, self.data_dir, name, cursor, q))
+            shared = self._pages[key] = (cursor, future)
+        return await asyncio.shield(shared[1])
+
+    @contextlib.contextmanager
+    def following(self, name: str, q: bytes | None) -> Iterator[None]:
+        """One stream more of ``name`` with ``q``; once the last is gone, so is their page."""
+        key = (name, q)
+        self._followers[key] += 1
+        try:
+            yield
+        finally:
+            self._followers[key] -= 1
+            if not self._followers[key]:
+                del self._followers[key]
+                self._pages.pop(key, None)
+
     def _reader(self, request: Request) -> Grant:
         grant = self.authenticate(request)
         if not grant.reads:
@@ -187,15 +214,21 @@ def _start(directory: Path, name: str, after: Cursor | None, since: float | None
         return Cursor(journal.inode, offset)
 
 
-def _follow(directory: Path, name: str, cursor: Cursor, q: bytes | None) -> reader.Page | None:
+# The next events after a cursor, framed as SSE, and the cursor after them; None: the file is gone.
+_Framed = tuple[bytes, Cursor] | None
+
+
+def _follow(directory: Path, name: str, cursor: Cursor, q: bytes | None) -> _Framed:
     """The next page after ``cursor``; None once the name stands for another file (or none)."""
     try:
         with JournalFile(directory, name) as journal:
             if journal.inode != cursor.file:
                 return None
-            return journal.forward(cursor.offset, journal.end(), reader.MAX_LIMIT, q)
+            page = journal.forward(cursor.offset, journal.end(), reader.MAX_LIMIT, q)
     except FileNotFoundError:
         return None
+    chunk = b"".join(b"id: %s\ndata: %s\n\n" % (str(page.cursor(n)).encode(), line) for n, line in enumerate(page.lines))
+    return chunk, page.next
 
 
 class _EventStream(Response):
@@ -221,8 +254,9 @@ class _EventStream(Response):
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             # Comment first: the answer (and nginx's) starts at once, before any event.
             await _race(send(_body(b": leitstand\nretry: %d\n\n" % RETRY_MS)), gone, stopping)
-            async with routes.watch.watching(self.name) as watched:
-                await self._events(send, watched, gone, stopping)
+            with routes.following(self.name, self.q):
+                async with routes.watch.watching(self.name) as watched:
+                    await self._events(send, watched, gone, stopping)
             if not gone.done():
                 # Also at a stop: a client that stalls this last write is cut off after a second.
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -238,24 +272,33 @@ class _EventStream(Response):
         quiet = 0.0
         while not gone.done() and not stopping.done():
             changed = watched.event
-            page = await self.routes._run(_follow, self.routes.data_dir, self.name, self.cursor, self.q)
-            if page is None:
+            framed = await self.routes.follow(self.name, self.cursor, self.q)
+            if framed is None:
                 return  # replaced or removed: the client comes back and is told why
-            if page.lines:
-                chunk = b"".join(
-                    b"id: %s\ndata: %s\n\n" % (str(page.cursor(n)).encode(), line) for n, line in enumerate(page.lines)
-                )
+            chunk, after = framed
+            if chunk:
                 if not await _race(send(_body(chunk)), gone, stopping):
                     return
-                self.cursor, quiet = page.next, 0.0
+                self.cursor, quiet = after, 0.0
                 continue  # there may be more
-            self.cursor = page.next
+            self.cursor = after
             waited = await _wait(changed, gone, stopping, HEARTBEAT - quiet)
             quiet += waited
             if quiet >= HEARTBEAT:
                 if not await _race(send(_body(b": heartbeat\n\n")), gone, stopping):
                     return
                 quiet = 0.0
+
+
+def _stale(future: asyncio.Future[_Framed]) -> bool:
+    """Whether a shared read is no answer for a stream that asks now: it failed, or found nothing
+    new back then (the file may have grown since)."""
+    if not future.done():
+        return False
+    if future.cancelled() or future.exception() is not None:
+        return True
+    framed = future.result()
+    return framed is not None and not framed[0]
 
 
 def _body(chunk: bytes) -> dict[str, Any]:
