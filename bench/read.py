@@ -123,7 +123,8 @@ def streams_run(variant: str, args: argparse.Namespace, session: Path) -> dict[s
                     for domain in quiet:
                         assert client.post(f"{base}/ingest/{domain}", content=b"{}").status_code == 200
             readers = subprocess.Popen(
-                [sys.executable, "-c", READERS, "127.0.0.1", str(port), harness.TOKEN, str(args.streams), ",".join(domains)],
+                [sys.executable, "-c", READERS, "127.0.0.1", str(port), harness.TOKEN, str(args.streams),
+                 ",".join(domains)],
                 stdout=subprocess.PIPE, text=True,
             )
             assert readers.stdout is not None and readers.stdout.readline().strip() == "open"

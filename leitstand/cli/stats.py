@@ -46,7 +46,8 @@ def stats(directory: Path) -> list[DomainStats]:
             length = journal.length()
             events = journal.count(0, length.whole)
             mtime = os.fstat(journal.fd).st_mtime
-        found.append(DomainStats(name, name.removesuffix(domains.SUFFIX), events, length.size, _birth_time(path), mtime))
+        domain = name.removesuffix(domains.SUFFIX)
+        found.append(DomainStats(name, domain, events, length.size, _birth_time(path), mtime))
     return found
 
 

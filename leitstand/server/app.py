@@ -426,7 +426,8 @@ class Leitstand:
         content_type = headers.content_type
         ndjson = content_type is not None and content_type.split(b";", 1)[0].strip().lower() in _NDJSON_TYPES
         try:
-            stamp = None if self.config.received_field is None else events.received(self.config.received_field, time.time())
+            field = self.config.received_field
+            stamp = None if field is None else events.received(field, time.time())
             lines, count = events.encode(body, domain, ndjson=ndjson, limits=self.config.limits, stamp=stamp)
             appended = Appended.STORED
             if count and self.broker is not None:

@@ -227,7 +227,9 @@ def _follow(directory: Path, name: str, cursor: Cursor, q: bytes | None) -> _Fra
             page = journal.forward(cursor.offset, journal.end(), reader.MAX_LIMIT, q)
     except FileNotFoundError:
         return None
-    chunk = b"".join(b"id: %s\ndata: %s\n\n" % (str(page.cursor(n)).encode(), line) for n, line in enumerate(page.lines))
+    chunk = b"".join(
+        b"id: %s\ndata: %s\n\n" % (str(page.cursor(n)).encode(), line) for n, line in enumerate(page.lines)
+    )
     return chunk, page.next
 
 
@@ -320,7 +322,9 @@ async def _race(sending: Any, *stops: asyncio.Future[Any]) -> bool:
     return False
 
 
-async def _wait(changed: asyncio.Event, gone: asyncio.Future[Any], stopping: asyncio.Future[Any], timeout: float) -> float:
+async def _wait(
+    changed: asyncio.Event, gone: asyncio.Future[Any], stopping: asyncio.Future[Any], timeout: float
+) -> float:
     """Wait for a change, a stop or ``timeout``; how long it took."""
     loop = asyncio.get_running_loop()
     started = loop.time()

@@ -615,7 +615,8 @@ def repair(directory: Path) -> dict[str, int]:
     try:
         return journal._open_directory()
     finally:
-        _close_all([fd for fd in (journal._dir_fd, journal._requests_dir, journal._times_dir) if fd is not None and fd >= 0])
+        state = (journal._dir_fd, journal._requests_dir, journal._times_dir)
+        _close_all([fd for fd in state if fd is not None and fd >= 0])
         journal._executor.shutdown()
 
 

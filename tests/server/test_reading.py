@@ -325,7 +325,9 @@ def _rss(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def test_heartbeats_keep_a_quiet_stream_open_and_a_stop_ends_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_heartbeats_keep_a_quiet_stream_open_and_a_stop_ends_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """In process, with the heartbeat at 0.2 s instead of 15 s: comments while nothing happens, then
     the end of the answer as soon as the process is told to stop."""
     import asyncio
@@ -343,7 +345,8 @@ def test_heartbeats_keep_a_quiet_stream_open_and_a_stop_ends_it(tmp_path: Path, 
 
     async def main() -> float:
         stopping = asyncio.Event()
-        routes = reading.ReadRoutes(data, Metrics(Config(tokens=TOKEN, data_dir=data)), lambda r: None, stopping)  # type: ignore[arg-type,return-value]
+        metrics = Metrics(Config(tokens=TOKEN, data_dir=data))
+        routes = reading.ReadRoutes(data, metrics, lambda r: None, stopping)  # type: ignore[arg-type,return-value]
         stream = reading._EventStream(routes, "app.jsonl", Cursor((data / "app.jsonl").stat().st_ino, 8), None)
         never = asyncio.Event()
 

@@ -170,7 +170,8 @@ def test_since_is_exact_to_the_second(tmp_path: Path, monkeypatch: pytest.Monkey
         assert [orjson.loads(line)["n"] for line in page.lines] == ([] if first is None else list(range(first, 6)))
         # With tail: the last events of those from since on.
         tailed = reader.tail(tmp_path, NAME, 2, since=since)
-        assert [orjson.loads(line)["n"] for line in tailed.lines] == ([] if first is None else list(range(first, 6))[-2:])
+        expected = [] if first is None else list(range(first, 6))[-2:]
+        assert [orjson.loads(line)["n"] for line in tailed.lines] == expected
 
 
 def test_the_index_after_a_restart_a_crash_and_a_restore(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
