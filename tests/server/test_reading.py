@@ -109,6 +109,7 @@ def test_access_by_token_file(make_server: Any, tmp_path: Path) -> None:
 
 
 def test_pages_follow_each_other_without_gap_or_repeat_under_load(server: Server) -> None:
+    assert server.post("app", '{"id":"first"}').status_code == 200  # the file exists before the first read
     seen: list[str] = []
     after = None
     with Load(server.url, ["app"], clients=4, batches=(1, 3)) as load:
