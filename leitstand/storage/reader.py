@@ -120,13 +120,6 @@ class JournalFile:
         """Lines between two line boundaries."""
         return sum(chunk.count(b"\n") for chunk in read_range(self.fd, start, end))
 
-    def replaced(self) -> bool:
-        """Whether the name now stands for another file (or none)."""
-        try:
-            return os.stat(self.path, follow_symlinks=False).st_ino != self.inode
-        except FileNotFoundError:
-            return True
-
     def start(self, cursor: Cursor, end: int) -> int:
         """The offset of ``cursor``, once it is sure to be the start of a line of this file."""
         if cursor.file != self.inode:
@@ -350,10 +343,6 @@ class Watch:
                 watched.stamp = stamp
                 watched.changed()
             await asyncio.sleep(self.interval)
-
-    @property
-    def followed(self) -> int:
-        return len(self._files)
 
 
 class _Watched:
