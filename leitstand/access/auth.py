@@ -78,11 +78,18 @@ def read_token_file(path: Path) -> list[Grant]:
     Raises :class:`TokenFileError` for a file that cannot be read, holds no token, or has a
     line that does not parse: a half-understood file must not silently widen or narrow access.
     """
+    return [grant(token, scope, access) for token, scope, access in read_tokens(path)]
+
+
+def read_tokens(path: Path) -> list[tuple[str, tuple[str, ...], frozenset[str]]]:
+    """The tokens of a token file with the domain patterns and the access of each, as
+    :func:`read_token_file` reads them; for a client that sends with the same file the service
+    checks against."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise TokenFileError(f"cannot read it ({getattr(exc, 'strerror', None) or 'not UTF-8'})") from None
-    grants = []
+    tokens = []
     for number, line in enumerate(text.splitlines(), 1):
         words = line.split("#", 1)[0].split()
         if not words:
@@ -102,10 +109,10 @@ def read_token_file(path: Path) -> list[Grant]:
                 raise TokenFileError(f"line {number}: unknown access (use access=read, write or read,write)")
             else:
                 access = frozenset(values)
-        grants.append(grant(token, scope, access))
-    if not grants:
+        tokens.append((token, scope, access))
+    if not tokens:
         raise TokenFileError("it holds no token")
-    return grants
+    return tokens
 
 
 class Keyring:

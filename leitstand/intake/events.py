@@ -2,7 +2,9 @@
 
 A body is one JSON object, an array of objects, or NDJSON. Each event is stored compact,
 keys in the order sent, non-ASCII as UTF-8, with ``"domain"`` set to the canonical domain.
-The whole body is checked before a line is produced, so a batch is all-or-nothing.
+The whole body is checked before a line is produced, so a batch is all-or-nothing. A body
+of nothing but whitespace is refused ("empty body": usually a file that was not there), while
+an empty array is a request of no events.
 
 Nothing a client sends may be changed silently. orjson itself refuses NaN, Infinity, lone
 surrogates, a BOM and numbers that overflow to infinity; what it would change instead
@@ -85,6 +87,8 @@ def encode(
     value, see :func:`received`) is added to every event, which must not have it already."""
     if ndjson:
         texts = [line for line in body.split(b"\n") if line.strip()]
+        if not texts:
+            raise PayloadError("empty body")
         items = [_loads(text, limits.depth) for text in texts]
     else:
         texts = [body]
@@ -130,6 +134,9 @@ def _loads(text: bytes, depth: int) -> Any:
             return _loads_shallow(text, _body_depth(text, depth))
         return orjson.loads(text)
     except orjson.JSONDecodeError:
+        if not text.strip():
+            # Most likely a file that was not there: `curl --data-binary @missing` sends nothing.
+            raise PayloadError("empty body") from None
         if _depth(text) > _body_depth(text, depth):
             raise PayloadError("json too deep") from None
         _check_strictly(text)  # a more precise reason, if there is one

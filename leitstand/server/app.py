@@ -166,6 +166,7 @@ class Leitstand:
             config.data_dir,
             fsync=config.fsync,
             max_open_files=config.max_open_files,
+            syncfs=config.syncfs,
             file_mode=config.file_mode,
             key_window=config.idempotency_window,
             max_keys=config.idempotency_max_keys,
@@ -404,8 +405,9 @@ class Leitstand:
             return _text(400, "invalid idempotency key")
         limit = self.config.max_body
         length, encoding = headers.content_length, headers.content_encoding
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            return _text(413, "payload too large") if length.isdigit() else _text(400, "invalid content-length")
+        # uvicorn's parser has refused a Content-Length that is not a number before the app is called.
+        if length is not None and length.isdigit() and int(length) > limit:
+            return _text(413, "payload too large")
         if encoding not in (None, b"identity", b"gzip"):
             return _text(415, "unsupported content-encoding")
         try:
@@ -492,6 +494,8 @@ async def _read_body(receive: Receive, limit: int) -> bytes | None:
 
 def _gunzip(data: bytes, limit: int) -> bytes | None:
     """Decompress every gzip member of ``data``; None once the output passes ``limit``."""
+    if not data:
+        raise zlib.error("no gzip stream at all")  # "invalid gzip", not an empty JSON body
     out = bytearray()
     while data:
         inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)

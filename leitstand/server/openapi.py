@@ -101,8 +101,8 @@ OPENAPI: dict[str, Any] = {
                     },
                     "400": _text(
                         "invalid domain, invalid json, number out of range, duplicate key, json too deep, "
-                        "invalid payload, domain mismatch, invalid gzip, invalid content-length, "
-                        "invalid idempotency key, reserved field"
+                        "invalid payload, domain mismatch, empty body, invalid gzip, invalid idempotency key, "
+                        "reserved field"
                     ),
                     "401": _text("unauthorized"),
                     "403": _text("forbidden (the token may not write, or not to this domain), domain not allowed"),

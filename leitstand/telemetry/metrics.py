@@ -92,13 +92,13 @@ class Metrics(journal.Observer):
         self._events = Counter("leitstand_events_written", "Events stored, by domain.", ["domain"], registry=own)
         self._bytes = Counter("leitstand_bytes_written", "Bytes appended, by domain.", ["domain"], registry=own)
         self._fsync = Histogram(
-            "leitstand_fsync_duration_seconds", "Time one fdatasync of a commit took.", buckets=_SECONDS, registry=own
+            "leitstand_fsync_duration_seconds", "Time a commit round took to make its writes durable (fdatasync per file, or one syncfs).", buckets=_SECONDS, registry=own
         )
         self._appends = Histogram(
-            "leitstand_commit_appends", "Appends (requests) one commit wrote together.", buckets=_APPENDS, registry=own
+            "leitstand_commit_appends", "Appends (requests) one commit round wrote together, over all its files.", buckets=_APPENDS, registry=own
         )
         self._commit_bytes = Histogram(
-            "leitstand_commit_bytes", "Bytes one commit wrote.", buckets=_BYTES, registry=own
+            "leitstand_commit_bytes", "Bytes one commit round wrote, over all its files.", buckets=_BYTES, registry=own
         )
         self._open_files = Gauge(
             "leitstand_open_files", "Journal files held open.", multiprocess_mode="livesum", registry=own

@@ -26,11 +26,18 @@ def test_empty_array_is_no_events() -> None:
     assert encode(b"[]", "s") == (b"", 0)
 
 
+@pytest.mark.parametrize("body", [b"", b"\n", b" \n\t\r\n  "])
+def test_ndjson_of_nothing_but_whitespace_is_an_empty_body(body: bytes) -> None:
+    with pytest.raises(PayloadError, match="^empty body$"):
+        encode(body, "s", ndjson=True)
+
+
 @pytest.mark.parametrize(
     ("body", "reason"),
     [
         (b"{", "invalid json"),
-        (b"", "invalid json"),
+        (b"", "empty body"),
+        (b" \r\n\t ", "empty body"),
         (b"\xff\xfe{}", "invalid json"),
         (b'{"a":"\xc3"}', "invalid json"),
         (b'{"a":NaN}', "invalid json"),

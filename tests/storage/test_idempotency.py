@@ -168,7 +168,7 @@ def test_keyed_and_unkeyed_senders_on_the_same_domains_lose_nothing(make_server:
     arrived during it, this lost about 1 keyed request in 70.)"""
     server: Server = make_server().start()
     with Load(server.url, ["m1", "m2", "m3"], clients=12, batches=(3, 4), keyed=6) as load:
-        time.sleep(5)
+        load.wait_acked(4000, timeout=60)
     found = stored_ids(server.data_dir)
     assert load.statuses.keys() == {200}, load.statuses
     assert len(load.sent) > 1000, "too little load to judge"
@@ -189,7 +189,7 @@ def test_kill_9_while_clients_retry_stores_every_event_exactly_once(make_server:
     server: Server = make_server(workers=workers, command="serve").start()
     with Load(server.url, ["x1", "x2"], clients=24, batches=(1, 3), seed=seed, keyed=12) as load:
         crash_repeatedly(server, rng, 12, (0.2, 0.7))
-        time.sleep(0.3)
+        load.wait_acked(350)
     server.stop()
     found = stored_ids(server.data_dir)
     assert load.statuses.keys() <= {200, 503}, f"seed {seed}: {load.statuses}"
@@ -233,7 +233,7 @@ def test_power_cuts_keep_every_request_whole_and_retries_stored_once(
                     else:
                         power_cut(server, fs, rng.randrange(1 << 30) if n % 3 == 1 else None)
                     server.start()
-                time.sleep(0.3)
+                load.wait_acked(250, timeout=60)
             power_cut(server, fs)
             server.start()  # the last recovery, on what reached the disk
         finally:

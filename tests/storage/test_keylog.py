@@ -213,11 +213,12 @@ class PausingJournal(Journal):
         self.taken = threading.Event()
         self.go_on = threading.Event()
 
-    def _append_locked(self, *args: Any) -> Any:
+    def _lock(self, *args: Any) -> Any:
+        commit = super()._lock(*args)
         self.taken.set()
         assert self.go_on.wait(10), "the test never let the commit go on"
         self.go_on.clear()
-        return super()._append_locked(*args)
+        return commit
 
 
 @pytest.mark.parametrize(
