@@ -130,3 +130,15 @@ def test_reload_swaps_tokens_and_keeps_them_when_the_file_breaks(
         "token file not reloaded: it holds no token; the 2 tokens in force stay",
         "token file not reloaded: cannot read it (No such file or directory); the 2 tokens in force stay",
     ]
+
+
+def test_the_client_sends_with_a_token_of_the_file_that_may_write(tmp_path: Path) -> None:
+    """leitstand send finds its token in LEITSTAND_TOKEN_FILE; a line that may only read is no use to it."""
+    from leitstand.client import token_from_env
+
+    path = tmp_path / "tokens"
+    path.write_text("dashboard access=read\nsensors domains=sensor-* access=read,write\nproducer\n")
+    env = {"LEITSTAND_TOKEN_FILE": str(path)}
+    assert token_from_env("sensor-1", env) == "sensors"
+    assert token_from_env("billing", env) == "producer"
+    assert token_from_env(None, env) == "sensors"
