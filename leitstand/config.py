@@ -46,8 +46,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "LEITSTAND_TOKEN_FILE",
         "(none)",
-        "File with one token per line, optionally scoped: <token> domains=<glob>,... "
-        "Reloaded on SIGHUP and when it changes.",
+        "File with one token per line, optionally scoped: <token> domains=<glob>,... access=read|write|read,write "
+        "(default write). Reloaded on SIGHUP and when it changes.",
     ),
     Setting("LEITSTAND_DATA_DIR", "data", "Directory of the <domain>.jsonl files; created if missing."),
     Setting("LEITSTAND_MAX_BODY", "1MiB", "Largest request body, also after gzip decompression."),
@@ -112,6 +112,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LEITSTAND_METRICS_PUBLIC", "0", "1: GET /metrics answers without the token."),
     Setting("LEITSTAND_METRICS_MAX_DOMAINS", "500", "Domains with their own metrics label; the rest count as _other."),
     Setting("LEITSTAND_METRICS_DIR", "(temp dir)", "Where worker processes share their metrics; emptied at start."),
+    Setting(
+        "LEITSTAND_RECEIVED_FIELD",
+        "(none)",
+        "Field that gets the server's receive time (RFC 3339, UTC, milliseconds) in every stored event, "
+        "e.g. received_at; an event that has it already is 400 reserved field.",
+    ),
 )
 DEFAULTS = {s.env: s.default for s in SETTINGS}
 
@@ -167,6 +173,7 @@ class Config:
     metrics_public: bool = False
     metrics_max_domains: int = 500
     metrics_dir: Path | None = None
+    received_field: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, *, need_token: bool = True) -> Config:
@@ -228,6 +235,7 @@ class Config:
             metrics_public=_choice("LEITSTAND_METRICS_PUBLIC", get("LEITSTAND_METRICS_PUBLIC"), ("0", "1")) == "1",
             metrics_max_domains=_int("LEITSTAND_METRICS_MAX_DOMAINS", get("LEITSTAND_METRICS_MAX_DOMAINS"), 1),
             metrics_dir=path("LEITSTAND_METRICS_DIR"),
+            received_field=_field("LEITSTAND_RECEIVED_FIELD", optional("LEITSTAND_RECEIVED_FIELD")),
         )
 
     def keyring(self) -> auth.Keyring:
@@ -237,7 +245,7 @@ class Config:
         except auth.TokenFileError as exc:
             raise ConfigError(
                 f"LEITSTAND_TOKEN_FILE is not usable: {exc}; "
-                "write one token per line, optionally followed by domains=<glob>,..."
+                "write one token per line, optionally followed by domains=<glob>,... and access=read|write|read,write"
             ) from None
 
     def describe(self) -> dict[str, object]:
@@ -266,6 +274,7 @@ class Config:
             "broker": f"nats stream={self.nats_stream} replicas={self.nats_replicas}" if self.nats_urls else "-",
             "metrics_public": self.metrics_public,
             "metrics_max_domains": self.metrics_max_domains,
+            "received_field": self.received_field or "-",
         }
 
 
@@ -366,6 +375,14 @@ def _nats_urls(raw: str) -> tuple[str, ...]:
 def _stream(raw: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", raw):
         raise ConfigError(f"LEITSTAND_NATS_STREAM={raw!r} is not a stream name: use letters, digits, '_' and '-'")
+    return raw
+
+
+def _field(name: str, raw: str) -> str | None:
+    if not raw:
+        return None
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", raw) or raw == "domain":
+        raise ConfigError(f"{name}={raw!r} is not a field name: use letters, digits and '_', e.g. received_at")
     return raw
 
 

@@ -189,7 +189,11 @@ def token_from_env(domain: str | None = None, environ: Mapping[str, str] | None 
         return None
     tokens = auth.read_tokens(Path(path))
     normal = domains.normalize(domain) if domain is not None else None
-    fitting = [token for token, write in tokens if normal is None or domains.Patterns(write).match(normal)]
+    fitting = [
+        token
+        for token, scope, access in tokens
+        if "write" in access and (normal is None or domains.Patterns(scope).match(normal))
+    ]
     return fitting[0] if fitting else tokens[0][0]
 
 

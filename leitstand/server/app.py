@@ -16,6 +16,10 @@ import secrets
 import signal
 import time
 import zlib
+from collections.abc import Callable
+from http import HTTPStatus
+from types import FrameType
+from typing import Any
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -126,7 +130,9 @@ def _refused(exc: HTTPException) -> Response:
     if "allow" in headers:
         headers["allow"] = ", ".join(sorted(headers["allow"].split(", ")))
     encoded = ((name.encode(), value.encode()) for name, value in headers.items())
-    return _text(exc.status_code, exc.detail.lower(), *encoded)
+    # The standard phrase in lower case, as every refusal; a reason of leitstand's own as it is.
+    standard = exc.detail == HTTPStatus(exc.status_code).phrase
+    return _text(exc.status_code, exc.detail.lower() if standard else exc.detail, *encoded)
 
 
 async def _answer(send: Send, response: Response, request_id: bytes) -> None:
@@ -174,7 +180,9 @@ class Leitstand:
         self.body_deadlines = Deadlines(config.body_timeout)
         self._ids = itertools.count(1)
         self._id_prefix = secrets.token_hex(4) + "-"
-        self.routes = Routes(config, self.journal, self.broker, self.metrics, self._authenticate_request)
+        # Set when the process is told to stop: open streams end, so that uvicorn can finish.
+        self.stopping = asyncio.Event()
+        self.routes = Routes(config, self.journal, self.broker, self.metrics, self._authenticate_request, self.stopping)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -205,6 +213,7 @@ class Leitstand:
                         await send({"type": "lifespan.startup.failed", "message": str(exc)})
                         return
                 self._watch_token_file()
+                self._watch_stop_signals()
                 details = {
                     "version": __version__,
                     "torn_tails_repaired": repaired,
@@ -215,6 +224,8 @@ class Leitstand:
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 # uvicorn has stopped accepting and finished every request by now.
+                self.stopping.set()
+                self.routes.reading.close()
                 if self._watch is not None:
                     self._watch.cancel()
                 await self.journal.close()
@@ -238,6 +249,25 @@ class Leitstand:
             loop.add_signal_handler(signal.SIGHUP, self.keyring.reload)
         if self.keyring.path is not None:
             self._watch = loop.create_task(self._poll_token_file())
+
+    def _watch_stop_signals(self) -> None:
+        """Learn when uvicorn is told to stop, so that open streams end: uvicorn waits for every
+        open response before it stops (and before the lifespan's shutdown), and tells the app
+        nothing. Its own handlers of SIGTERM and SIGINT stay in charge: each is called after ours.
+        """
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous = signal.getsignal(sig)
+            if not callable(previous):
+                continue
+
+            def stop(number: int, frame: FrameType | None, previous: Callable[..., Any] = previous) -> None:
+                loop.call_soon_threadsafe(self.stopping.set)
+                previous(number, frame)
+
+            # Only the main thread may take signals; under a test harness there may be none.
+            with contextlib.suppress(ValueError):
+                signal.signal(sig, stop)
 
     async def _poll_token_file(self) -> None:
         while True:
@@ -398,7 +428,9 @@ class Leitstand:
         content_type = headers.content_type
         ndjson = content_type is not None and content_type.split(b";", 1)[0].strip().lower() in _NDJSON_TYPES
         try:
-            lines, count = events.encode(body, domain, ndjson=ndjson, limits=self.config.limits)
+            field = self.config.received_field
+            stamp = None if field is None else events.received(field, time.time())
+            lines, count = events.encode(body, domain, ndjson=ndjson, limits=self.config.limits, stamp=stamp)
             appended = Appended.STORED
             if count and self.broker is not None:
                 appended = await self.broker.publish(domain, lines, key)

@@ -27,6 +27,8 @@ Why it is built this way:
   need no record: a line is whole or torn.
 * **Idempotency keys.** An append may carry a key; the key is looked up and recorded in the
   commit, under the lock, so two workers with the same key never both store.
+* **Times.** The first commit of each second notes where it wrote in the file's time index
+  (:mod:`leitstand.storage.timeindex`), unsynced; start and a clean stop settle the index.
 
 All file I/O runs on a small thread pool, never on the event loop. The journal knows
 file names and bytes; it knows nothing of HTTP or domains, and tells what it does only to
@@ -52,6 +54,7 @@ from pathlib import Path
 
 from leitstand.storage.durable import CHUNK, NAME_MAX, read_range, write_whole
 from leitstand.storage.keylog import NO_KEY, RECORD, KeyIndex, RequestLog, key_hash, lines_hash, open_requests_dir
+from leitstand.storage.timeindex import TimeLog, open_times_dir
 
 log = logging.getLogger("leitstand.journal")
 
@@ -175,7 +178,7 @@ class _Batch:
 class _File:
     """One journal file and the appends waiting for its next commit."""
 
-    __slots__ = ("batch", "committing", "end", "fd", "mutex", "name", "queued", "requests")
+    __slots__ = ("batch", "committing", "end", "fd", "mutex", "name", "queued", "requests", "times")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -184,6 +187,7 @@ class _File:
         self.end = -1
         self.batch = _Batch()
         self.requests = RequestLog(name)
+        self.times = TimeLog(name)
         # Waiting for the next round, or handed to the round under way; only the event loop
         # reads and sets them.
         self.queued = False
@@ -259,6 +263,8 @@ class Journal:
         # .leitstand/requests, once it exists; only commit threads touch it, under a file's lock.
         self._requests_dir: int | None = None
         self._requests_dir_lock = threading.Lock()
+        # .leitstand/times, opened (and made) by the first commit or at start.
+        self._times_dir: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle -------------------------------------------------------------------
@@ -274,16 +280,34 @@ class Journal:
         """Wait for every commit under way, then close all files."""
         while self._committing or self._queued:
             await asyncio.sleep(0.005)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._mark_times)
         fds = [fd for f in self._files.values() for fd in self._release(f)]
         self._files.clear()
-        if self._requests_dir is not None:
-            fds.append(self._requests_dir)
-            self._requests_dir = None
+        for attribute in ("_requests_dir", "_times_dir"):
+            state_dir = getattr(self, attribute)
+            if state_dir is not None:
+                fds.append(state_dir)
+                setattr(self, attribute, None)
         if self._dir_fd >= 0:
             fds.append(self._dir_fd)
             self._dir_fd = -1
-        await asyncio.get_running_loop().run_in_executor(self._executor, _close_all, fds)
+        await loop.run_in_executor(self._executor, _close_all, fds)
         self._executor.shutdown(wait=True)
+
+    def _mark_times(self) -> None:
+        """A clean stop: each time index this process wrote ends at its file's end (nothing lost)."""
+        for f in self._files.values():
+            if f.fd is None or f.times.fd is None or self._times_dir is None:
+                continue
+            try:
+                fcntl.flock(f.fd, fcntl.LOCK_EX)
+                try:
+                    f.times.mark(self._times_dir, f.fd, os.fstat(f.fd).st_size, time.time())
+                finally:
+                    fcntl.flock(f.fd, fcntl.LOCK_UN)
+            except OSError as exc:
+                log.error("time index not closed: file=%s error=%s", f.times.name, exc.strerror)
 
     def _open_directory(self) -> dict[str, int]:
         """Open the directory and cut every file back to whole requests; returns the bytes set aside per file."""
@@ -292,17 +316,24 @@ class Journal:
         with os.scandir(self._dir_fd) as entries:
             names = [e.name for e in entries if e.name.endswith(SUFFIX) and e.is_file(follow_symlinks=False)]
         requests_dir = self._requests_dir_fd(create=False)
+        times_dir = None
+        try:
+            times_dir = self._times_dir_fd() if names else None
+        except OSError as exc:
+            log.error("time index dir not usable, since= reads whole files: error=%s", exc.strerror)
         for name in sorted(names):
             f = _File(name)
             fd = os.open(name, _OPEN_FLAGS, dir_fd=self._dir_fd)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 size = os.fstat(fd).st_size
-                cut = size - self._recover(f, fd, size, requests_dir)
-                if cut:
-                    repaired[name] = cut
+                good = self._recover(f, fd, size, requests_dir)
+                if size - good:
+                    repaired[name] = size - good
+                if times_dir is not None:
+                    f.times.settle(times_dir, fd, good, time.time())
             finally:
-                _close_all([fd, *f.requests.close()])
+                _close_all([fd, *f.requests.close(), *f.times.close()])
         return repaired
 
     @property
@@ -362,7 +393,7 @@ class Journal:
 
     def _release(self, f: _File) -> list[int]:
         """The descriptors of a file no longer kept (journal file and request log), for the caller to close."""
-        fds = f.requests.close()
+        fds = f.requests.close() + f.times.close()
         if f.fd is not None:
             fds.append(f.fd)
             self.observer.opened(-1)
@@ -434,6 +465,8 @@ class Journal:
                     write_whole(commit.fd, commit.data)
                 except Exception as exc:
                     commit.fail("write", exc)
+                else:
+                    self._note_time(commit.file, commit.fd, commit.size)
         synced = None
         if self.fsync:
             self._make_durable([(c, c.fd) for c in commits if c.error is None])
@@ -571,6 +604,27 @@ class Journal:
             kept.append(data)
         return b"".join(kept), results, records
 
+    def _note_time(self, f: _File, fd: int, offset: int) -> None:
+        """The time index learns of the first commit of a second; it is a hint, so a failure costs no
+        commit (and is tried again the next second)."""
+        now = time.time()
+        if int(now) <= f.times.second:
+            return
+        try:
+            f.times.note(self._times_dir_fd(), fd, offset, now)
+        except OSError as exc:
+            f.times.second = int(now)
+            log.error("time index not written: file=%s error=%s", f.times.name, exc.strerror)
+
+    def _times_dir_fd(self) -> int:
+        if self._times_dir is None:
+            with self._requests_dir_lock:
+                if self._times_dir is None:
+                    times_dir = open_times_dir(self._dir_fd, create=True)
+                    assert times_dir is not None
+                    self._times_dir = times_dir
+        return self._times_dir
+
     def _requests_dir_fd(self, create: bool) -> int | None:
         """``.leitstand/requests``, opened once it exists (made by the first record, here or in another worker)."""
         if self._requests_dir is None:
@@ -678,7 +732,8 @@ def repair(directory: Path) -> dict[str, int]:
     try:
         return journal._open_directory()
     finally:
-        _close_all([fd for fd in (journal._dir_fd, journal._requests_dir) if fd is not None and fd >= 0])
+        state = (journal._dir_fd, journal._requests_dir, journal._times_dir)
+        _close_all([fd for fd in state if fd is not None and fd >= 0])
         journal._executor.shutdown()
 
 

@@ -53,6 +53,8 @@ _OWNER = ".owner"
 _TEMP_PREFIX = "leitstand-metrics-"
 _SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _APPENDS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# The routes of the read API (their router paths).
+_READ_ROUTES = ("/domains", "/events/")
 _BYTES = (256, 1 << 10, 4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20)
 
 
@@ -102,6 +104,11 @@ class Metrics(journal.Observer):
         self._open_files = Gauge(
             "leitstand_open_files", "Journal files held open.", multiprocess_mode="livesum", registry=own
         )
+        self._streams = Gauge(
+            "leitstand_open_streams", "Event streams open (GET /events/{domain}/stream).", multiprocess_mode="livesum",
+            registry=own,
+        )
+        self._reads = Counter("leitstand_read_requests", "Read requests answered, by status.", ["status"], registry=own)
         self._torn = Counter("leitstand_torn_tails_repaired", "Torn last lines and requests cut short by a crash, set aside.", registry=own)
         errors = Counter(
             "leitstand_storage_errors", "Failed commits, by kind (full, unavailable, refused).", ["kind"], registry=own
@@ -134,6 +141,11 @@ class Metrics(journal.Observer):
                 return
         pair[0](1)
         pair[1](seconds)
+        if route.startswith(_READ_ROUTES):
+            self._reads.labels(str(status)).inc()
+
+    def streams(self, delta: int) -> None:
+        self._streams.inc(delta)
 
     def stored(self, domain: str, events: int, nbytes: int) -> None:
         pair = self._by_domain.get(domain)

@@ -34,7 +34,7 @@ def token_file_env(tokens: Path) -> dict[str, str]:
 
 
 def files(data_dir: Path) -> list[str]:
-    return sorted(os.listdir(data_dir))
+    return sorted(name for name in os.listdir(data_dir) if name != ".leitstand")
 
 
 def test_several_tokens_in_the_environment(make_server: Any) -> None:

@@ -14,7 +14,9 @@ from conftest import TOKEN, Server, read_lines
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())} if directory.exists() else {}
+    """Every file below ``directory``, leitstand's own state (.leitstand) included."""
+    found = sorted(p for p in directory.rglob("*") if p.is_file()) if directory.exists() else []
+    return {str(p.relative_to(directory)): p.read_bytes() for p in found}
 
 
 def test_event_is_stored_as_one_compact_line_with_domain(server: Server) -> None:
@@ -182,7 +184,7 @@ def test_chunked_body_is_accepted_and_cut_at_the_limit(make_server) -> None:  # 
 def test_long_domain_gets_a_shortened_file_inside_the_data_dir(server: Server) -> None:
     domain = ".".join(["a" * 63] * 3) + "." + "b" * 61
     assert server.post(domain, "{}").status_code == 200
-    (stored,) = server.data_dir.iterdir()
+    (stored,) = server.data_dir.glob("*.jsonl")
     assert len(stored.name) == 255 and stored.name.endswith(".jsonl")
     assert orjson.loads(stored.read_bytes())["domain"] == domain
 

@@ -106,4 +106,5 @@ def test_data_dir_refusing_new_files_is_not_ready(make_server) -> None:  # type:
         assert server.post("old", batch(1)).status_code == 200  # open files keep working
     assert httpx.get(server.url + "/ready").status_code == 200
     assert server.post("new-domain", batch(1)).status_code == 200
-    assert sorted(p.name for p in server.data_dir.iterdir()) == ["new-domain.jsonl", "old.jsonl"]
+    # .leitstand holds the time indexes of both files.
+    assert sorted(p.name for p in server.data_dir.iterdir()) == [".leitstand", "new-domain.jsonl", "old.jsonl"]
