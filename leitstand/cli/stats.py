@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from leitstand.intake import domains
-from leitstand.storage import datadir, durable
+from leitstand.storage import datadir, reader
 
 _AT_FDCWD = -100
 _AT_SYMLINK_NOFOLLOW = 0x100
@@ -42,11 +42,12 @@ def stats(directory: Path) -> list[DomainStats]:
     found = []
     for name in datadir.journal_names(directory):
         path = directory / name
-        with datadir.opened(path) as fd:
-            length = datadir.length(fd, path)
-            events = sum(chunk.count(b"\n") for chunk in durable.read_range(fd, 0, length.whole))
-            mtime = os.fstat(fd).st_mtime
-        found.append(DomainStats(name, name.removesuffix(domains.SUFFIX), events, length.size, _birth_time(path), mtime))
+        with reader.JournalFile(directory, name) as journal:
+            length = journal.length()
+            events = journal.count(0, length.whole)
+            mtime = os.fstat(journal.fd).st_mtime
+        domain = name.removesuffix(domains.SUFFIX)
+        found.append(DomainStats(name, domain, events, length.size, _birth_time(path), mtime))
     return found
 
 

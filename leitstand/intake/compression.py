@@ -24,6 +24,8 @@ _MIN_WINDOW = 8 << 20
 
 def decompress(body: bytes, encoding: bytes, limit: int) -> bytes | None:
     """``body`` decoded, or None once the output passes ``limit``; :class:`PayloadError` if it is not ``encoding``."""
+    if not body and encoding != b"identity":
+        raise PayloadError(f"invalid {encoding.decode()}")  # no stream at all, not an empty JSON body
     if encoding == b"gzip":
         try:
             return _gunzip(body, limit)

@@ -24,8 +24,12 @@ _DOMAIN = re.compile(PATTERN)
 _NOT_IN_NAME = re.compile(r"[^A-Za-z0-9.-]+")
 
 
+@lru_cache(maxsize=_REMEMBERED)
 def normalize(raw: str) -> str | None:
-    """The canonical form of ``raw`` (stripped, lowercased), or None if it is not a valid domain."""
+    """The canonical form of ``raw`` (stripped, lowercased), or None if it is not a valid domain.
+
+    Answers are remembered: every request asks, and the same few names come back all day.
+    """
     name = raw.strip()
     # ASCII is checked before lowercasing: "\u212a".lower() is an ASCII "k".
     if len(name) > MAX_DOMAIN or not name.isascii():
@@ -56,6 +60,7 @@ def from_name(name: str) -> str | None:
     return normalize(".".join(labels)) if labels else None
 
 
+@lru_cache(maxsize=_REMEMBERED)
 def file_name(domain: str) -> str:
     """The journal file of a valid domain: ``<domain>.jsonl``, shortened with a hash when too long.
 

@@ -123,11 +123,13 @@ def convert(
     fixed: str | None,
     limits: Limits,
     refusal: Callable[[str], str | None],
+    stamp: tuple[str, str] | None = None,
 ) -> Converted:
     """The journal lines of every record, by domain.
 
     ``fixed``: the token's own domain, else the resource attribute named ``attribute`` decides.
     ``refusal``: why a domain may not be written (policy, the token's scope), or None.
+    ``stamp``: the receive-time field and its value, as :func:`~leitstand.intake.events.encode` adds it.
     Raises :class:`TooLarge` for more records than ``limits.events``.
     """
     if sum(len(scope.log_records) for rl in request.resource_logs for scope in rl.scope_logs) > limits.events:
@@ -153,7 +155,7 @@ def convert(
                 continue
             for record in scope_logs.log_records:
                 try:
-                    lines.append(_line(record, resource, scope, domain, limits))
+                    lines.append(_line(record, resource, scope, domain, limits, stamp))
                 except _Refused as exc:
                     out.refused[str(exc)] += 1
         if not lines:
@@ -181,7 +183,14 @@ def _scope(name: str, version: str, attributes: Iterable[KeyValue], depth: int) 
     return scope
 
 
-def _line(record: LogRecord, resource: dict[str, Any], scope: dict[str, Any], domain: str, limits: Limits) -> bytes:
+def _line(
+    record: LogRecord,
+    resource: dict[str, Any],
+    scope: dict[str, Any],
+    domain: str,
+    limits: Limits,
+    received: tuple[str, str] | None,
+) -> bytes:
     event: dict[str, Any] = {}
     if stamp := record.time_unix_nano or record.observed_time_unix_nano:
         event["time"] = _rfc3339(stamp)
@@ -210,6 +219,8 @@ def _line(record: LogRecord, resource: dict[str, Any], scope: dict[str, Any], do
     if record.flags:
         event["flags"] = record.flags
     event["domain"] = domain
+    if received is not None:
+        event[received[0]] = received[1]
     line = orjson.dumps(event, option=_NEWLINE)
     if len(line) > limits.event_size:
         raise _Refused("event too large")

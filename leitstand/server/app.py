@@ -17,6 +17,7 @@ import secrets
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -132,7 +133,9 @@ def _refused(exc: HTTPException) -> Response:
     if "allow" in headers:
         headers["allow"] = ", ".join(sorted(headers["allow"].split(", ")))
     encoded = ((name.encode(), value.encode()) for name, value in headers.items())
-    return _text(exc.status_code, exc.detail.lower(), *encoded)
+    # The standard phrase in lower case, as every refusal; a reason of leitstand's own as it is.
+    standard = exc.detail == HTTPStatus(exc.status_code).phrase
+    return _text(exc.status_code, exc.detail.lower() if standard else exc.detail, *encoded)
 
 
 async def _answer(send: Send, response: Response, request_id: bytes) -> None:
@@ -166,6 +169,7 @@ class Leitstand:
             config.data_dir,
             fsync=config.fsync,
             max_open_files=config.max_open_files,
+            syncfs=config.syncfs,
             file_mode=config.file_mode,
             key_window=config.idempotency_window,
             max_keys=config.idempotency_max_keys,
@@ -180,7 +184,9 @@ class Leitstand:
         self.body_deadlines = Deadlines(config.body_timeout)
         self._ids = itertools.count(1)
         self._id_prefix = secrets.token_hex(4) + "-"
-        self.routes = Routes(config, self.journal, self.broker, self.metrics, self._authenticate_request)
+        self.routes = Routes(
+            config, self.journal, self.broker, self.metrics, self._authenticate_request, self.stopping.event
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -224,6 +230,8 @@ class Leitstand:
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 # uvicorn has stopped accepting and finished every request by now.
+                self.stopping.event.set()
+                self.routes.reading.close()
                 if self._watch is not None:
                     self._watch.cancel()
                 self.stopping.close()
@@ -353,7 +361,7 @@ class Leitstand:
             domain or "-",
             count,
             nbytes,
-            round((time.perf_counter() - started) * 1000, 3),
+            time.perf_counter() - started,
             request_id.decode(),
             address,
         )
@@ -405,7 +413,7 @@ class Leitstand:
             media_type = content_type.split(b";", 1)[0].strip().lower()
             ndjson = True if media_type in _NDJSON_TYPES else None if media_type in _EITHER_TYPES else False
         try:
-            lines, count = events.encode(body, domain, ndjson=ndjson, limits=self.config.limits)
+            lines, count = events.encode(body, domain, ndjson=ndjson, limits=self.config.limits, stamp=self._stamp())
             appended = await self._append(domain, lines, key) if count else Appended.STORED
         except events.TooLarge as exc:
             response = _text(413, exc.reason)
@@ -430,8 +438,9 @@ class Leitstand:
         """The body, decompressed, and its size as sent; or the refusal, if it is too large, late or garbled."""
         limit = self.config.max_body
         length, encoding = headers.content_length, headers.content_encoding
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            return _text(413, "payload too large") if length.isdigit() else _text(400, "invalid content-length")
+        # uvicorn's parser has refused a Content-Length that is not a number before the app is called.
+        if length is not None and length.isdigit() and int(length) > limit:
+            return _text(413, "payload too large")
         if encoding is not None and encoding not in compression.ENCODINGS:
             return _text(415, "unsupported content-encoding")
         try:
@@ -450,6 +459,11 @@ class Leitstand:
             if body is None:
                 return _text(413, "payload too large")
         return body, nbytes
+
+    def _stamp(self) -> tuple[str, str] | None:
+        """The receive time that every stored event gets, if LEITSTAND_RECEIVED_FIELD names a field."""
+        field = self.config.received_field
+        return None if field is None else events.received(field, time.time())
 
     async def _append(self, domain: str, lines: bytes, key: bytes | None) -> Appended:
         """Store ``lines`` in the domain's file, or publish them in broker mode."""
@@ -488,6 +502,7 @@ class Leitstand:
                 fixed=grant.otlp_domain,
                 limits=self.config.limits,
                 refusal=refusal,
+                stamp=self._stamp(),
             )
         except events.TooLarge as exc:
             return _text(413, exc.reason)

@@ -1,4 +1,8 @@
-"""A stop that idle keep-alive connections over TLS cannot hold up.
+"""A stop that open streams and idle keep-alive connections over TLS cannot hold up.
+
+uvicorn waits for every open response before it stops (and before the lifespan's shutdown),
+and tells the app nothing: live event streams must learn of the stop by the signal itself, and
+end.
 
 On ``SIGTERM`` uvicorn stops accepting, closes every idle connection, tells those with a
 request in flight to close after their answer (``Connection: close``), and waits until every
@@ -10,16 +14,19 @@ closes to wait for the other's ``close_notify``; so once the stop has begun, a c
 has sent its last answer and is still closing after a short grace is aborted (its
 ``close_notify`` and every byte of its answer have been handed to the socket by then).
 
-uvicorn has no hook for this, and under ``uvicorn app:app`` the app is all that leitstand
+uvicorn has no hook for either, and under ``uvicorn app:app`` the app is all that leitstand
 controls. uvicorn's own handler of ``SIGTERM`` and ``SIGINT`` is a bound method of its server,
-so the app, at startup, finds the server there and chains a handler of its own after it.
+so the app, at startup, chains a handler of its own after it, and finds the server there.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+from collections.abc import Callable
 from types import FrameType
+from typing import Any
 
 from uvicorn.server import Server
 
@@ -29,30 +36,39 @@ _TICK = 0.1
 
 
 class Stopping:
-    """The chained signal handler and the task that aborts what lingers, for one worker process."""
+    """The chained signal handler, what it tells the streams, and the task that aborts what lingers,
+    for one worker process."""
 
     def __init__(self) -> None:
+        # Set when the process is told to stop: open streams end, so that uvicorn can finish.
+        self.event = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     def install(self) -> None:
-        """Chain after uvicorn's signal handler; without a uvicorn server (another server, a test) nothing."""
-        handler = signal.getsignal(signal.SIGTERM)
-        server = getattr(handler, "__self__", None)
-        if not isinstance(server, Server) or not callable(handler):
-            return
+        """Chain after the handlers of SIGTERM and SIGINT in place (uvicorn's stay in charge)."""
         loop = asyncio.get_running_loop()
-
-        def stop(signum: int, frame: FrameType | None) -> None:
-            handler(signum, frame)
-            if self._task is None:
-                loop.call_soon_threadsafe(self._start, server)
-
         for signum in (signal.SIGTERM, signal.SIGINT):
-            if signal.getsignal(signum) == handler:
+            previous = signal.getsignal(signum)
+            if not callable(previous):
+                continue
+            server = getattr(previous, "__self__", None)
+
+            def stop(
+                number: int,
+                frame: FrameType | None,
+                previous: Callable[..., Any] = previous,
+                server: Server | None = server if isinstance(server, Server) else None,
+            ) -> None:
+                previous(number, frame)
+                loop.call_soon_threadsafe(self._begin, server)
+
+            # Only the main thread may take signals; under a test harness there may be none.
+            with contextlib.suppress(ValueError):
                 signal.signal(signum, stop)
 
-    def _start(self, server: Server) -> None:
-        if self._task is None:
+    def _begin(self, server: Server | None) -> None:
+        self.event.set()
+        if self._task is None and server is not None:
             self._task = asyncio.get_running_loop().create_task(_abort_lingering(server))
 
     def close(self) -> None:

@@ -19,7 +19,12 @@ def test_the_limit_is_on_the_output_to_the_byte(encoding: bytes) -> None:
     members = COMPRESS[encoding](data[:400]) + COMPRESS[encoding](data[400:])
     assert decompress(members, encoding, 1000) == data
     assert decompress(members, encoding, 999) is None
-    assert decompress(b"", encoding, 10) == b""
+
+
+@pytest.mark.parametrize("encoding", [b"gzip", b"zstd"])
+def test_an_empty_body_is_no_stream(encoding: bytes) -> None:
+    with pytest.raises(PayloadError, match=f"invalid {encoding.decode()}"):
+        decompress(b"", encoding, 10)
 
 
 @pytest.mark.parametrize("encoding", [b"gzip", b"zstd"])
