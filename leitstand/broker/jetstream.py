@@ -348,9 +348,10 @@ class Publisher:
                 self._keys = await ensure_keys(self._js, self.settings)
             return self._keys
 
-    async def publish(self, domain: str, lines: bytes, key: bytes | None) -> Appended:
+    async def publish(self, domain: str, lines: bytes, key: bytes | None, same: bytes | None = None) -> Appended:
         """Return once JetStream has stored ``lines``, or had them already under ``key``, or ``key`` conflicts.
 
+        ``same``: what a retry under ``key`` must repeat to be the same request (default: ``lines``).
         Tried again within the deadline as long as that cannot store them twice (see the module).
         """
         loop = asyncio.get_running_loop()
@@ -358,14 +359,14 @@ class Publisher:
         pause = _PAUSE
         while True:
             try:
-                return await self._try(domain, lines, key, deadline)
+                return await self._try(domain, lines, key, lines if same is None else same, deadline)
             except _Again as exc:
                 if loop.time() + pause >= deadline:
                     raise BrokerUnavailable(str(exc)) from None
             await asyncio.sleep(pause)
             pause = min(2 * pause, _MAX_PAUSE)
 
-    async def _try(self, domain: str, lines: bytes, key: bytes | None, deadline: float) -> Appended:
+    async def _try(self, domain: str, lines: bytes, key: bytes | None, same: bytes, deadline: float) -> Appended:
         """One try: raises :class:`_Again` if another one may follow, :class:`BrokerUnavailable` if not."""
         nc = await self._connection(deadline)
         if len(lines) + _HEADER_ROOM > nc.max_payload:
@@ -374,7 +375,7 @@ class Publisher:
         dropped = self._dropped
         assert dropped is not None
         remaining = deadline - loop.time()
-        sending = asyncio.ensure_future(self._send(domain, lines, key, remaining))
+        sending = asyncio.ensure_future(self._send(domain, lines, key, same, remaining))
         waiting: set[asyncio.Future[Any]] = {sending, dropped}
         try:
             await asyncio.wait(waiting, timeout=remaining if key is None else min(remaining, _TRY),
@@ -417,12 +418,12 @@ class Publisher:
             await asyncio.sleep(0.01 if self._nc is None or not self._nc.is_connected else 0)
         return self._nc
 
-    async def _send(self, domain: str, lines: bytes, key: bytes | None, timeout: float) -> Appended:
+    async def _send(self, domain: str, lines: bytes, key: bytes | None, same: bytes, timeout: float) -> Appended:
         assert self._js is not None
         keys = self._keys or await self._ensure()
         headers = None
         if key is not None:
-            digest = lines_hash(lines)
+            digest = lines_hash(same)
             if not await _claim(keys, key_hash(domain, key).hex(), digest):
                 return Appended.CONFLICT
             headers = {"Nats-Msg-Id": msg_id(domain, key, digest)}

@@ -69,6 +69,15 @@ def received(field: str, now: float) -> tuple[str, str]:
     return field, rfc3339(now)
 
 
+def unstamped(lines: bytes, stamp: tuple[str, str]) -> bytes:
+    """``lines`` as :func:`encode` made them before it added ``stamp``: what a retry repeats.
+
+    The stamp is each event's last member, and its text cannot occur elsewhere in a line: a
+    quote inside a string is escaped, and no event may have the field itself.
+    """
+    return lines.replace(b"," + orjson.dumps(stamp[0]) + b":" + orjson.dumps(stamp[1]), b"")
+
+
 def rfc3339(when: float) -> str:
     """RFC 3339 in UTC with milliseconds, as leitstand writes every time."""
     millis = int(when * 1000)

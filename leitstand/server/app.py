@@ -413,8 +413,9 @@ class Leitstand:
             media_type = content_type.split(b";", 1)[0].strip().lower()
             ndjson = True if media_type in _NDJSON_TYPES else None if media_type in _EITHER_TYPES else False
         try:
-            lines, count = events.encode(body, domain, ndjson=ndjson, limits=self.config.limits, stamp=self._stamp())
-            appended = await self._append(domain, lines, key) if count else Appended.STORED
+            stamp = self._stamp()
+            lines, count = events.encode(body, domain, ndjson=ndjson, limits=self.config.limits, stamp=stamp)
+            appended = await self._append(domain, lines, key, stamp) if count else Appended.STORED
         except events.TooLarge as exc:
             response = _text(413, exc.reason)
         except events.PayloadError as exc:
@@ -465,11 +466,13 @@ class Leitstand:
         field = self.config.received_field
         return None if field is None else events.received(field, time.time())
 
-    async def _append(self, domain: str, lines: bytes, key: bytes | None) -> Appended:
-        """Store ``lines`` in the domain's file, or publish them in broker mode."""
+    async def _append(self, domain: str, lines: bytes, key: bytes | None, stamp: tuple[str, str] | None) -> Appended:
+        """Store ``lines`` in the domain's file, or publish them in broker mode. A retry under ``key``
+        is the same request if it repeats the lines as sent, whatever receive time ``stamp`` added."""
+        same = events.unstamped(lines, stamp) if key is not None and stamp is not None else None
         if self.broker is not None:
-            return await self.broker.publish(domain, lines, key)
-        return await self.journal.append(domains.file_name(domain), lines, key)
+            return await self.broker.publish(domain, lines, key, same)
+        return await self.journal.append(domains.file_name(domain), lines, key, same)
 
     # -- OpenTelemetry logs ----------------------------------------------------------
 
@@ -480,6 +483,8 @@ class Leitstand:
         grant = self._authenticate(headers, address)
         if isinstance(grant, Response):
             return grant
+        if "write" not in grant.access:
+            return _text(403, "forbidden")
         if self.rate is not None and (wait := self.rate.take(grant)):
             return _too_many(wait)
         if content_type not in (otlp.PROTOBUF, otlp.JSON):
@@ -502,7 +507,7 @@ class Leitstand:
                 fixed=grant.otlp_domain,
                 limits=self.config.limits,
                 refusal=refusal,
-                stamp=self._stamp(),
+                stamp=(stamp := self._stamp()),
             )
         except events.TooLarge as exc:
             return _text(413, exc.reason)
@@ -514,7 +519,7 @@ class Leitstand:
         for domain, lines in converted.lines.items():
             joined = b"".join(lines)
             try:
-                appended = await self._append(domain, joined, key)
+                appended = await self._append(domain, joined, key, stamp)
             except _NOT_STORED as exc:
                 failed = _not_stored(exc, only_503=True)
                 failed.domain = domain

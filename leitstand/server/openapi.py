@@ -148,6 +148,7 @@ OPENAPI: dict[str, Any] = {
                     "200": _otlp("ExportLogsServiceResponse: stored; partial_success counts refused records"),
                     "400": _otlp("google.rpc.Status: invalid otlp, invalid gzip, invalid zstd (never retried)"),
                     "401": _otlp("google.rpc.Status: unauthorized"),
+                    "403": _otlp("google.rpc.Status: forbidden (the token may not write)"),
                     "408": _otlp("google.rpc.Status: request timeout"),
                     "413": _otlp("google.rpc.Status: payload too large, too many events"),
                     "415": _otlp("google.rpc.Status: unsupported content-type, unsupported content-encoding"),

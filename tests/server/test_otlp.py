@@ -160,12 +160,18 @@ def test_refused_records_are_a_partial_success_and_the_rest_is_stored(make_serve
 
 def test_a_token_with_an_otlp_domain_writes_there(make_server: Any, tmp_path: Path, apps: list[App]) -> None:
     tokens = tmp_path / "tokens"
-    tokens.write_text(f"{TOKEN} domains=app.* otlp-domain=app.orders\n")
+    tokens.write_text(f"{TOKEN} domains=app.* otlp-domain=app.orders\nreader access=read\n")
     server: Server = make_server(env={"LEITSTAND_TOKEN_FILE": str(tokens), "LEITSTAND_TOKEN": ""}).start()
     app = App(server.url, "whatever")
     apps.append(app)
     app.log(SeverityNumber.INFO, "to the fixed domain")
     assert [e["body"] for e in events(server.data_dir / "app.orders.jsonl")] == ["to the fixed domain"]
+    # A token that may only read may not send logs either.
+    request = ExportLogsServiceRequest()
+    request.resource_logs.add().scope_logs.add().log_records.add().body.string_value = "not from a reader"
+    refused = httpx.post(f"{server.url}/v1/logs", content=request.SerializeToString(),
+                         headers={**PROTOBUF, "X-Auth": "reader"})
+    assert (refused.status_code, status_pb2.Status.FromString(refused.content).message) == (403, "forbidden")
 
 
 def test_refusals_are_status_messages_and_a_retry_is_stored_once(server: Server) -> None:
@@ -188,6 +194,20 @@ def test_refusals_are_status_messages_and_a_retry_is_stored_once(server: Server)
         answer = httpx.post(f"{server.url}/v1/logs", content=request.SerializeToString(), headers=PROTOBUF)
         assert answer.status_code == 200
     assert [e["body"] for e in events(server.data_dir / "retried.jsonl")] == ["once"]
+
+
+def test_a_retry_is_stored_once_with_the_receive_time_too(make_server: Any) -> None:
+    server: Server = make_server(env={"LEITSTAND_RECEIVED_FIELD": "received_at"}).start()
+    request = ExportLogsServiceRequest()
+    logs = request.resource_logs.add()
+    logs.resource.attributes.add(key="service.name").value.string_value = "retried"
+    logs.scope_logs.add().log_records.add(time_unix_nano=1).body.string_value = "once"
+    for _ in range(2):
+        answer = httpx.post(f"{server.url}/v1/logs", content=request.SerializeToString(), headers=PROTOBUF)
+        assert (answer.status_code, ExportLogsServiceResponse.FromString(answer.content).partial_success.rejected_log_records) == (200, 0)
+        time.sleep(0.01)
+    stored = events(server.data_dir / "retried.jsonl")
+    assert [e["body"] for e in stored] == ["once"] and stored[0]["received_at"].endswith("Z")
 
 
 def test_a_full_disk_is_503_and_the_sdk_retries_until_it_is_stored(
