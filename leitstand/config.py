@@ -107,11 +107,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LEITSTAND_NATS_URL", "(none)", "nats:// URL(s), comma-separated, of NATS JetStream: broker mode."),
     Setting("LEITSTAND_NATS_STREAM", "LEITSTAND", "JetStream stream of broker mode, created if missing."),
     Setting("LEITSTAND_NATS_REPLICAS", "1", "Replicas of that stream (1, or 3 for a three-node cluster)."),
-    Setting("LEITSTAND_NATS_TIMEOUT", "5", "Seconds to wait for the broker's ack; later is 503 broker unavailable."),
+    Setting("LEITSTAND_NATS_TIMEOUT", "5", "Seconds a request may take in the broker, retries included; then 503."),
     Setting("LEITSTAND_ARCHIVE_LEASE", "10", "Seconds of leitstand archive's lease; a standby takes over after it."),
     Setting("LEITSTAND_METRICS_PUBLIC", "0", "1: GET /metrics answers without the token."),
     Setting("LEITSTAND_METRICS_MAX_DOMAINS", "500", "Domains with their own metrics label; the rest count as _other."),
     Setting("LEITSTAND_METRICS_DIR", "(temp dir)", "Where worker processes share their metrics; emptied at start."),
+    Setting(
+        "LEITSTAND_OTLP_DOMAIN_ATTRIBUTE",
+        "service.name",
+        "Resource attribute whose value (made a valid domain) names the domain of OTLP logs.",
+    ),
     Setting(
         "LEITSTAND_RECEIVED_FIELD",
         "(none)",
@@ -173,6 +178,7 @@ class Config:
     metrics_public: bool = False
     metrics_max_domains: int = 500
     metrics_dir: Path | None = None
+    otlp_domain_attribute: str = "service.name"
     received_field: str | None = None
 
     @classmethod
@@ -235,6 +241,7 @@ class Config:
             metrics_public=_choice("LEITSTAND_METRICS_PUBLIC", get("LEITSTAND_METRICS_PUBLIC"), ("0", "1")) == "1",
             metrics_max_domains=_int("LEITSTAND_METRICS_MAX_DOMAINS", get("LEITSTAND_METRICS_MAX_DOMAINS"), 1),
             metrics_dir=path("LEITSTAND_METRICS_DIR"),
+            otlp_domain_attribute=get("LEITSTAND_OTLP_DOMAIN_ATTRIBUTE"),
             received_field=_field("LEITSTAND_RECEIVED_FIELD", optional("LEITSTAND_RECEIVED_FIELD")),
         )
 
@@ -274,6 +281,7 @@ class Config:
             "broker": f"nats stream={self.nats_stream} replicas={self.nats_replicas}" if self.nats_urls else "-",
             "metrics_public": self.metrics_public,
             "metrics_max_domains": self.metrics_max_domains,
+            "otlp_domain_attribute": self.otlp_domain_attribute,
             "received_field": self.received_field or "-",
         }
 

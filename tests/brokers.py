@@ -73,6 +73,12 @@ class Nats:
             self.proc.kill()
             self.proc.wait(10)
 
+    def stop(self) -> None:
+        """SIGTERM, a planned restart: the server hands its leaderships over before it exits."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(30)
+
 
 class Archiver(Server):
     """``leitstand archive`` in its own process group; ``start`` waits until it stands by."""
@@ -154,6 +160,36 @@ class Broker:
             process.kill()
         for node in self.nodes:
             node.kill()
+
+
+def leaders(nodes: list[Nats], streams: tuple[str, ...], timeout: float = 30) -> dict[str, str]:
+    """The name of the node that leads each of ``streams``, once each has a leader."""
+    import asyncio
+
+    import nats
+
+    async def ask() -> dict[str, str]:
+        nc = await nats.connect(servers=[n.url for n in nodes if n.proc and n.proc.poll() is None])
+        try:
+            js = nc.jetstream(timeout=2)
+            found = {}
+            for stream in streams:
+                cluster = (await js.stream_info(stream)).cluster
+                found[stream] = cluster.leader if cluster is not None else None
+            return found
+        finally:
+            await nc.close()
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            found = asyncio.run(ask())
+            if all(found.values()):
+                return found  # type: ignore[return-value]
+        except Exception:  # noqa: BLE001 (no leader yet, or no answer yet: ask again)
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"no leader for {streams} in {timeout}s")
 
 
 def wait_stored(data_dirs: list[Path], ids: set[str], timeout: float = 30) -> None:

@@ -82,6 +82,8 @@ class Server:
             return [sys.executable, "-m", "leitstand", "serve", "--host", "127.0.0.1", "--port", str(self.port),
                     "--workers", str(self.workers)]
         argv = [sys.executable, "-m", "uvicorn", "app:app", "--host", "127.0.0.1", "--port", str(self.port)]
+        if "LEITSTAND_SSL_CERTFILE" in self.env:  # uvicorn takes its TLS files as flags, as an operator gives them
+            argv += ["--ssl-certfile", self.env["LEITSTAND_SSL_CERTFILE"], "--ssl-keyfile", self.env["LEITSTAND_SSL_KEYFILE"]]
         return argv + (["--workers", str(self.workers)] if self.workers > 1 else [])
 
     def spawn(self) -> subprocess.Popen[bytes]:
@@ -178,6 +180,19 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) 
     )
 
 
+def tls_files(directory: Path) -> tuple[dict[str, str], Path]:
+    """A certificate for 127.0.0.1 from a new CA: the settings that make the service speak HTTPS, and the CA file."""
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    certfile, keyfile, cafile = directory / "cert.pem", directory / "key.pem", directory / "ca.pem"
+    cert.cert_chain_pems[0].write_to_path(str(certfile))
+    cert.private_key_pem.write_to_path(str(keyfile))
+    ca.cert_pem.write_to_path(str(cafile))
+    return {"LEITSTAND_SSL_CERTFILE": str(certfile), "LEITSTAND_SSL_KEYFILE": str(keyfile)}, cafile
+
+
 def require_root(why: str) -> None:
     """Skip the test, with a one-line reason, unless it runs as root (as CI does)."""
     if os.geteuid() != 0:
@@ -267,7 +282,9 @@ class Load:
     clients give each batch its own Idempotency-Key and send it again (same key, same body)
     after a connection error or a 5xx until it is answered: every batch they send is then
     acknowledged, and on disk once. Every batch sent, acknowledged or not, must be on disk
-    whole or not at all (:func:`partial_batches`).
+    whole or not at all (:func:`partial_batches`). ``pace``: each client sends at most one
+    request per so many seconds (a steady rate instead of as fast as it can). ``prefix``
+    starts every id, so that two loads at once never share one.
     """
 
     def __init__(
@@ -279,8 +296,15 @@ class Load:
         pad: int = 0,
         seed: int = 0,
         keyed: int = 0,
+        pace: float = 0.0,
+        prefix: str = "",
     ) -> None:
         self.url = url
+        self.pace = pace
+        self.prefix = prefix
+        # The longest time one request took to be answered (or to fail), and how many failed unanswered.
+        self.slowest = 0.0
+        self.unanswered = 0
         self.keyed = keyed
         self.domains = domains
         self.batches = batches
@@ -323,9 +347,9 @@ class Load:
         rng = random.Random(f"{self.seed}-{n}")
         with httpx.Client(headers={"X-Auth": TOKEN}, timeout=30) as client:
             for seq in itertools.count():
-                if self._stop.is_set():
+                if self._stop.wait(self.pace * rng.uniform(0.5, 1.5)) if self.pace else self._stop.is_set():
                     return
-                ids = [f"{n}-{seq}-{i}" for i in range(rng.choice(self.batches))]
+                ids = [f"{self.prefix}{n}-{seq}-{i}" for i in range(rng.choice(self.batches))]
                 events = [{"id": i, "pad": "x" * rng.randrange(self.pad)} if self.pad else {"id": i} for i in ids]
                 body = orjson.dumps(events if len(events) > 1 else events[0])
                 url = f"{self.url}/ingest/{rng.choice(self.domains)}"
@@ -345,11 +369,17 @@ class Load:
         self, client: httpx.Client, url: str, body: bytes, headers: dict[str, str], ids: list[str], first: bool
     ) -> bool:
         """Whether the request was answered, other than with a 5xx."""
+        started = time.monotonic()
         try:
             response = client.post(url, content=body, headers=headers)
         except httpx.HTTPError:
+            with self._lock:
+                self.unanswered += 1
             time.sleep(0.02)
             return False
+        finally:
+            with self._lock:
+                self.slowest = max(self.slowest, time.monotonic() - started)
         with self._lock:
             self.statuses[response.status_code] += 1
             self.request_ids.add(response.headers.get("x-request-id", ""))

@@ -144,9 +144,9 @@ def test_every_answer_is_in_the_troubleshooting_table_and_the_readme() -> None:
     answers |= {("400", phrase) for phrase in re.findall(r'raise ReadError\("([^"]+)"\)', reading)}
     # The router's own refusals, in leitstand's lower case.
     answers |= {(str(status), HTTPStatus(status).phrase.lower()) for status in (404, 405)}
-    events = (root / "leitstand" / "intake" / "events.py").read_text()
+    intake = "".join(path.read_text() for path in sorted((root / "leitstand" / "intake").glob("*.py")))
     answers |= {("413" if kind == "TooLarge" else "400", phrase)
-                for kind, phrase in re.findall(r'raise (PayloadError|TooLarge)\("([^"]+)"\)', events)}
+                for kind, phrase in re.findall(r'raise (PayloadError|TooLarge)\("([^"]+)"\)', intake)}
     assert len(answers) >= 25
     manual = (root / "docs" / "betriebshandbuch.md").read_text().split("## Fehlerbehebung", 1)[1]
     readme = (root / "README.md").read_text()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import stat
@@ -52,7 +53,7 @@ def test_start_honours_host_and_port_and_prints_what_a_second_terminal_needs(fre
                               timeout=120, check=False)
         assert done.returncode == 0, done.stdout + done.stderr
         assert done.stdout.splitlines()[0] == f"{fresh_checkout}/.venv/bin/leitstand"
-        assert "LEITSTAND_TOKEN                 <redacted>  (file)" in done.stdout
+        assert re.search(r"^LEITSTAND_TOKEN +<redacted>  \(file\)$", done.stdout, re.M), done.stdout
         assert "check-config: 0 problems" in done.stdout and "send: 1 stored" in done.stdout
         assert done.stdout.endswith("ok\n")  # curl's answer
         assert (fresh_checkout / "data" / "first.hour.jsonl").read_text() == '{"n":1,"domain":"first.hour"}\n'

@@ -21,14 +21,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from leitstand.intake.domains import Patterns
+from leitstand.intake.domains import Patterns, normalize
 
 log = logging.getLogger("leitstand.auth")
 
 _BEARER = b"bearer "
 _ALL: tuple[str, ...] = ("*",)
-# Options a token line may carry: the scope of domains, and what the token may do there.
-_OPTIONS = frozenset({"domains", "access"})
+# Options a token line may carry: the scope of domains, what the token may do there, and the
+# one domain its OpenTelemetry logs go to.
+_OPTIONS = frozenset({"domains", "access", "otlp-domain"})
 _ACCESS = frozenset({"read", "write"})
 _WRITE: frozenset[str] = frozenset({"write"})
 _READ_WRITE = _ACCESS
@@ -40,11 +41,13 @@ class TokenFileError(Exception):
 
 @dataclass(frozen=True, eq=False)
 class Grant:
-    """What one token may do (``access``: read, write) in the domains matching ``domains``."""
+    """What one token may do (``access``: read, write) in the domains matching ``domains``;
+    ``otlp_domain``: where its OTLP logs go."""
 
     digest: bytes = field(repr=False)
     domains: Patterns
     access: frozenset[str] = _WRITE
+    otlp_domain: str | None = None
 
     def may_write(self, domain: str) -> bool:
         return "write" in self.access and self.domains.match(domain)
@@ -62,8 +65,10 @@ class Grant:
         return self.domains.patterns == _ALL
 
 
-def grant(token: str, domains: Iterable[str] = _ALL, access: frozenset[str] = _WRITE) -> Grant:
-    return Grant(_digest(token.encode("utf-8")), Patterns(tuple(domains)), access)
+def grant(
+    token: str, domains: Iterable[str] = _ALL, access: frozenset[str] = _WRITE, otlp_domain: str | None = None
+) -> Grant:
+    return Grant(_digest(token.encode("utf-8")), Patterns(tuple(domains)), access, otlp_domain)
 
 
 def from_list(tokens: str) -> list[Grant]:
@@ -72,19 +77,18 @@ def from_list(tokens: str) -> list[Grant]:
 
 
 def read_token_file(path: Path) -> list[Grant]:
-    """The grants of a token file: ``<token> [domains=<pattern>,...] [access=read|write|read,write]``
-    per line (default: all domains, write), ``#`` comments.
+    """The grants of a token file: ``<token> [domains=<pattern>,...] [access=read|write|read,write]
+    [otlp-domain=<domain>]`` per line (default: all domains, write), ``#`` comments.
 
     Raises :class:`TokenFileError` for a file that cannot be read, holds no token, or has a
     line that does not parse: a half-understood file must not silently widen or narrow access.
     """
-    return [grant(token, scope, access) for token, scope, access in read_tokens(path)]
+    return [grant for _, grant in read_tokens(path)]
 
 
-def read_tokens(path: Path) -> list[tuple[str, tuple[str, ...], frozenset[str]]]:
-    """The tokens of a token file with the domain patterns and the access of each, as
-    :func:`read_token_file` reads them; for a client that sends with the same file the service
-    checks against."""
+def read_tokens(path: Path) -> list[tuple[str, Grant]]:
+    """The tokens of a token file, each with its grant, as :func:`read_token_file` reads them;
+    for a client that sends with the same file the service checks against."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -95,21 +99,25 @@ def read_tokens(path: Path) -> list[tuple[str, tuple[str, ...], frozenset[str]]]
         if not words:
             continue
         token, options = words[0], words[1:]
-        scope, access = _ALL, _WRITE
+        scope, access, otlp_domain = _ALL, _WRITE, None
         for option in options:
             key, sep, value = option.partition("=")
             values = split_list(value)
             if not sep or key not in _OPTIONS or not values:
                 raise TokenFileError(
-                    f"line {number}: unknown option (use domains=<pattern>,... and access=read|write|read,write)"
+                    f"line {number}: unknown option (use domains=<pattern>,..., access=read|write|read,write"
+                    " and otlp-domain=<domain>)"
                 )
             if key == "domains":
                 scope = tuple(values)
+            elif key == "otlp-domain":
+                if (otlp_domain := normalize(value)) is None:
+                    raise TokenFileError(f"line {number}: otlp-domain is not a valid domain")
             elif not _ACCESS.issuperset(values):
                 raise TokenFileError(f"line {number}: unknown access (use access=read, write or read,write)")
             else:
                 access = frozenset(values)
-        tokens.append((token, scope, access))
+        tokens.append((token, grant(token, scope, access, otlp_domain)))
     if not tokens:
         raise TokenFileError("it holds no token")
     return tokens

@@ -22,11 +22,20 @@ Why it is built this way:
   the id keeps a key claimed anew after its KV entry expired from being swallowed as a
   duplicate of other lines the stream still remembers. Unkeyed requests carry no id: they
   cost neither a KV round trip nor a place in the stream's duplicate table.
+* **Failover inside the request.** A request is tried again, within its deadline
+  (``LEITSTAND_NATS_TIMEOUT``), whenever nothing can have been stored: while the connection
+  is down (it waits for the reconnect), and when no stream answered (a stream without a
+  leader, during an election). A keyed request is also tried again when its ack is late or
+  its connection dropped under it: its ``Nats-Msg-Id`` makes a second copy a duplicate that
+  JetStream drops. An unkeyed one cannot be: a message the broker stored but could not
+  acknowledge would be stored twice, so there the answer is 503 (at once, not after the
+  whole timeout) and the client decides.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
@@ -55,6 +64,21 @@ _HEADER_ROOM = 1024
 _KV_DUPLICATE_WINDOW = 120.0
 # What the client library raises when the broker does not answer (or answers too late).
 NATS_ERRORS = (nats.errors.Error, TimeoutError)
+# What says that nothing was stored: no stream listened (no leader), JetStream was not
+# available, or the message was never sent (no connection).
+_NOT_STORED = (
+    nats.errors.NoRespondersError,
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError,
+    nats.errors.OutboundBufferLimitError,
+)
+# How long one try of a keyed request waits for its acks before it is sent again.
+_TRY = 1.0
+# After the connection dropped under an unkeyed publish, how long its ack may still come: a
+# message the client library had not sent yet goes out on the new connection.
+_LATE_ACK = 0.5
+# Pauses between tries, doubling.
+_PAUSE, _MAX_PAUSE = 0.05, 0.4
 
 
 class BrokerError(Exception):
@@ -113,11 +137,23 @@ def msg_id(domain: str, key: bytes, digest: bytes) -> str:
     return f"{domain}:{key.decode('ascii')}:{digest.hex()}"
 
 
-async def connect(settings: Settings, name: str) -> Client:
+async def connect(
+    settings: Settings, name: str, on_down: Callable[[], None] = lambda: None, on_up: Callable[[], None] = lambda: None
+) -> Client:
     """A connection that reconnects for ever and never queues a publish while it is down.
 
     Returns only once a server answered: the first connect is retried for ever as well.
+    ``on_down`` and ``on_up`` are told when it drops and when it is back.
     """
+
+    async def disconnected() -> None:
+        log.warning("broker disconnected; reconnecting")
+        on_down()
+
+    async def reconnected() -> None:
+        log.info("broker reconnected")
+        on_up()
+
     return await nats.connect(
         servers=list(settings.urls),
         name=name,
@@ -127,21 +163,13 @@ async def connect(settings: Settings, name: str) -> Client:
         reconnect_time_wait=0.5,
         pending_size=0,
         error_cb=_quiet,
-        disconnected_cb=_disconnected,
-        reconnected_cb=_reconnected,
+        disconnected_cb=disconnected,
+        reconnected_cb=reconnected,
     )
 
 
 async def _quiet(exc: Exception) -> None:
     log.debug("nats: %s", exc)
-
-
-async def _disconnected() -> None:
-    log.warning("broker disconnected; reconnecting")
-
-
-async def _reconnected() -> None:
-    log.info("broker reconnected")
 
 
 def stream_config(settings: Settings) -> StreamConfig:
@@ -266,6 +294,9 @@ class Publisher:
         self._keys: KeyValue | None = None
         self._ensuring = asyncio.Lock()
         self._connecting: asyncio.Task[None] | None = None
+        # Set while connected; ``_dropped`` is resolved when the current connection drops.
+        self._up = asyncio.Event()
+        self._dropped: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
         """Connect and make sure of the stream; raises :class:`BrokerError` only for a wrong stream.
@@ -281,9 +312,10 @@ class Publisher:
             log.warning("broker unreachable at start, answering 503 until it is back")
 
     async def _connect(self) -> None:
-        nc = await connect(self.settings, "leitstand-frontend")
+        nc = await connect(self.settings, "leitstand-frontend", self._down, self._back)
         self._js = nc.jetstream(timeout=self.settings.timeout)
         self._nc = nc
+        self._back()
         try:
             await self._ensure()
         except BrokerUnavailable as exc:
@@ -299,6 +331,15 @@ class Publisher:
     def connected(self) -> bool:
         return self._nc is not None and self._nc.is_connected
 
+    def _down(self) -> None:
+        self._up.clear()
+        if self._dropped is not None and not self._dropped.done():
+            self._dropped.set_result(None)
+
+    def _back(self) -> None:
+        self._dropped = asyncio.get_running_loop().create_future()
+        self._up.set()
+
     async def _ensure(self) -> KeyValue:
         assert self._js is not None
         async with self._ensuring:
@@ -307,30 +348,93 @@ class Publisher:
                 self._keys = await ensure_keys(self._js, self.settings)
             return self._keys
 
-    async def publish(self, domain: str, lines: bytes, key: bytes | None) -> Appended:
-        """Return once JetStream has stored ``lines``, or had them already under ``key``, or ``key`` conflicts."""
-        nc, js = self._nc, self._js
-        if nc is None or js is None or not nc.is_connected:
-            raise BrokerUnavailable("not connected")
+    async def publish(self, domain: str, lines: bytes, key: bytes | None, same: bytes | None = None) -> Appended:
+        """Return once JetStream has stored ``lines``, or had them already under ``key``, or ``key`` conflicts.
+
+        ``same``: what a retry under ``key`` must repeat to be the same request (default: ``lines``).
+        Tried again within the deadline as long as that cannot store them twice (see the module).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.timeout
+        pause = _PAUSE
+        while True:
+            try:
+                return await self._try(domain, lines, key, lines if same is None else same, deadline)
+            except _Again as exc:
+                if loop.time() + pause >= deadline:
+                    raise BrokerUnavailable(str(exc)) from None
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, _MAX_PAUSE)
+
+    async def _try(self, domain: str, lines: bytes, key: bytes | None, same: bytes, deadline: float) -> Appended:
+        """One try: raises :class:`_Again` if another one may follow, :class:`BrokerUnavailable` if not."""
+        nc = await self._connection(deadline)
         if len(lines) + _HEADER_ROOM > nc.max_payload:
             raise TooLargeForBroker
+        loop = asyncio.get_running_loop()
+        dropped = self._dropped
+        assert dropped is not None
+        remaining = deadline - loop.time()
+        sending = asyncio.ensure_future(self._send(domain, lines, key, same, remaining))
+        waiting: set[asyncio.Future[Any]] = {sending, dropped}
         try:
-            keys = self._keys or await self._ensure()
-            headers = None
+            await asyncio.wait(waiting, timeout=remaining if key is None else min(remaining, _TRY),
+                               return_when=asyncio.FIRST_COMPLETED)
+            if not sending.done() and dropped.done() and key is None:
+                with contextlib.suppress(BrokerUnavailable):
+                    await self._connection(deadline)
+                await asyncio.wait({sending}, timeout=min(_LATE_ACK, max(0.0, deadline - loop.time())))
+        finally:
+            if not sending.done():
+                sending.cancel()
+                await asyncio.wait({sending})
+        try:
+            return sending.result()
+        except asyncio.CancelledError:
             if key is not None:
-                digest = lines_hash(lines)
-                if not await _claim(keys, key_hash(domain, key).hex(), digest):
-                    return Appended.CONFLICT
-                headers = {"Nats-Msg-Id": msg_id(domain, key, digest)}
-            ack = await js.publish(
-                subject(domain), lines, timeout=self.settings.timeout, stream=self.settings.stream, headers=headers
-            )
+                raise _Again("no ack in time") from None
+            raise BrokerUnavailable("no ack: the connection dropped" if dropped.done() else "no ack in time") from None
+        except (*_NOT_STORED, BrokerUnavailable) as exc:
+            raise _Again(str(exc) or type(exc).__name__) from None
         except BrokerError as exc:
             log.error("%s", exc)
             raise BrokerUnavailable(str(exc)) from None
         except NATS_ERRORS as exc:
+            if key is not None:
+                raise _Again(str(exc) or type(exc).__name__) from None
             raise _unavailable(exc) from None
+
+    async def _connection(self, deadline: float) -> Client:
+        """The connection, once it is up; :class:`BrokerUnavailable` if it is not by ``deadline``."""
+        loop = asyncio.get_running_loop()
+        while self._nc is None or self._js is None or not self._nc.is_connected:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise BrokerUnavailable("not connected")
+            try:
+                await asyncio.wait_for(self._up.wait(), remaining)
+            except TimeoutError:
+                raise BrokerUnavailable("not connected") from None
+            await asyncio.sleep(0.01 if self._nc is None or not self._nc.is_connected else 0)
+        return self._nc
+
+    async def _send(self, domain: str, lines: bytes, key: bytes | None, same: bytes, timeout: float) -> Appended:
+        assert self._js is not None
+        keys = self._keys or await self._ensure()
+        headers = None
+        if key is not None:
+            digest = lines_hash(same)
+            if not await _claim(keys, key_hash(domain, key).hex(), digest):
+                return Appended.CONFLICT
+            headers = {"Nats-Msg-Id": msg_id(domain, key, digest)}
+        ack = await self._js.publish(
+            subject(domain), lines, timeout=timeout, stream=self.settings.stream, headers=headers
+        )
         return Appended.DUPLICATE if ack.duplicate else Appended.STORED
+
+
+class _Again(Exception):
+    """A try that stored nothing, or that may be repeated without storing twice."""
 
 
 async def _claim(keys: KeyValue, name: str, digest: bytes) -> bool:

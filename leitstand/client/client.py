@@ -191,8 +191,8 @@ def token_from_env(domain: str | None = None, environ: Mapping[str, str] | None 
     normal = domains.normalize(domain) if domain is not None else None
     fitting = [
         token
-        for token, scope, access in tokens
-        if "write" in access and (normal is None or domains.Patterns(scope).match(normal))
+        for token, grant in tokens
+        if "write" in grant.access and (normal is None or grant.may_write(normal))
     ]
     return fitting[0] if fitting else tokens[0][0]
 

@@ -21,6 +21,7 @@ _REMEMBERED = 4096
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 PATTERN = rf"{_LABEL}(?:\.{_LABEL})*"
 _DOMAIN = re.compile(PATTERN)
+_NOT_IN_NAME = re.compile(r"[^A-Za-z0-9.-]+")
 
 
 @lru_cache(maxsize=_REMEMBERED)
@@ -35,6 +36,28 @@ def normalize(raw: str) -> str | None:
         return None
     name = name.lower()
     return name if _DOMAIN.fullmatch(name) else None
+
+
+def from_name(name: str) -> str | None:
+    """A valid domain made of a free-form name, such as an OpenTelemetry ``service.name``; None if nothing is left.
+
+    Every run of characters other than ASCII letters, digits, ``.`` and ``-`` becomes ``-``,
+    letters are lowercased, each label loses ``-`` at its ends and is cut to 63 characters,
+    empty labels are dropped, and the whole is cut to 253 at a label's end:
+    ``"Checkout Service"`` becomes ``checkout-service``, ``"unknown_service:python"``
+    ``unknown-service-python``.
+    """
+    labels = []
+    size = -1
+    for label in _NOT_IN_NAME.sub("-", name).lower().split("."):
+        label = label.strip("-")[:63].rstrip("-")
+        if not label:
+            continue
+        if size + 1 + len(label) > MAX_DOMAIN:
+            break
+        labels.append(label)
+        size += 1 + len(label)
+    return normalize(".".join(labels)) if labels else None
 
 
 @lru_cache(maxsize=_REMEMBERED)

@@ -69,6 +69,15 @@ def received(field: str, now: float) -> tuple[str, str]:
     return field, rfc3339(now)
 
 
+def unstamped(lines: bytes, stamp: tuple[str, str]) -> bytes:
+    """``lines`` as :func:`encode` made them before it added ``stamp``: what a retry repeats.
+
+    The stamp is each event's last member, and its text cannot occur elsewhere in a line: a
+    quote inside a string is escaped, and no event may have the field itself.
+    """
+    return lines.replace(b"," + orjson.dumps(stamp[0]) + b":" + orjson.dumps(stamp[1]), b"")
+
+
 def rfc3339(when: float) -> str:
     """RFC 3339 in UTC with milliseconds, as leitstand writes every time."""
     millis = int(when * 1000)
@@ -79,21 +88,19 @@ def encode(
     body: bytes,
     domain: str,
     *,
-    ndjson: bool = False,
+    ndjson: bool | None = False,
     limits: Limits = Limits(),
     stamp: tuple[str, str] | None = None,
 ) -> tuple[bytes, int]:
-    """The journal lines for ``body`` and how many events they hold; ``stamp`` (a field and its
-    value, see :func:`received`) is added to every event, which must not have it already."""
-    if ndjson:
-        texts = [line for line in body.split(b"\n") if line.strip()]
-        if not texts:
-            raise PayloadError("empty body")
-        items = [_loads(text, limits.depth) for text in texts]
-    else:
-        texts = [body]
-        value = _loads(body, limits.depth)
-        items = value if type(value) is list else [value]
+    """The journal lines for ``body`` and how many events they hold.
+
+    ``ndjson``: True for NDJSON, False for one JSON value (an object or an array of them), None
+    to tell by the body: one JSON value, or else NDJSON. None is for the generic labels that
+    senders put on both (``text/plain``, ``application/x-www-form-urlencoded``, none at all).
+    ``stamp`` (a field and its value, see :func:`received`) is added to every event, which must
+    not have it already.
+    """
+    texts, items = _items(body, ndjson, limits.depth)
     if len(items) > limits.events:
         raise TooLarge("too many events")
     out = []
@@ -125,6 +132,22 @@ def encode(
     if len(lines) > limits.event_size and max(map(len, out)) > limits.event_size:
         raise TooLarge("event too large")
     return lines, len(out)
+
+
+def _items(body: bytes, ndjson: bool | None, depth: int) -> tuple[list[bytes], list[Any]]:
+    """The texts ``body`` is parsed from, and the values they hold."""
+    if not ndjson:
+        try:
+            value = _loads(body, depth)
+            return [body], value if type(value) is list else [value]
+        except PayloadError as exc:
+            # Not one value, but several lines: NDJSON, if the framing was left to the body.
+            if ndjson is not None or exc.reason != "invalid json" or b"\n" not in body.strip():
+                raise
+    texts = [line for line in body.split(b"\n") if line.strip()]
+    if not texts:
+        raise PayloadError("empty body")
+    return texts, [_loads(text, depth) for text in texts]
 
 
 def _loads(text: bytes, depth: int) -> Any:

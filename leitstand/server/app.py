@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import logging
 import secrets
 import signal
 import time
-import zlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
-from types import FrameType
-from typing import Any
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -32,8 +30,9 @@ from leitstand.access.proxies import TrustedProxies
 from leitstand.access.ratelimit import FailureLimit, TokenBucket, retry_after
 from leitstand.broker.jetstream import BrokerError, BrokerUnavailable, Publisher, Settings, TooLargeForBroker
 from leitstand.config import Config
-from leitstand.intake import domains, events
+from leitstand.intake import compression, domains, events, otlp
 from leitstand.server.routes import Routes
+from leitstand.server.stopping import Stopping
 from leitstand.storage.journal import Appended, Journal, StorageFull, StorageRefused, StorageUnavailable, reason
 from leitstand.telemetry.logs import RequestLog
 from leitstand.telemetry.metrics import Metrics
@@ -42,6 +41,9 @@ log = logging.getLogger("leitstand")
 
 _TEXT = b"text/plain; charset=utf-8"
 _NDJSON_TYPES = (b"application/x-ndjson", b"application/jsonl", b"application/x-jsonlines")
+# Labels that senders put on one JSON value as well as on NDJSON: the body tells which.
+# libcurl's default (syslog-ng, curl -d) and rsyslog's newline batches; none at all is read alike.
+_EITHER_TYPES = (b"application/x-www-form-urlencoded", b"text/plain")
 _RID_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-")
 _RETRY_AFTER = (b"retry-after", b"1")
 # How often the token file is checked for changes.
@@ -100,12 +102,13 @@ class Response:
     ``events``, ``nbytes`` and ``domain`` only go to the log, ``reason`` to the metrics.
     """
 
-    __slots__ = ("status", "body", "headers", "reason", "domain", "events", "nbytes")
+    __slots__ = ("status", "body", "headers", "reason", "domain", "events", "nbytes", "content_type")
 
     def __init__(self, status: int, reason: str, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         self.status = status
         self.reason = reason
         self.body = reason.encode() + b"\n"
+        self.content_type = _TEXT
         self.headers = headers
         self.domain: str | None = None
         self.events = 0
@@ -141,7 +144,7 @@ async def _answer(send: Send, response: Response, request_id: bytes) -> None:
             "type": "http.response.start",
             "status": response.status,
             "headers": [
-                (b"content-type", _TEXT),
+                (b"content-type", response.content_type),
                 (b"content-length", str(len(response.body)).encode()),
                 (b"x-request-id", request_id),
                 *response.headers,
@@ -176,18 +179,21 @@ class Leitstand:
         # Broker mode: accepted requests go to NATS JetStream instead of the journal.
         self.broker = Publisher(broker) if broker is not None else None
         self._watch: asyncio.Task[None] | None = None
+        self.stopping = Stopping()
         self.request_log = request_log
         self.body_deadlines = Deadlines(config.body_timeout)
         self._ids = itertools.count(1)
         self._id_prefix = secrets.token_hex(4) + "-"
-        # Set when the process is told to stop: open streams end, so that uvicorn can finish.
-        self.stopping = asyncio.Event()
-        self.routes = Routes(config, self.journal, self.broker, self.metrics, self._authenticate_request, self.stopping)
+        self.routes = Routes(
+            config, self.journal, self.broker, self.metrics, self._authenticate_request, self.stopping.event
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             if scope["path"].startswith("/ingest/"):
-                await self._ingest_http(scope, receive, send)
+                await self._post(scope, receive, send, "/ingest", self._ingest)
+            elif scope["path"] == "/v1/logs":
+                await self._post(scope, receive, send, "/v1/logs", self._otlp, _otlp_answer)
             else:
                 await self._route(scope, receive, send)
         elif scope["type"] == "lifespan":
@@ -213,7 +219,7 @@ class Leitstand:
                         await send({"type": "lifespan.startup.failed", "message": str(exc)})
                         return
                 self._watch_token_file()
-                self._watch_stop_signals()
+                self.stopping.install()
                 details = {
                     "version": __version__,
                     "torn_tails_repaired": repaired,
@@ -224,10 +230,11 @@ class Leitstand:
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 # uvicorn has stopped accepting and finished every request by now.
-                self.stopping.set()
+                self.stopping.event.set()
                 self.routes.reading.close()
                 if self._watch is not None:
                     self._watch.cancel()
+                self.stopping.close()
                 await self.journal.close()
                 if self.broker is not None:
                     await self.broker.close()
@@ -249,25 +256,6 @@ class Leitstand:
             loop.add_signal_handler(signal.SIGHUP, self.keyring.reload)
         if self.keyring.path is not None:
             self._watch = loop.create_task(self._poll_token_file())
-
-    def _watch_stop_signals(self) -> None:
-        """Learn when uvicorn is told to stop, so that open streams end: uvicorn waits for every
-        open response before it stops (and before the lifespan's shutdown), and tells the app
-        nothing. Its own handlers of SIGTERM and SIGINT stay in charge: each is called after ours.
-        """
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous = signal.getsignal(sig)
-            if not callable(previous):
-                continue
-
-            def stop(number: int, frame: FrameType | None, previous: Callable[..., Any] = previous) -> None:
-                loop.call_soon_threadsafe(self.stopping.set)
-                previous(number, frame)
-
-            # Only the main thread may take signals; under a test harness there may be none.
-            with contextlib.suppress(ValueError):
-                signal.signal(sig, stop)
 
     async def _poll_token_file(self) -> None:
         while True:
@@ -291,21 +279,33 @@ class Leitstand:
             address = self.proxies.client(address, headers.forwarded_for)
         return address
 
-    async def _ingest_http(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _post(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        route: str,
+        handle: Callable[[_Headers, Receive, str, str], Awaitable[Response]],
+        encode: Callable[[Response, _Headers], None] | None = None,
+    ) -> None:
+        """A route that only takes POST, hand-written: ingest and OTLP logs. ``encode`` puts an
+        answer in the route's own format; without it, every answer is one line of text."""
         started, headers, request_id, address = self._arrived(scope)
         try:
             if scope["method"] == "POST":
-                response = await self._ingest(headers, receive, scope["path"][8:], address)
+                response = await handle(headers, receive, scope["path"], address)
             else:
                 response = _text(405, "method not allowed", (b"allow", b"POST"))
         except ClientGone:
-            self.metrics.answered("/ingest", 499, "client gone", time.perf_counter() - started)
+            self.metrics.answered(route, 499, "client gone", time.perf_counter() - started)
             self._log(scope, 499, None, 0, 0, request_id, started, address)
             return
         except Exception:
             log.exception("internal error", extra={"request_id": request_id.decode()})
             response = _text(500, "internal error")
-        self.metrics.answered("/ingest", response.status, response.reason, time.perf_counter() - started)
+        if encode is not None:
+            encode(response, headers)
+        self.metrics.answered(route, response.status, response.reason, time.perf_counter() - started)
         await _answer(send, response, request_id)
         self._log(
             scope, response.status, response.domain, response.events, response.nbytes, request_id, started, address
@@ -385,13 +385,13 @@ class Leitstand:
             return _text(401, "unauthorized")
         return grant
 
-    async def _ingest(self, headers: _Headers, receive: Receive, raw_domain: str, address: str) -> Response:
+    async def _ingest(self, headers: _Headers, receive: Receive, path: str, address: str) -> Response:
         # Everything that can be judged from the headers is, before a byte of the body is read
         # and before any file is touched.
         grant = self._authenticate(headers, address)
         if isinstance(grant, Response):
             return grant
-        domain = domains.normalize(raw_domain)
+        domain = domains.normalize(path[8:])
         if domain is None:
             return _text(400, "invalid domain")
         if not self.policy.allows(domain):
@@ -403,53 +403,25 @@ class Leitstand:
         key = headers.idempotency_key
         if key is not None and not (0 < len(key) <= 128 and _KEY_CHARS.issuperset(key)):
             return _text(400, "invalid idempotency key")
-        limit = self.config.max_body
-        length, encoding = headers.content_length, headers.content_encoding
-        # uvicorn's parser has refused a Content-Length that is not a number before the app is called.
-        if length is not None and length.isdigit() and int(length) > limit:
-            return _text(413, "payload too large")
-        if encoding not in (None, b"identity", b"gzip"):
-            return _text(415, "unsupported content-encoding")
-        try:
-            # One deadline for the whole body: a client trickling it byte by byte is cut off.
-            body = await self.body_deadlines.run(_read_body(receive, limit))
-        except Expired:
-            return _text(408, "request timeout", _CLOSE)
-        if body is None:
-            return _text(413, "payload too large")
-        nbytes = len(body)
-        if encoding == b"gzip":
-            try:
-                body = _gunzip(body, limit)
-            except zlib.error:
-                return _text(400, "invalid gzip")
-            if body is None:
-                return _text(413, "payload too large")
+        read = await self._read(headers, receive)
+        if isinstance(read, Response):
+            return read
+        body, nbytes = read
         content_type = headers.content_type
-        ndjson = content_type is not None and content_type.split(b";", 1)[0].strip().lower() in _NDJSON_TYPES
+        ndjson: bool | None = None
+        if content_type is not None:
+            media_type = content_type.split(b";", 1)[0].strip().lower()
+            ndjson = True if media_type in _NDJSON_TYPES else None if media_type in _EITHER_TYPES else False
         try:
-            field = self.config.received_field
-            stamp = None if field is None else events.received(field, time.time())
+            stamp = self._stamp()
             lines, count = events.encode(body, domain, ndjson=ndjson, limits=self.config.limits, stamp=stamp)
-            appended = Appended.STORED
-            if count and self.broker is not None:
-                appended = await self.broker.publish(domain, lines, key)
-            elif count:
-                appended = await self.journal.append(domains.file_name(domain), lines, key)
+            appended = await self._append(domain, lines, key, stamp) if count else Appended.STORED
         except events.TooLarge as exc:
             response = _text(413, exc.reason)
         except events.PayloadError as exc:
             response = _text(400, exc.reason)
-        except StorageFull:
-            response = _text(507, "insufficient storage")
-        except StorageUnavailable:
-            response = _text(503, "storage unavailable", _RETRY_AFTER)
-        except StorageRefused:
-            response = _text(500, "storage error")
-        except BrokerUnavailable:
-            response = _text(503, "broker unavailable", _RETRY_AFTER)
-        except TooLargeForBroker:
-            response = _text(413, "payload too large")
+        except _NOT_STORED as exc:
+            response = _not_stored(exc, only_503=False)
         else:
             if appended is Appended.STORED:
                 response = _text(200, "ok")
@@ -462,6 +434,133 @@ class Leitstand:
         response.domain = domain
         response.nbytes = nbytes
         return response
+
+    async def _read(self, headers: _Headers, receive: Receive) -> tuple[bytes, int] | Response:
+        """The body, decompressed, and its size as sent; or the refusal, if it is too large, late or garbled."""
+        limit = self.config.max_body
+        length, encoding = headers.content_length, headers.content_encoding
+        # uvicorn's parser has refused a Content-Length that is not a number before the app is called.
+        if length is not None and length.isdigit() and int(length) > limit:
+            return _text(413, "payload too large")
+        if encoding is not None and encoding not in compression.ENCODINGS:
+            return _text(415, "unsupported content-encoding")
+        try:
+            # One deadline for the whole body: a client trickling it byte by byte is cut off.
+            body = await self.body_deadlines.run(_read_body(receive, limit))
+        except Expired:
+            return _text(408, "request timeout", _CLOSE)
+        if body is None:
+            return _text(413, "payload too large")
+        nbytes = len(body)
+        if encoding is not None:
+            try:
+                body = compression.decompress(body, encoding, limit)
+            except events.PayloadError as exc:
+                return _text(400, exc.reason)
+            if body is None:
+                return _text(413, "payload too large")
+        return body, nbytes
+
+    def _stamp(self) -> tuple[str, str] | None:
+        """The receive time that every stored event gets, if LEITSTAND_RECEIVED_FIELD names a field."""
+        field = self.config.received_field
+        return None if field is None else events.received(field, time.time())
+
+    async def _append(self, domain: str, lines: bytes, key: bytes | None, stamp: tuple[str, str] | None) -> Appended:
+        """Store ``lines`` in the domain's file, or publish them in broker mode. A retry under ``key``
+        is the same request if it repeats the lines as sent, whatever receive time ``stamp`` added."""
+        same = events.unstamped(lines, stamp) if key is not None and stamp is not None else None
+        if self.broker is not None:
+            return await self.broker.publish(domain, lines, key, same)
+        return await self.journal.append(domains.file_name(domain), lines, key, same)
+
+    # -- OpenTelemetry logs ----------------------------------------------------------
+
+    async def _otlp(self, headers: _Headers, receive: Receive, path: str, address: str) -> Response:
+        """``POST /v1/logs``: store the records of an ``ExportLogsServiceRequest``. OTLP's clients retry
+        429, 502, 503 and 504 only, so everything that may pass (a full disk too) is 503 with ``Retry-After``."""
+        content_type = _otlp_type(headers)
+        grant = self._authenticate(headers, address)
+        if isinstance(grant, Response):
+            return grant
+        if "write" not in grant.access:
+            return _text(403, "forbidden")
+        if self.rate is not None and (wait := self.rate.take(grant)):
+            return _too_many(wait)
+        if content_type not in (otlp.PROTOBUF, otlp.JSON):
+            return _text(415, "unsupported content-type")
+        read = await self._read(headers, receive)
+        if isinstance(read, Response):
+            return read
+
+        def refusal(domain: str) -> str | None:
+            if not self.policy.allows(domain):
+                return "domain not allowed"
+            return None if grant.may_write(domain) else "forbidden"
+
+        body, nbytes = read
+        try:
+            request = otlp.parse(body, content_type == otlp.JSON)
+            converted = otlp.convert(
+                request,
+                attribute=self.config.otlp_domain_attribute,
+                fixed=grant.otlp_domain,
+                limits=self.config.limits,
+                refusal=refusal,
+                stamp=(stamp := self._stamp()),
+            )
+        except events.TooLarge as exc:
+            return _text(413, exc.reason)
+        except events.PayloadError as exc:
+            return _text(400, exc.reason)
+        # A retry of the same request is stored once: OTLP clients send no key, the body is one.
+        key = b"otlp-" + hashlib.sha256(body).hexdigest().encode()
+        response = _text(200, "ok")
+        for domain, lines in converted.lines.items():
+            joined = b"".join(lines)
+            try:
+                appended = await self._append(domain, joined, key, stamp)
+            except _NOT_STORED as exc:
+                failed = _not_stored(exc, only_503=True)
+                failed.domain = domain
+                return failed
+            if appended is Appended.STORED:
+                response.events += len(lines)
+                self.metrics.stored(domain, len(lines), len(joined))
+            elif appended is Appended.CONFLICT:
+                converted.refused["conflict"] += len(lines)
+        response.body = otlp.success(content_type == otlp.JSON, converted)
+        response.domain = next(iter(converted.lines)) if len(converted.lines) == 1 else None
+        response.nbytes = nbytes
+        return response
+
+
+_NOT_STORED = (StorageFull, StorageUnavailable, StorageRefused, BrokerUnavailable, TooLargeForBroker)
+
+
+def _not_stored(exc: Exception, only_503: bool) -> Response:
+    """The answer when lines were not stored; ``only_503`` for clients that retry 503 but not 507 or 500 (OTLP)."""
+    if isinstance(exc, TooLargeForBroker):
+        return _text(413, "payload too large")
+    if isinstance(exc, BrokerUnavailable):
+        return _text(503, "broker unavailable", _RETRY_AFTER)
+    if isinstance(exc, StorageFull):
+        return _text(503, "insufficient storage", _RETRY_AFTER) if only_503 else _text(507, "insufficient storage")
+    if isinstance(exc, StorageRefused) and not only_503:
+        return _text(500, "storage error")
+    return _text(503, "storage unavailable", _RETRY_AFTER)
+
+
+def _otlp_type(headers: _Headers) -> bytes:
+    return (headers.content_type or b"").split(b";", 1)[0].strip().lower()
+
+
+def _otlp_answer(response: Response, headers: _Headers) -> None:
+    """An OTLP answer is in the encoding of its request; a refusal carries a ``google.rpc.Status``."""
+    json = _otlp_type(headers) == otlp.JSON
+    if response.status != 200:
+        response.body = otlp.failure(json, response.status, response.reason)
+    response.content_type = otlp.JSON if json else otlp.PROTOBUF
 
 
 def _route_name(scope: Scope) -> str:
@@ -490,19 +589,3 @@ async def _read_body(receive: Receive, limit: int) -> bytes | None:
             return None
         chunks.append(chunk)
     return b"".join(chunks) if size <= limit else None
-
-
-def _gunzip(data: bytes, limit: int) -> bytes | None:
-    """Decompress every gzip member of ``data``; None once the output passes ``limit``."""
-    if not data:
-        raise zlib.error("no gzip stream at all")  # "invalid gzip", not an empty JSON body
-    out = bytearray()
-    while data:
-        inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-        out += inflater.decompress(data, limit + 1 - len(out))
-        if len(out) > limit:
-            return None
-        if not inflater.eof:
-            raise zlib.error("truncated gzip stream")
-        data = inflater.unused_data
-    return bytes(out)

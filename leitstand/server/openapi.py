@@ -19,6 +19,17 @@ def _status(description: str) -> dict[str, Any]:
     }
 
 
+def _otlp(description: str) -> dict[str, Any]:
+    """An OTLP answer: in the encoding of the request."""
+    return {
+        "description": description,
+        "content": {
+            "application/x-protobuf": {"schema": {"type": "string", "format": "binary"}},
+            "application/json": {"schema": {"type": "object"}},
+        },
+    }
+
+
 _EVENT = {"type": "object", "additionalProperties": True}
 _READ_REFUSALS = {
     "401": _text("unauthorized"),
@@ -84,6 +95,10 @@ OPENAPI: dict[str, Any] = {
                 ],
                 "requestBody": {
                     "required": True,
+                    "description": (
+                        "Content-Encoding gzip or zstd. Labelled text/plain, application/x-www-form-urlencoded "
+                        "or not at all: one JSON value, or else NDJSON (as log shippers send)"
+                    ),
                     "content": {
                         "application/json": {"schema": {"oneOf": [_EVENT, {"type": "array", "items": _EVENT}]}},
                         "application/x-ndjson": {"schema": {"type": "string"}},
@@ -101,8 +116,8 @@ OPENAPI: dict[str, Any] = {
                     },
                     "400": _text(
                         "invalid domain, invalid json, number out of range, duplicate key, json too deep, "
-                        "invalid payload, domain mismatch, empty body, invalid gzip, invalid idempotency key, "
-                        "reserved field"
+                        "invalid payload, domain mismatch, empty body, invalid gzip, invalid zstd, "
+                        "invalid idempotency key, reserved field"
                     ),
                     "401": _text("unauthorized"),
                     "403": _text("forbidden (the token may not write, or not to this domain), domain not allowed"),
@@ -114,6 +129,34 @@ OPENAPI: dict[str, Any] = {
                     "500": _text("storage error, internal error"),
                     "503": _text("storage unavailable, broker unavailable; retry after Retry-After seconds"),
                     "507": _text("insufficient storage"),
+                },
+            }
+        },
+        "/v1/logs": {
+            "post": {
+                "summary": "OpenTelemetry logs (OTLP/HTTP): one event per log record, in the domain of its resource",
+                "security": [{"xAuth": []}, {"bearer": []}],
+                "requestBody": {
+                    "required": True,
+                    "description": "An ExportLogsServiceRequest, in protobuf or OTLP's JSON; Content-Encoding gzip or zstd",
+                    "content": {
+                        "application/x-protobuf": {"schema": {"type": "string", "format": "binary"}},
+                        "application/json": {"schema": {"type": "object"}},
+                    },
+                },
+                "responses": {
+                    "200": _otlp("ExportLogsServiceResponse: stored; partial_success counts refused records"),
+                    "400": _otlp("google.rpc.Status: invalid otlp, invalid gzip, invalid zstd (never retried)"),
+                    "401": _otlp("google.rpc.Status: unauthorized"),
+                    "403": _otlp("google.rpc.Status: forbidden (the token may not write)"),
+                    "408": _otlp("google.rpc.Status: request timeout"),
+                    "413": _otlp("google.rpc.Status: payload too large, too many events"),
+                    "415": _otlp("google.rpc.Status: unsupported content-type, unsupported content-encoding"),
+                    "429": _otlp("google.rpc.Status: too many requests; retry after Retry-After seconds"),
+                    "503": _otlp(
+                        "google.rpc.Status: storage unavailable, insufficient storage, broker unavailable; "
+                        "retry after Retry-After seconds"
+                    ),
                 },
             }
         },

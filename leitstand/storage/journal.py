@@ -346,12 +346,14 @@ class Journal:
 
     # -- appending -------------------------------------------------------------------
 
-    async def append(self, name: str, data: bytes, key: bytes | None = None) -> Appended:
+    async def append(self, name: str, data: bytes, key: bytes | None = None, same: bytes | None = None) -> Appended:
         """Return once ``data`` is written (and synced, unless fsync is off) to ``name``.
 
         ``data`` is whole lines. Raises :class:`StorageFull` or :class:`StorageUnavailable`,
         in which case none of it is in the file. With a ``key`` that ``name`` stored within
-        the window, nothing is written: the answer says whether it stood for the same lines.
+        the window, nothing is written: the answer says whether it stood for the same lines,
+        or for the same ``same`` if given (what a retry must repeat, e.g. the lines before
+        the receive time was added).
         """
         f = self._files.get(name)
         if f is None:
@@ -361,7 +363,7 @@ class Journal:
         assert self._loop is not None, "Journal.open() was not awaited"
         hashed = None
         if key is not None:
-            hashed = key_hash(name, key), lines_hash(data)
+            hashed = key_hash(name, key), lines_hash(data if same is None else same)
             known = self.keys.find(hashed[0], time.time())
             if known is not None:
                 return Appended.DUPLICATE if known == hashed[1] else Appended.CONFLICT

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import atexit
 import errno
-from bisect import bisect_left
 import fcntl
 import multiprocessing
 import os
 import shutil
 import tempfile
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,8 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 OTHER = "_other"
 _ENV = "PROMETHEUS_MULTIPROC_DIR"
 _OWNER = ".owner"
+# The domains with a label of their own, one per line, in the order workers first stored them.
+_DOMAINS = "domains"
 _TEMP_PREFIX = "leitstand-metrics-"
 _SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _APPENDS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -63,7 +65,7 @@ class Metrics(journal.Observer):
 
     def __init__(self, config: Config) -> None:
         self.directory = _directory(config)
-        self.max_domains = config.metrics_max_domains
+        self._labelled = _Labelled(config.metrics_max_domains, self.directory and self.directory / _DOMAINS)
         # prometheus-client picks its value store from the environment when it is imported,
         # which may be before the directory was known; pick it again, before any metric exists.
         # Its pid check on every write (a getpid call) guards against fork; workers are
@@ -155,10 +157,10 @@ class Metrics(journal.Observer):
         pair[1](nbytes)
 
     def _domain(self, domain: str) -> tuple[_Add, _Add]:
-        """The counters of a domain seen for the first time, or those of ``_other`` past the limit."""
-        if len(self._by_domain) >= self.max_domains:
-            return self._other
+        """The counters of a domain seen for the first time here, or those of ``_other`` past the limit."""
         try:
+            if not self._labelled.admits(domain):
+                return self._other
             pair = self._by_domain[domain] = (_count(self._events.labels(domain)), _count(self._bytes.labels(domain)))
         except OSError:  # the metrics dir is full: no answer is refused for a metric
             return self._other
@@ -189,6 +191,56 @@ class Metrics(journal.Observer):
 
     def opened(self, delta: int) -> None:
         self._open_files.inc(delta)
+
+
+class _Labelled:
+    """Which domains have a label of their own: the first ``limit`` stored by the service as a whole.
+
+    Workers agree on them through a file in the metrics dir, one domain a line, appended under
+    ``flock``: whichever worker stores an event, a domain is labelled if it is in the file, or if
+    the file has room for it. The file only grows, and once it is full it is final, so each worker
+    reads it only for a domain new to it, and never again once it has read it full.
+    """
+
+    def __init__(self, limit: int, path: Path | None) -> None:
+        self.limit = limit
+        self.path = path
+        self.known: set[str] = set()
+        self.full = False
+        self._read = 0
+
+    def admits(self, domain: str) -> bool:
+        if domain in self.known:
+            return True
+        if self.full:
+            return False
+        if self.path is None or self._shared(domain, self.path):
+            self._add(domain)
+        return domain in self.known
+
+    def _add(self, domain: str) -> None:
+        if len(self.known) < self.limit:
+            self.known.add(domain)
+        self.full = len(self.known) >= self.limit
+
+    def _shared(self, domain: str, path: Path) -> bool:
+        """Read what other workers added; add ``domain`` to the file if there is room (then True)."""
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            new = os.pread(fd, os.fstat(fd).st_size - self._read, self._read)
+            whole = new[: new.rfind(b"\n") + 1]
+            self._read += len(whole)
+            for line in whole.splitlines():
+                self._add(line.decode())
+            if domain in self.known or self.full:
+                return False
+            # After a line that a killed worker left unfinished, on a line of its own (the
+            # fragment then takes a place, but no domain's).
+            os.write(fd, (b"\n" if len(whole) < len(new) else b"") + domain.encode() + b"\n")
+            return True
+        finally:
+            os.close(fd)
 
 
 # Adds an amount to a labelled counter, or observes one in a labelled histogram.
@@ -286,6 +338,7 @@ def _claim(directory: Path, owner: str) -> None:
         if not marker.exists() or marker.read_text() != owner:
             for stale in directory.glob("*.db"):
                 stale.unlink()
+            (directory / _DOMAINS).unlink(missing_ok=True)
             marker.write_text(owner)
     finally:
         os.close(fd)

@@ -13,8 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-import trustme
-from conftest import TOKEN, Server
+from conftest import TOKEN, Server, tls_files
 
 
 def wait_until(condition: Any, timeout: float = 10.0) -> None:
@@ -208,15 +207,8 @@ def test_a_planted_symlink_gets_500_and_nothing_is_written_through_it(make_serve
 
 
 def test_tls_with_a_self_signed_certificate(make_server: Any, tmp_path: Path) -> None:
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1")
-    certfile, keyfile, cafile = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
-    cert.cert_chain_pems[0].write_to_path(str(certfile))
-    cert.private_key_pem.write_to_path(str(keyfile))
-    ca.cert_pem.write_to_path(str(cafile))
-    server = make_server(
-        command="serve", ca=cafile, env={"LEITSTAND_SSL_CERTFILE": str(certfile), "LEITSTAND_SSL_KEYFILE": str(keyfile)}
-    ).start()
+    env, cafile = tls_files(tmp_path)
+    server = make_server(command="serve", ca=cafile, env=env).start()
     assert server.url.startswith("https://")
     assert server.post("over-tls", '{"secret":1}').status_code == 200
     assert (server.data_dir / "over-tls.jsonl").read_bytes() == b'{"secret":1,"domain":"over-tls"}\n'

@@ -200,6 +200,14 @@ def test_received_field(make_server: Any) -> None:
     refused = server.post("app", '[{"n":3},{"n":4,"received_at":"x"}]')
     assert (refused.status_code, refused.text) == (400, "reserved field\n")
     assert len((server.data_dir / "app.jsonl").read_bytes().splitlines()) == 2
+    # A keyed retry is the same request, though it arrives at another time: replayed, stored once.
+    key = {"Idempotency-Key": "k1"}
+    assert server.post("app", '{"n":5}', key).status_code == 200
+    time.sleep(0.01)
+    retry = server.post("app", '{"n":5}', key)
+    assert (retry.status_code, retry.headers.get("idempotent-replayed")) == (200, "true")
+    assert server.post("app", '{"n":6}', key).status_code == 409
+    assert [e["n"] for e in map(orjson.loads, (server.data_dir / "app.jsonl").read_bytes().splitlines())] == [1, 2, 5]
 
 
 def test_stream_delivers_within_a_second_from_any_worker_and_resumes(make_server: Any) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import CLEAN_EXIT, ROOT, TOKEN, Server, free_port
+from conftest import CLEAN_EXIT, ROOT, TOKEN, Server, free_port, read_lines
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
 from server.test_startup import assert_one_line_refusal, run
@@ -144,6 +144,33 @@ def test_domains_past_the_limit_fold_into_other(make_server) -> None:  # type: i
     assert events == {"one": 2, "two": 1, "_other": 3}
     folded = sum((server.data_dir / f"{d}.jsonl").stat().st_size for d in ("three", "four"))
     assert value(samples, "leitstand_bytes_written_total", domain="_other") == folded
+
+
+def test_the_domain_bound_holds_for_all_workers_together(make_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    metrics_dir = tmp_path / "metrics"
+    server: Server = make_server(
+        command="serve", workers=2, env={"LEITSTAND_METRICS_MAX_DOMAINS": "3", "LEITSTAND_METRICS_DIR": str(metrics_dir)}
+    ).start()
+
+    def client(n: int) -> None:
+        # A fresh connection per request, so that the kernel spreads them over both workers.
+        for i in range(12):
+            assert server.post(f"d{(n + i) % 9}", '{"n":1}', {"Connection": "close"}).status_code == 200
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    ingests = requests_per_process(metrics_dir, "/ingest")
+    assert len(ingests) == 2 and all(ingests.values()), ingests
+    samples = scrape(server)
+    events = {dict(k[1])["domain"]: v for k, v in samples.items() if k[0] == "leitstand_events_written_total"}
+    stored = {d: len(read_lines(server.data_dir / f"{d}.jsonl")) for d in (f"d{n}" for n in range(9))}
+    labelled = set(events) - {"_other"}
+    assert len(labelled) == 3, events
+    assert {d: events[d] for d in labelled} == {d: stored[d] for d in labelled}
+    assert events["_other"] == sum(stored.values()) - sum(events[d] for d in labelled) > 0
 
 
 def test_torn_tail_repaired_at_start_is_counted(make_server, data_dir: Path) -> None:  # type: ignore[no-untyped-def]
@@ -283,7 +310,8 @@ def test_serve_removes_its_private_metrics_dir_and_those_left_behind(make_server
 
 
 def test_alert_rules_use_metrics_that_exist(server: Server) -> None:
-    """promtool is not on PyPI: check the structure, and that each expression names real series."""
+    """promtool checks the syntax (tests/deploy/test_prometheus.py); here: the structure, and that
+    each expression names real series."""
     rules = yaml.safe_load((ROOT / "deploy" / "prometheus" / "alerts.yml").read_text())
     assert server.post("alpha", "{}").status_code == 200
     exposed = {name for name, _ in scrape(server)}
