@@ -516,7 +516,22 @@ def main() -> None:
     text = report(args, version, runs, spread_runs, soaked, profiled, picture)
     print(text)
     if args.write:
-        args.write.write_text(text)
+        args.write.write_text(text + _others(args.write))
+
+
+# The heading under which the report keeps what other scripts of bench/ measured: their own
+# sections, each replaced by hand when its script is run again, so the file stays one current report.
+OTHERS = "## Other benchmarks"
+
+
+def _others(path: Path) -> str:
+    """The part of an earlier report from :data:`OTHERS` on, which this run does not measure."""
+    try:
+        earlier = path.read_text()
+    except FileNotFoundError:
+        return ""
+    at = earlier.find("\n" + OTHERS + "\n")
+    return "" if at < 0 else "\n" + earlier[at + 1 :]
 
 
 if __name__ == "__main__":
