@@ -6,6 +6,7 @@ Whoever looks after a crash finds the old file or the new one, never a part of t
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +33,14 @@ def write_atomically(path: Path, data: bytes, *, exclusive: bool = False) -> Non
         os.close(out)
     os.replace(tmp, path)
     sync_dir(path.parent)
+
+
+def fitting(name: str, suffix: str) -> str:
+    """``<name><suffix>``, the name of a file of leitstand's own about ``name``; a digest of ``name``
+    instead where that, or the ``.<that>.tmp`` it is written through, would be too long for the filesystem."""
+    if len(f".{name}{suffix}.tmp") <= NAME_MAX:
+        return name + suffix
+    return hashlib.sha256(name.encode()).hexdigest() + suffix
 
 
 def sync_dir(directory: Path) -> None:
