@@ -30,6 +30,7 @@ from leitstand.broker.jetstream import BrokerError, BrokerUnavailable, Publisher
 from leitstand.config import Config
 from leitstand.intake import domains, events
 from leitstand.server.routes import Routes
+from leitstand.storage.rotation import Housekeeper
 from leitstand.storage.journal import Appended, Journal, StorageFull, StorageRefused, StorageUnavailable, reason
 from leitstand.telemetry.logs import RequestLog
 from leitstand.telemetry.metrics import Metrics
@@ -168,6 +169,8 @@ class Leitstand:
         broker = Settings.of(config)
         # Broker mode: accepted requests go to NATS JetStream instead of the journal.
         self.broker = Publisher(broker) if broker is not None else None
+        # Direct mode: live files sealed on schedule, segments compressed and expired, in every worker.
+        self.housekeeper = Housekeeper(self.journal, config.rotation, self.metrics) if broker is None else None
         self._watch: asyncio.Task[None] | None = None
         self.request_log = request_log
         self.body_deadlines = Deadlines(config.body_timeout)
@@ -204,6 +207,8 @@ class Leitstand:
                         await send({"type": "lifespan.startup.failed", "message": str(exc)})
                         return
                 self._watch_token_file()
+                if self.housekeeper is not None:
+                    self.housekeeper.start()
                 details = {
                     "version": __version__,
                     "torn_tails_repaired": repaired,
@@ -216,6 +221,8 @@ class Leitstand:
                 # uvicorn has stopped accepting and finished every request by now.
                 if self._watch is not None:
                     self._watch.cancel()
+                if self.housekeeper is not None:
+                    await self.housekeeper.stop()
                 await self.journal.close()
                 if self.broker is not None:
                     await self.broker.close()
