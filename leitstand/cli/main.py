@@ -23,7 +23,7 @@ import orjson
 from leitstand import __version__, config
 from leitstand.cli import backup, configcheck, stats, tail, verify
 from leitstand.intake import domains
-from leitstand.storage import journal
+from leitstand.storage import datadir, journal
 from leitstand.storage.datadir import Kind
 from leitstand.telemetry import logs, metrics
 
@@ -61,6 +61,10 @@ def _parser() -> argparse.ArgumentParser:
     follow.add_argument("domain", metavar="DOMAIN")
     follow.add_argument("-n", type=int, default=10, metavar="N", help="how many lines (default 10)")
     follow.add_argument("-f", action="store_true", help="keep printing lines as they are appended")
+    seal = commands.add_parser(
+        "rotate", parents=[data], help="seal domains' live files into segments now, while the service runs"
+    )
+    seal.add_argument("domains", nargs="*", metavar="DOMAIN", help="the domains to seal (default: every one)")
     commands.add_parser("check-config", parents=[data], help="the effective settings and the problems they have")
     commands.add_parser(
         "archive", parents=[data], help="copy broker mode's messages from NATS JetStream into the data dir"
@@ -188,7 +192,7 @@ def _print_verify(directory: Path) -> int:
     for report in reports:
         if report.kind is Kind.PROBE:
             print(f"ignored   {report.name}: probe file of the server (harmless; a crash can leave one)")
-        elif report.kind is Kind.JOURNAL and not report.problems:
+        elif report.kind in (Kind.JOURNAL, Kind.SEGMENT) and not report.problems:
             print(f"ok        {report.name}: {report.lines} lines")
         for problem in report.problems:
             print(f"PROBLEM   {report.name}: {problem}")
@@ -235,6 +239,34 @@ def _restore(args: argparse.Namespace) -> int:
     for name in done.mismatched:
         print(f"PROBLEM   {name}: differs from the backup manifest (size or sha256)")
     return max(_print_verify(target), 1 if done.mismatched else 0)
+
+
+def _rotate(args: argparse.Namespace) -> int:
+    directory = _data_dir(args)
+    if not directory.is_dir():
+        _fail(f"data dir {directory} is not a directory: pass --data-dir or set LEITSTAND_DATA_DIR")
+    names = []
+    for raw in args.domains:
+        domain = domains.normalize(raw)
+        if domain is None:
+            _fail(f"invalid domain {raw!r}: use lowercase letters, digits and '-', in labels separated by dots")
+        names.append(domains.file_name(domain))
+    try:
+        settings = config.Config.from_env(need_token=False)
+    except config.ConfigError as exc:
+        _fail(str(exc))
+    from leitstand.broker import archiver
+
+    with archiver.idle(directory) as free:
+        if not free:
+            _fail("leitstand archive is writing this data dir: it seals by LEITSTAND_ROTATE_BYTES and "
+                  "LEITSTAND_ROTATE_INTERVAL itself; rotate when it is stopped")
+        sealed = journal.seal(directory, names or datadir.journal_names(directory), fsync=settings.fsync,
+                              key_window=settings.idempotency_window, max_keys=settings.idempotency_max_keys)
+    for name, segment in sealed.items():
+        print(f"sealed    {name} -> {segment}" if segment else f"empty     {name}: nothing to seal")
+    print(f"rotate: {sum(1 for s in sealed.values() if s)} sealed, {sum(1 for s in sealed.values() if not s)} empty")
+    return 0
 
 
 def _stats(args: argparse.Namespace) -> int:
@@ -349,6 +381,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "backup": _backup,
     "restore": _restore,
     "stats": _stats,
+    "rotate": _rotate,
     "tail": _tail,
     "check-config": _check_config,
     "send": _send,

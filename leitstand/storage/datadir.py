@@ -17,7 +17,7 @@ import functools
 import os
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Generator, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,7 +197,13 @@ def length(fd: int, path: Path) -> Length:
 
 def lines(fd: int, end: int) -> Iterator[bytes]:
     """The lines before ``end``, without their ``\\n``; ``end`` is where a line ends."""
+    yield from split_lines(read_range(fd, 0, end))
+
+
+def split_lines(chunks: Iterable[bytes]) -> Generator[bytes, None, bytes]:
+    """The whole lines in ``chunks``, without their ``\\n``; returns what follows the last ``\\n``."""
     rest = b""
-    for chunk in read_range(fd, 0, end):
+    for chunk in chunks:
         *complete, rest = (rest + chunk).split(b"\n")
         yield from complete
+    return rest

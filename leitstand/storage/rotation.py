@@ -150,9 +150,9 @@ class Housekeeper:
 
     # -- sealing -----------------------------------------------------------------------
 
-    def rotate(self) -> None:
-        """Seal every live file that is due."""
-        for name in self.due():
+    def rotate(self, names: list[str] | None = None) -> None:
+        """Seal every live file of ``names`` (default: :meth:`due`) that is due."""
+        for name in self.due() if names is None else names:
             self.journal.seal(name, self._due)
 
     def due(self) -> list[str]:
