@@ -211,7 +211,7 @@ def _backup(args: argparse.Namespace) -> int:
     with _progress("backup", total=run.total) as advance:
         summary = run.run(advance)
     for name in summary.rewritten:
-        print(f"copied whole: {name} (truncated or rewritten since the last backup, or missing in DEST)")
+        print(f"copied whole: {name} (sealed, truncated or rewritten since the last backup, or missing in DEST)")
     print(f"backup: {summary.files} files, {summary.copied} bytes copied, {summary.skipped} bytes skipped, "
           f"{summary.seconds:.2f} s")
     return 0
@@ -271,7 +271,7 @@ def _rotate(args: argparse.Namespace) -> int:
 
 def _stats(args: argparse.Namespace) -> int:
     found = stats.stats(_data_dir(args))
-    rows = [{"domain": s.domain, "file": s.file, "events": s.events, "bytes": s.bytes,
+    rows = [{"domain": s.domain, "file": s.file, "events": s.events, "bytes": s.bytes, "segments": s.segments,
              "first": _utc(s.first), "last": _utc(s.last)} for s in found]
     if args.json:
         print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
@@ -279,7 +279,7 @@ def _stats(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    columns = ("domain", "events", "bytes", "first", "last")
+    columns = ("domain", "events", "bytes", "segments", "first", "last")
     table = Table(*columns)
     for row in rows:
         table.add_row(*("-" if row[key] is None else str(row[key]) for key in columns))
@@ -295,19 +295,19 @@ def _tail(args: argparse.Namespace) -> int:
     domain = domains.normalize(args.domain)
     if domain is None:
         _fail(f"invalid domain {args.domain!r}: use lowercase letters, digits and '-', in labels separated by dots")
-    path = _data_dir(args) / domains.file_name(domain)
+    directory, name = _data_dir(args), domains.file_name(domain)
     out = sys.stdout.buffer
     try:
-        text, end = tail.last(path, args.n)
+        text, end, inode = tail.last(directory, name, args.n)
     except FileNotFoundError:
         if not args.f:
             _fail(f"no events for {domain} in the data dir yet")
-        text, end = b"", 0
+        text, end, inode = b"", 0, None
     out.write(text)
     out.flush()
     if args.f:
         try:
-            for lines in tail.follow(path, end):
+            for lines in tail.follow(directory / name, end, inode):
                 out.write(lines)
                 out.flush()
         except KeyboardInterrupt:

@@ -162,6 +162,16 @@ def opened(path: Path) -> Iterator[int]:
         os.close(fd)
 
 
+def is_named(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the file open as ``fd`` (not sealed, renamed or removed since)."""
+    try:
+        named = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (named.st_ino, named.st_dev) == (held.st_ino, held.st_dev)
+
+
 @dataclass(frozen=True)
 class Length:
     """How long a file was between two commits, and where its last whole request ends."""

@@ -313,7 +313,7 @@ class Housekeeper:
     def _remove(self, segment: segments.Segment, why: str) -> int:
         """Remove every file of ``segment`` (or move it to the archive dir); returns the bytes freed."""
         freed = 0
-        for suffix in ("", ".zst", ".gz"):
+        for suffix in ("", *segments.COMPRESSED):
             name = segment.stem + suffix
             path = self.directory / name
             try:

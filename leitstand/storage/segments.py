@@ -47,6 +47,8 @@ _TAIL = len(".20260128T071739.123456Z") + len(".zst")
 MAX_BASE = NAME_MAX - _TAIL
 _SHORTENED_BASE = re.compile(rf"[a-z0-9.-]+_[0-9a-f]{{16}}\.jsonl")
 _JOURNAL_SUFFIX = ".jsonl"
+# The suffixes of a compressed segment.
+COMPRESSED = (".zst", ".gz")
 
 
 class CorruptSegment(ValueError):
@@ -163,6 +165,21 @@ def chunks(path: Path, codec: str) -> Iterator[bytes]:
                 yield chunk
         except (zstandard.ZstdError, OSError, EOFError, zlib.error) as exc:
             raise CorruptSegment(f"not a whole {codec} file ({exc})") from None
+
+
+def content(directory: Path, segment: Segment) -> Iterator[bytes]:
+    """The content of ``segment`` in ``directory``, decompressed, in chunks: also when it was compressed
+    since it was listed (then its compressed file is read)."""
+    for name in (segment.name, *(segment.stem + suffix for suffix in COMPRESSED)):
+        found = parse(name)
+        assert found is not None
+        try:
+            # Nothing is yielded before the file is open: a file that is gone is looked for under the next name.
+            yield from chunks(directory / name, found.codec)
+            return
+        except FileNotFoundError:
+            continue
+    raise FileNotFoundError(f"segment {segment.stem} is gone")
 
 
 def _reader(raw: BinaryIO, codec: str) -> BinaryIO:
