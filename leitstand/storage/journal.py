@@ -18,6 +18,12 @@ Why it is built this way:
   need no record: a line is whole or torn.
 * **Idempotency keys.** An append may carry a key; the key is looked up and recorded in the
   commit, under the lock, so two workers with the same key never both store.
+* **Sealing.** :meth:`Journal.seal` renames a file to a segment (see
+  :mod:`leitstand.storage.segments`) under the same exclusive lock, after cutting it back to
+  whole requests and rewriting its request log with only the keys, at offset 0: the keys stay
+  known, and no record can name the segment and be taken for an offset into the next file.
+  Every commit checks under the lock that its descriptor is still the file under the name
+  (:meth:`Journal._lock`), so nothing is appended to a sealed, renamed or removed file.
 
 All file I/O runs on a small thread pool, never on the event loop. The journal knows
 file names and bytes; it knows nothing of HTTP or domains, and tells what it does only to

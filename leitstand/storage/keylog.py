@@ -16,6 +16,11 @@ Why it is built this way:
   record's start (setting the cut part aside) and the record goes. So every request is on
   disk whole or not at all, and a retry finds its key exactly when its events are in the
   file. Requests of one line without a key need no record: a line is whole or torn.
+* **Across a seal.** A request log describes the live file under its name. Before the file
+  is sealed into a segment, its log is rewritten with only the keys, each at start = end = 0
+  (:meth:`RequestLog.forget_offsets`), which every length of the next file holds whole: the
+  keys stay known in every process and after a restart, and no offset into the segment is
+  ever taken for one into the next file.
 * **Bounded.** The index holds at most ``max_keys`` keys (the oldest go first: a retry of an
   evicted key stores again) and forgets keys older than the window. A request log is
   rewritten (tmp, fsync, rename, directory fsync) once it doubles, keeping only the keys

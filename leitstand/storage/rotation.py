@@ -185,8 +185,7 @@ class Housekeeper:
 
     def tidy(self) -> None:
         """One pass of compression and retention, unless another process is making one."""
-        if not self._state.is_dir():
-            self._state.mkdir(mode=0o700, exist_ok=True)
+        self._state.mkdir(mode=0o700, exist_ok=True)
         lock = os.open(self._state / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
             try:
@@ -213,6 +212,7 @@ class Housekeeper:
             self._finish(source, target, codec)
             return
         tmp_dir = self._state / TMP_DIR
+        self._state.mkdir(mode=0o700, exist_ok=True)
         tmp_dir.mkdir(mode=0o700, exist_ok=True)
         tmp = tmp_dir / durable.fitting(target, ".tmp")
         try:
