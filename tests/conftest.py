@@ -301,6 +301,19 @@ class Load:
         return response.status_code < 500
 
 
+def journal_lines(data_dir: Path) -> dict[str, list[bytes]]:
+    """Per journal file, the lines of its sealed segments (oldest first, decompressed), then of its live file;
+    fails on a file that does not end in a newline."""
+    from leitstand.storage import datadir, segments
+
+    found: dict[str, list[bytes]] = {}
+    for name in sorted({*datadir.journal_names(data_dir), *(s.base for s in segments.every(data_dir))}):
+        data = b"".join(b"".join(segments.content(data_dir, s)) for s in segments.of(data_dir, name))
+        assert data == b"" or data.endswith(b"\n"), f"a segment of {name} has a torn tail"
+        found[name] = data.splitlines() + (read_lines(data_dir / name) if (data_dir / name).exists() else [])
+    return found
+
+
 def stored_ids(data_dir: Path) -> Counter[str]:
     """How often each event id is stored; fails on any line that is torn or does not parse."""
     found: Counter[str] = Counter()

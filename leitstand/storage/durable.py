@@ -61,10 +61,10 @@ def write_whole(fd: int, data: bytes) -> None:
         raise OSError(errno.EIO, "short write")
 
 
-def read_range(fd: int, start: int, end: int) -> Iterator[bytes]:
-    """The bytes from ``start`` to ``end`` in chunks, so that no file is read into memory whole."""
-    for offset in range(start, end, CHUNK):
-        chunk = os.pread(fd, min(CHUNK, end - offset), offset)
+def read_range(fd: int, start: int, end: int, size: int = CHUNK) -> Iterator[bytes]:
+    """The bytes from ``start`` to ``end`` in chunks of ``size``, so that no file is read into memory whole."""
+    for offset in range(start, end, size):
+        chunk = os.pread(fd, min(size, end - offset), offset)
         if not chunk:
             raise OSError(f"file shrank while being read, at byte {offset}")
         yield chunk

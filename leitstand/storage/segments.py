@@ -153,15 +153,15 @@ def compressor(codec: str) -> Compressor:
     raise ValueError(f"unknown codec {codec!r}")
 
 
-def chunks(path: Path, codec: str) -> Iterator[bytes]:
-    """The content of the segment at ``path``, decompressed, in chunks; raises :class:`CorruptSegment`."""
+def chunks(path: Path, codec: str, size: int = CHUNK) -> Iterator[bytes]:
+    """The content of the segment at ``path``, decompressed, in chunks of ``size``; raises :class:`CorruptSegment`."""
     with open(os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW), "rb") as raw:
         if not codec:
-            yield from read_range(raw.fileno(), 0, os.fstat(raw.fileno()).st_size)
+            yield from read_range(raw.fileno(), 0, os.fstat(raw.fileno()).st_size, size)
             return
         reader = _reader(raw, codec)
         try:
-            while chunk := reader.read(CHUNK):
+            while chunk := reader.read(size):
                 yield chunk
         except (zstandard.ZstdError, OSError, EOFError, zlib.error) as exc:
             raise CorruptSegment(f"not a whole {codec} file ({exc})") from None

@@ -21,6 +21,7 @@ from nats.js.api import KeyValueConfig
 
 from leitstand.broker.archiver import ArchiveError, Entry, Lease, LeaseLost, Record
 from leitstand.intake import domains
+from leitstand.storage import segments
 from leitstand.storage.keylog import key_hash
 
 # 253 characters, the longest domain: a subject of five tokens, a shortened file name.
@@ -287,6 +288,27 @@ def test_archivers_killed_with_kill_9_in_a_loop_store_exactly_once_in_order(brok
     found = assert_all_acked_stored_once(data_dir, load.acked)
     assert len(load.acked) > 300 and set(found) == load.acked, f"seed {seed}"
     assert_in_order(data_dir)
+
+
+def test_the_archiver_seals_between_batches_and_rotate_leaves_it_alone(broker: Broker) -> None:
+    broker.single()
+    front = broker.frontend()
+    archiver = broker.archiver(LEITSTAND_ROTATE_BYTES="4KiB")
+    with Load(front.url, ["a.example", "b.example"], clients=4, pad=200) as load:
+        time.sleep(2)
+    wait_stored([archiver.data_dir], load.acked)
+    assert len(segments.every(archiver.data_dir)) >= 2
+    refused = run_cli("rotate", "--data-dir", str(archiver.data_dir))
+    assert refused.returncode == 2 and "leitstand archive is writing this data dir" in refused.stderr
+    # A restart after seals finds the write-ahead record consistent with the new live files.
+    archiver.kill()
+    archiver = broker.archiver(LEITSTAND_ROTATE_BYTES="4KiB")
+    with Load(front.url, ["a.example"], clients=2, pad=200, seed=1) as more:
+        time.sleep(1)
+    wait_stored([archiver.data_dir], more.acked)
+    assert not [i for i, n in Counter(events_in(archiver.data_dir)).items() if n > 1]
+    archiver.stop()
+    assert run_cli("verify", "--data-dir", str(archiver.data_dir)).returncode == 0
 
 
 def test_only_the_lease_holder_writes_and_a_standby_takes_over(broker: Broker, tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ import httpx
 import orjson
 import pytest
 
-from conftest import ROOT, TOKEN, Load, Server, crash_repeatedly, partial_batches, run_cli
+from conftest import ROOT, TOKEN, Load, Server, crash_repeatedly, journal_lines, partial_batches, run_cli
 from leitstand.cli.verify import verify as verify_reports
 from leitstand.storage import datadir, segments
 from leitstand.storage.journal import Journal
@@ -29,18 +29,7 @@ FAST = {"LEITSTAND_ROTATE_BYTES": "4KiB", "LEITSTAND_COMPRESS": "zstd"}
 
 def ordered_ids(data_dir: Path) -> dict[str, list[str]]:
     """Per journal file, the event ids of its segments (oldest first), then of its live file; each line must parse."""
-    found: dict[str, list[str]] = {}
-    names = set(datadir.journal_names(data_dir)) | {s.base for s in segments.every(data_dir)}
-    for name in sorted(names):
-        chunks: list[bytes] = []
-        for segment in segments.of(data_dir, name):
-            chunks.extend(segments.content(data_dir, segment))
-        if (data_dir / name).exists():
-            chunks.append((data_dir / name).read_bytes())
-        data = b"".join(chunks)
-        assert data == b"" or data.endswith(b"\n"), f"{name}: torn"
-        found[name] = [orjson.loads(line)["id"] for line in data.splitlines()]
-    return found
+    return {name: [orjson.loads(line)["id"] for line in lines] for name, lines in journal_lines(data_dir).items()}
 
 
 def assert_once_and_in_order(data_dir: Path, acked: set[str]) -> Counter[str]:
