@@ -21,6 +21,7 @@ import pytest
 
 from conftest import ROOT, TOKEN, Load, Server, crash_repeatedly, journal_lines, partial_batches, run_cli
 from leitstand.cli.verify import verify as verify_reports
+from leitstand.intake import domains
 from leitstand.storage import datadir, segments
 from leitstand.storage.journal import Journal
 from leitstand.storage.rotation import Housekeeper, Policy
@@ -69,7 +70,8 @@ def verify(data_dir: Path) -> subprocess.CompletedProcess[str]:
 
 def test_segment_names_sort_by_time_fit_the_filesystem_and_are_no_domains_file() -> None:
     long_journal = "a" * 60 + "." + "b" * 60 + "." + "c" * 60 + "." + "d" * 60 + ".jsonl"
-    for journal in ("app.jsonl", long_journal, "x" * 200 + "_0123456789abcdef.jsonl"):
+    longest = domains.file_name(".".join(["a" * 63] * 3 + ["b" * 61]))  # 255 bytes, shortened with a hash
+    for journal in ("app.jsonl", long_journal, longest):
         made: list[segments.Segment] = []
         now = 1_800_000_000.5
         for when in (now, now, now, now + 0.000001, now - 5):  # several in one microsecond, and the clock going back
@@ -79,6 +81,7 @@ def test_segment_names_sort_by_time_fit_the_filesystem_and_are_no_domains_file()
             made.append(segment)
         assert [s.name for s in made] == sorted(s.name for s in made) and len({s.name for s in made}) == 5
         assert segments.base_of(journal) == made[0].base
+        assert {datadir.kind_of(s.name) for s in made} == {datadir.kind_of(s.name + ".zst") for s in made} == {datadir.Kind.SEGMENT}
     assert datadir.kind_of("app.jsonl.20260128T071739.123456Z.zst") is datadir.Kind.SEGMENT
     assert datadir.kind_of("app.jsonl") is datadir.Kind.JOURNAL
     # Lower-case, or without the fraction, it is no segment; a domain's file is never one.
