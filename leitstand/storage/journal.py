@@ -527,12 +527,16 @@ class Journal:
                 return None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
-                if self._names(fd, name) and stat.S_ISREG(os.fstat(fd).st_mode):
-                    break
+                current, regular = self._names(fd, name), stat.S_ISREG(os.fstat(fd).st_mode)
             except BaseException:
                 os.close(fd)
                 raise
-            os.close(fd)  # sealed by another process meanwhile: look again
+            if current and regular:
+                break
+            os.close(fd)
+            if not regular:
+                return None  # a FIFO or device planted under the name: no journal file to seal
+            # Otherwise sealed by another process meanwhile: look again.
         try:
             requests_dir = self._requests_dir_fd(create=False)
             size = self._recover(f, fd, os.fstat(fd).st_size, requests_dir)
