@@ -146,14 +146,14 @@ def prepare(source: Path, dest: Path) -> Backup:
     manifest = _read_manifest(dest)
     copied = {segment.stem for name in manifest["files"] if (segment := segments.parse(name)) is not None}
     backup = Backup(source, dest, lengths, manifest)
-    for segment in segments.every(source):
+    for segment in datadir.sealed(source):
         try:
             size = os.stat(source / segment.name, follow_symlinks=False).st_size
         except FileNotFoundError:
             continue
         if segment.stem in copied:
             backup.sealed_before += size
-        elif datadir.is_segment_name(segment.name):
+        else:
             backup.segments[segment.name] = size
     return backup
 

@@ -36,9 +36,8 @@ def stats(directory: Path) -> list[DomainStats]:
     journals = datadir.journal_names(directory)
     by_base = {segments.base_of(name): name for name in journals}
     sealed: dict[str, list[segments.Segment]] = {}
-    for segment in segments.every(directory):
-        if datadir.is_segment_name(segment.name):
-            sealed.setdefault(by_base.get(segment.base, segment.base), []).append(segment)
+    for segment in datadir.sealed(directory):
+        sealed.setdefault(by_base.get(segment.base, segment.base), []).append(segment)
     found = []
     for name in sorted({*journals, *sealed}):
         events = size = count = 0

@@ -102,6 +102,11 @@ def journal_names(directory: Path) -> list[str]:
     return [e.name for e in scan(directory) if e.kind is Kind.JOURNAL]
 
 
+def sealed(directory: Path) -> list[segments.Segment]:
+    """The segments of valid domains' files in ``directory``, oldest first (never a stray that looks like one)."""
+    return [segment for segment in segments.every(directory) if is_segment_name(segment.name)]
+
+
 @dataclass(frozen=True)
 class Usage:
     """Bytes on disk in the live journal files and in the sealed segments."""

@@ -200,7 +200,7 @@ class Housekeeper:
             # Whatever is in the tmp dir was left by a pass that did not finish: only the lock holder writes there.
             shutil.rmtree(self._state / TMP_DIR, ignore_errors=True)
             if self.policy.compress:
-                for segment in segments.every(self.directory):
+                for segment in datadir.sealed(self.directory):
                     if not segment.codec and self._failed.get(segment.name, 0.0) < time.time():
                         self.compress(segment)
             if self.policy.retention or self.policy.max_bytes is not None:
@@ -292,7 +292,7 @@ class Housekeeper:
     def retain(self, now: float) -> None:
         """Remove the segments past their domain's retention, then the oldest beyond ``max_bytes``."""
         kept = []
-        for segment in segments.every(self.directory):
+        for segment in datadir.sealed(self.directory):
             keep = self.policy.retention.of(segment.base.removesuffix(domains.SUFFIX))
             if keep is not None and now - self._newest(segment) > keep:
                 self._remove(segment, "age")

@@ -363,12 +363,15 @@ def test_retention_by_age_removes_exactly_the_expired_segments(make_server: Any,
     env = {"LEITSTAND_COMPRESS": "off", "LEITSTAND_RETENTION": "4s,keep.*=off",
            "LEITSTAND_ARCHIVE_DIR": str(archive)}
     server: Server = make_server(env=env).start()
+    stray = "no_domain.jsonl.20200101T000000.000000Z"  # looks like a segment of no valid domain: not ours
+    (data_dir / stray).write_bytes(b"{}\n")
     old, kept = post_and_seal(server, "app", 10), post_and_seal(server, "keep.me", 10)
     time.sleep(3)
     young = post_and_seal(server, "app", 10)
     assert server.post("app", b'{"id":"live"}').status_code == 200
     wait_for(lambda: not (data_dir / old).exists(), 8)
-    assert sorted(p.name for p in data_dir.iterdir() if p.name != ".leitstand") == sorted([young, kept, "app.jsonl"])
+    assert sorted(p.name for p in data_dir.iterdir() if p.name != ".leitstand") == sorted(
+        [young, kept, "app.jsonl", stray])
     assert (archive / old).read_bytes().count(b"\n") == 10  # moved, not deleted
     metrics = httpx.get(server.url + "/metrics", headers={"X-Auth": TOKEN}).text
     assert 'leitstand_segments_removed_total{reason="age"} 1.0' in metrics
