@@ -182,6 +182,9 @@ class Config:
         tokens = env.get("LEITSTAND_TOKEN", "")
         if need_token and not auth.from_list(tokens) and not optional("LEITSTAND_TOKEN_FILE"):
             raise ConfigError(_NO_TOKEN)
+        archive_dir, data_dir = path("LEITSTAND_ARCHIVE_DIR"), Path(get("LEITSTAND_DATA_DIR"))
+        if archive_dir is not None and archive_dir.resolve().is_relative_to(data_dir.resolve()):
+            raise ConfigError("LEITSTAND_ARCHIVE_DIR is inside LEITSTAND_DATA_DIR: choose a directory outside it")
         certfile, keyfile = path("LEITSTAND_SSL_CERTFILE"), path("LEITSTAND_SSL_KEYFILE")
         if (certfile is None) != (keyfile is None):
             raise ConfigError(
@@ -190,7 +193,7 @@ class Config:
         return cls(
             tokens=tokens,
             token_file=path("LEITSTAND_TOKEN_FILE"),
-            data_dir=Path(get("LEITSTAND_DATA_DIR")),
+            data_dir=data_dir,
             max_body=_size("LEITSTAND_MAX_BODY", get("LEITSTAND_MAX_BODY")),
             limits=events.Limits(
                 events=_int("LEITSTAND_MAX_EVENTS", get("LEITSTAND_MAX_EVENTS"), 1),
@@ -229,7 +232,7 @@ class Config:
                 compress=CODECS[_choice("LEITSTAND_COMPRESS", get("LEITSTAND_COMPRESS"), tuple(CODECS))],
                 retention=_retention(get("LEITSTAND_RETENTION")),
                 max_bytes=_off(_size, "LEITSTAND_RETENTION_MAX_BYTES", get("LEITSTAND_RETENTION_MAX_BYTES")),
-                archive_dir=path("LEITSTAND_ARCHIVE_DIR"),
+                archive_dir=archive_dir,
             ),
         )
 
