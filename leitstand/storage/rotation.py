@@ -189,7 +189,11 @@ class Housekeeper:
     # -- compression and retention ---------------------------------------------------------
 
     def tidy(self) -> None:
-        """One pass of compression and retention, unless another process is making one."""
+        """One pass of compression and retention, unless another process is making one; a data dir with
+        nothing to compress and no retention is left as it is."""
+        retains = bool(self.policy.retention) or self.policy.max_bytes is not None
+        if not retains and not (self.policy.compress and self._uncompressed()):
+            return
         self._state.mkdir(mode=0o700, exist_ok=True)
         lock = os.open(self._state / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
@@ -200,13 +204,17 @@ class Housekeeper:
             # Whatever is in the tmp dir was left by a pass that did not finish: only the lock holder writes there.
             shutil.rmtree(self._state / TMP_DIR, ignore_errors=True)
             if self.policy.compress:
-                for segment in datadir.sealed(self.directory):
-                    if not segment.codec and self._failed.get(segment.name, 0.0) < time.time():
-                        self.compress(segment)
-            if self.policy.retention or self.policy.max_bytes is not None:
+                for segment in self._uncompressed():
+                    self.compress(segment)
+            if retains:
                 self.retain(time.time())
         finally:
             os.close(lock)
+
+    def _uncompressed(self) -> list[segments.Segment]:
+        """The plain segments, but those whose compression failed a moment ago."""
+        now = time.time()
+        return [s for s in datadir.sealed(self.directory) if not s.codec and self._failed.get(s.name, 0.0) < now]
 
     def compress(self, segment: segments.Segment) -> None:
         """Compress the plain ``segment``, keeping it unless the compressed one is whole; see the module docstring."""
