@@ -1,5 +1,7 @@
 """Verify: proof that a data dir holds only whole, parseable lines, each in the file of its domain.
 
+Sealed segments are checked like live files, whole (a segment ends in ``\\n``, or it was
+changed), and a compressed one against the checksum recorded when it was compressed.
 What a crash leaves is a note, not a problem: the fragment of a request that was never
 acknowledged, at the end of a file or set aside beside it. Only damage to what was
 acknowledged (a line that does not parse, a line in the wrong file) and files that are not

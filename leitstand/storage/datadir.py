@@ -6,6 +6,8 @@ length read under that lock, cut back to the last whole request (by the request 
 :mod:`leitstand.storage.keylog`) and to the last ``\\n``, is a prefix that no running server changes
 any more: the journal only appends, and cuts a file back only to a length it had when the
 lock was last released, or past what a crash left of a request that was never acknowledged.
+A sealed segment (see :mod:`leitstand.storage.segments`) never changes at all; a live file
+sealed while a command reads it stays whole under the descriptor the command holds.
 """
 
 from __future__ import annotations
