@@ -10,7 +10,7 @@ Why it is built this way:
 * **Compression and retention** run in one process at a time: the one that holds
   ``.leitstand/housekeeping.lock`` for a pass (``flock``, not waited for). A segment is
   compressed into ``.leitstand/tmp/``, synced, read back and compared with the original
-  (SHA-256 of the content), its checksum recorded (:mod:`leitstand.storage.segments`), then
+  byte for byte, its checksum recorded (:mod:`leitstand.storage.segments`), then
   renamed beside the original and the directory synced; only then is the original removed.
   A crash at any moment leaves the original whole, and the compressed file either whole
   under its name or not there at all (what is left in ``.leitstand/tmp/`` is removed by the
@@ -254,7 +254,7 @@ class Housekeeper:
     def _write_compressed(self, source: Path, tmp: Path, codec: str) -> tuple[int, int, str]:
         """Write ``source`` compressed to ``tmp``, sync it, and read it back; returns the size before and
         after, and the SHA-256 of the compressed file."""
-        content, written = hashlib.sha256(), hashlib.sha256()
+        written = hashlib.sha256()
         before = after = 0
         compressor = segments.compressor(codec)
         out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, self.journal.file_mode)
@@ -262,7 +262,6 @@ class Housekeeper:
             for chunk in segments.chunks(source, "", _READ):
                 if self._stop.is_set():
                     raise _Stopped
-                content.update(chunk)
                 before += len(chunk)
                 piece = compressor.compress(chunk)
                 written.update(piece)
@@ -275,7 +274,7 @@ class Housekeeper:
             os.fsync(out)
         finally:
             os.close(out)
-        if _content_sha256(tmp, codec) != content.hexdigest():
+        if not _same_content(source, tmp, codec):
             raise OSError(errno.EIO, "the compressed segment did not read back equal")
         return before, after, written.hexdigest()
 
@@ -285,8 +284,7 @@ class Housekeeper:
         compressed = self.directory / target
         recorded = segments.recorded_checksum(self.directory, target)
         try:
-            same = recorded == segments.file_sha256(compressed) and (
-                _content_sha256(source, "") == _content_sha256(compressed, codec))
+            same = recorded == segments.file_sha256(compressed) and _same_content(source, compressed, codec)
         except segments.CorruptSegment:
             same = False
         if not same:
@@ -354,11 +352,18 @@ def _background() -> None:
         pass
 
 
-def _content_sha256(path: Path, codec: str) -> str:
-    hasher = hashlib.sha256()
-    for chunk in segments.chunks(path, codec, _READ):
-        hasher.update(chunk)
-    return hasher.hexdigest()
+def _same_content(plain: Path, compressed: Path, codec: str) -> bool:
+    """Whether ``compressed`` decompresses to exactly the bytes of ``plain``, compared as they are read."""
+    fd = os.open(plain, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        offset = 0
+        for chunk in segments.chunks(compressed, codec, _READ):
+            if os.pread(fd, len(chunk), offset) != chunk:
+                return False
+            offset += len(chunk)
+        return offset == os.fstat(fd).st_size
+    finally:
+        os.close(fd)
 
 
 def _move(source: Path, target: Path) -> None:
