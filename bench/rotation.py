@@ -113,17 +113,19 @@ def main() -> None:
                     run = run_one(LEITSTAND, body, args.connections, args.workers, args.warmup, args.duration,
                                   Path(tmp), env)
                     runs.setdefault((body, name), []).append(run)
-                    print(f"{body:9} rep {rep + 1} {name:9} {run.events_per_s:9.0f} ev/s p99 {run.load.p99_ms:7.2f} ms"
-                          f"{'' if run.valid else '  INVALID'}", file=sys.stderr)
+                    print(f"{body:9} rep {rep + 1} {name:9} {run.events_per_s:9.0f} ev/s p99 {run.load.p99_ms:7.2f} ms "
+                          f"{run.cpu_us_per_request:6.0f} µs/req{'' if run.valid else '  INVALID'}", file=sys.stderr)
         mix = event_mix(args.events)
         codecs = compression(mix, Path(tmp))
-    head = ["body", "rotation off: ev/s (range), p99", f"seal every {args.interval} + zstd: same", "rotating/off",
-            "valid"]
+    head = ["body", "rotation off: ev/s (range), p99, server CPU/req", f"seal every {args.interval} + zstd: same",
+            "rotating/off ev/s", "rotating/off CPU/req", "valid"]
     rows = [head, ["---"] * len(head)]
     for body in args.bodies:
         off, on = runs[(body, "off")], runs[(body, "rotating")]
         ratio = statistics.median(r.events_per_s for r in on) / statistics.median(r.events_per_s for r in off)
-        rows.append([body, _spread(off), _spread(on), f"{ratio:.3f}",
+        cpu = statistics.median(r.cpu_us_per_request for r in on) / statistics.median(
+            r.cpu_us_per_request for r in off)
+        rows.append([body, _spread(off), _spread(on), f"{ratio:.3f}", f"{cpu:.3f}",
                      "yes" if all(r.valid for r in off + on) else "**no**"])
     print(f"    {shlex.join(['.venv/bin/python', *sys.argv])}\n")
     print(f"{args.workers} worker(s), {args.connections} connections, {args.repeat} runs per variant alternating, "
@@ -138,7 +140,8 @@ def main() -> None:
 def _spread(runs: list[Run]) -> str:
     rates = [r.events_per_s for r in runs]
     return (f"{statistics.median(rates):,.0f} ({min(rates):,.0f}–{max(rates):,.0f}), "
-            f"{statistics.median(r.load.p99_ms for r in runs):.2f} ms")
+            f"{statistics.median(r.load.p99_ms for r in runs):.2f} ms, "
+            f"{statistics.median(r.cpu_us_per_request for r in runs):.0f} µs")
 
 
 if __name__ == "__main__":
