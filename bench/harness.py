@@ -102,6 +102,7 @@ class Run:
     cpu_us_per_request: float
     acked: int  # events in 2xx answers, warmup included
     lines: int  # lines in the data files after the server stopped; -1 if the app stores nothing
+    domains: int = 1  # requests spread over this many domains
 
     @property
     def valid(self) -> bool:
@@ -240,14 +241,31 @@ def rss_mib(pid: int) -> float:
 # -- the load ------------------------------------------------------------------------
 
 
-def wrk_script(body: bytes, directory: Path) -> Path:
+def wrk_script(body: bytes, directory: Path, domains: int = 1, keyed: bool = False) -> Path:
+    """wrk's Lua script: POST ``body``; with several ``domains``, each request to one drawn at random;
+    ``keyed``: each request with an Idempotency-Key of its own."""
     path = directory / "post.lua"
-    path.write_text(
-        'wrk.method = "POST"\n'
-        f"wrk.body = [==[{body.decode()}]==]\n"
-        'wrk.headers["Content-Type"] = "application/json"\n'
-        f'wrk.headers["X-Auth"] = "{TOKEN}"\n'
-    )
+    lines = [
+        'wrk.method = "POST"',
+        f"wrk.body = [==[{body.decode()}]==]",
+        'wrk.headers["Content-Type"] = "application/json"',
+        f'wrk.headers["X-Auth"] = "{TOKEN}"',
+    ]
+    if domains > 1 or keyed:
+        # Each wrk thread runs its own copy of the script: a random prefix keeps their keys apart.
+        spread = f'"/ingest/d" .. math.random({domains}) .. ".{DOMAIN}"' if domains > 1 else "nil"
+        lines += [
+            "math.randomseed(os.time() + tonumber(tostring({}):sub(8), 16))",
+            'local prefix = string.format("%08x", math.random(0, 0x7fffffff))',
+            "local n = 0",
+            "request = function()",
+            "  n = n + 1",
+            # Headers given to wrk.format replace wrk.headers instead of adding to them.
+            '  if KEYED then wrk.headers["Idempotency-Key"] = prefix .. "-" .. n end'.replace("KEYED", str(keyed).lower()),
+            f"  return wrk.format(nil, {spread})",
+            "end",
+        ]
+    path.write_text("\n".join(lines) + "\n")
     return path
 
 
@@ -314,10 +332,14 @@ def run_one(
     duration: float,
     tmp: Path,
     extra_env: dict[str, str] | None = None,
+    domains: int = 1,
 ) -> Run:
-    """One measured run on a fresh server: a warmup, then ``duration`` seconds of load, then the lines counted."""
+    """One measured run on a fresh server: a warmup, then ``duration`` seconds of load, then the lines counted.
+
+    With several ``domains``, every request goes to one of them drawn at random.
+    """
     per_request, payload = BODIES[body]
-    script = wrk_script(payload, tmp)
+    script = wrk_script(payload, tmp, domains)
     with serve(app, workers, tmp, extra_env) as server:
         warm = wrk(server.url, script, connections, warmup)
         cpu = cpu_seconds(server.pid)
@@ -330,7 +352,7 @@ def run_one(
     events_per_s, cpu_us = load.rps * per_request, cpu / max(load.requests, 1) * 1e6
     # +1: the single event that found the server ready.
     acked = (warm.ok + load.ok) * per_request + 1
-    return Run(app.name, body, connections, workers, load, events_per_s, cpu_us, acked, lines)
+    return Run(app.name, body, connections, workers, load, events_per_s, cpu_us, acked, lines, domains)
 
 
 # -- the report ----------------------------------------------------------------------

@@ -61,6 +61,8 @@ from harness import (
 WORKERS = (1, 2)
 SOAK_WORKERS = 2
 RSS_EVERY = 5.0
+# The many-domains scenario: single events, 64 connections, 1 worker, each to one of N domains.
+DOMAIN_COUNTS = (1, 100, 10_000)
 
 
 APPS = (
@@ -104,17 +106,21 @@ class Cell:
 def summarize(runs: list[Run]) -> dict[tuple[int, str, int], dict[str, Cell]]:
     cells: dict[tuple[int, str, int], dict[str, Cell]] = {}
     for key in dict.fromkeys((r.workers, r.body, r.connections) for r in runs):
-        cells[key] = {}
-        for app in APPS:
-            mine = [r for r in runs if (r.workers, r.body, r.connections) == key and r.app == app.name]
-            cells[key][app.name] = Cell(
-                statistics.median(r.events_per_s for r in mine),
-                statistics.median(r.load.p50_ms for r in mine),
-                statistics.median(r.load.p99_ms for r in mine),
-                statistics.median(r.cpu_us_per_request for r in mine),
-                all(r.valid for r in mine),
-            )
+        cells[key] = {
+            app.name: _cell([r for r in runs if (r.workers, r.body, r.connections) == key and r.app == app.name])
+            for app in APPS
+        }
     return cells
+
+
+def _cell(runs: list[Run]) -> Cell:
+    return Cell(
+        statistics.median(r.events_per_s for r in runs),
+        statistics.median(r.load.p50_ms for r in runs),
+        statistics.median(r.load.p99_ms for r in runs),
+        statistics.median(r.cpu_us_per_request for r in runs),
+        all(r.valid for r in runs),
+    )
 
 
 def matrix_markdown(cells: dict[tuple[int, str, int], dict[str, Cell]]) -> str:
@@ -138,7 +144,9 @@ def matrix_markdown(cells: dict[tuple[int, str, int], dict[str, Cell]]) -> str:
     return table(rows) + "\n\nServer CPU time (user + system, all processes) per request, median:\n\n" + table(cpu)
 
 
-def goals_markdown(cells: dict[tuple[int, str, int], dict[str, Cell]], soak: Soak | None) -> str:
+def goals_markdown(
+    cells: dict[tuple[int, str, int], dict[str, Cell]], spread: dict[int, dict[str, Cell]], soak: Soak | None
+) -> str:
     lines = ["| goal | cell | measured | met |", "| --- | --- | --- | --- |"]
 
     def add(goal: str, cell: str, measured: str, met: bool) -> None:
@@ -150,15 +158,70 @@ def goals_markdown(cells: dict[tuple[int, str, int], dict[str, Cell]], soak: Soa
         vs_noop = mine.events_per_s / apps["noop"].events_per_s
         name = f"w={workers} {body} c={connections}"
         if body == "single" and connections == 64:
-            add("single events ≥ 5× baseline", name, f"{vs_base:.2f}×", vs_base >= 5)
-            add("single events ≥ 50% of noop", name, f"{vs_noop:.0%}", vs_noop >= 0.5)
-        if body == "batch100":
+            if workers == 1:
+                add("single events ≥ 70% of noop, 1 worker", name, f"{vs_noop:.0%}", vs_noop >= 0.7)
+            else:
+                single = cells[(1, body, connections)]["leitstand"].events_per_s
+                add("2 workers at least as fast as 1", name, f"{mine.events_per_s / single:.2f}× of 1 worker",
+                    mine.events_per_s >= single)
+            add("single events: p99 ≤ 20 ms at 64 connections", name, f"{mine.p99_ms:.2f} ms", mine.p99_ms <= 20)
+        if body == "batch100" and workers == 1:
             add("100-event batches ≥ 4× baseline events/s", name, f"{vs_base:.2f}×", vs_base >= 4)
-        if connections == 64:
-            add("p99 ≤ 50 ms at 64 connections", name, f"{mine.p99_ms:.2f} ms", mine.p99_ms <= 50)
+    if spread:
+        one_domain = spread[1]["leitstand"].events_per_s
+        for count, apps in spread.items():
+            if count == 1:
+                continue
+            mine = apps["leitstand"]
+            ratio = mine.events_per_s / one_domain
+            name = f"w=1 single c=64, {count:,} domains"
+            add("many domains ≥ 80% of one domain's throughput", name, f"{ratio:.0%}", ratio >= 0.8)
+            add("many domains: p99 ≤ 20 ms", name, f"{mine.p99_ms:.2f} ms", mine.p99_ms <= 20)
     if soak is not None:
-        add("memory flat under load", f"soak {soak.seconds:g} s", f"{soak.growth_mib:+.1f} MiB fitted", soak.flat)
+        add("memory flat under load, idempotency keys on", f"soak {soak.seconds:g} s",
+            f"{soak.growth_mib:+.1f} MiB fitted", soak.flat)
     return "\n".join(lines)
+
+
+# -- many domains --------------------------------------------------------------------
+
+
+def many_domains(args: argparse.Namespace, tmp: Path) -> list[Run]:
+    """Single events at 64 connections, 1 worker, each to a random one of N domains; leitstand and baseline alternating."""
+    runs = []
+    for rep in range(args.repeat):
+        for count in DOMAIN_COUNTS:
+            for app in APPS[:2]:
+                run = run_one(app, "single", 64, 1, args.warmup, args.duration, tmp, domains=count)
+                print(
+                    f"[domains rep {rep + 1}] {app.name:9} {count:>6} domains {run.events_per_s:9.0f} ev/s "
+                    f"p99 {run.load.p99_ms:7.2f} ms{'' if run.valid else '  INVALID'}",
+                    file=sys.stderr,
+                )
+                runs.append(run)
+    return runs
+
+
+def spread_summary(runs: list[Run]) -> dict[int, dict[str, Cell]]:
+    return {
+        count: {name: _cell([r for r in runs if r.domains == count and r.app == name]) for name in ("leitstand", "baseline")}
+        for count in DOMAIN_COUNTS
+        if any(r.domains == count for r in runs)
+    }
+
+
+def spread_markdown(spread: dict[int, dict[str, Cell]]) -> str:
+    rows = [["domains", "leitstand ev/s", "p50 ms", "p99 ms", "CPU µs/req", "baseline ev/s", "p99 ms",
+             "leitstand/baseline", "of one domain", "valid"], ["---"] * 10]
+    one = spread[1]["leitstand"].events_per_s
+    for count, apps in spread.items():
+        mine, base = apps["leitstand"], apps["baseline"]
+        rows.append([
+            f"{count:,}", f"{mine.events_per_s:,.0f}", f"{mine.p50_ms:.2f}", f"{mine.p99_ms:.2f}", f"{mine.cpu_us:.0f}",
+            f"{base.events_per_s:,.0f}", f"{base.p99_ms:.2f}", f"{mine.events_per_s / base.events_per_s:.2f}×",
+            f"{mine.events_per_s / one:.0%}", "yes" if mine.valid and base.valid else "**no**",
+        ])
+    return table(rows)
 
 
 # -- the soak ------------------------------------------------------------------------
@@ -188,9 +251,10 @@ class Soak:
 
 
 def soak(args: argparse.Namespace, tmp: Path) -> Soak:
-    """Single events at 64 connections for a long time, with the RSS sampled every few seconds."""
+    """Single events at 64 connections for a long time, each with an Idempotency-Key of its own (the
+    keys are what could grow), with the RSS sampled every few seconds."""
     app = APPS[0]
-    script = wrk_script(BODIES["single"][1], tmp)
+    script = wrk_script(BODIES["single"][1], tmp, keyed=True)
     with serve(app, SOAK_WORKERS, tmp) as server:
         started = time.monotonic()
         argv = wrk_argv(server.url, script, 64, args.soak)
@@ -212,7 +276,8 @@ def soak_markdown(s: Soak) -> str:
     rss = [m for _, m in s.samples]
     minutes = "  ".join(f"{t:.0f}s:{m:.1f}" for t, m in s.samples[:: max(1, round(60 / RSS_EVERY))])
     return (
-        f"leitstand, {SOAK_WORKERS} workers, single events, 64 connections, {s.seconds:g} s: "
+        f"leitstand, {SOAK_WORKERS} workers, single events each with an Idempotency-Key of its own, "
+        f"64 connections, {s.seconds:g} s: "
         f"{s.load.rps:,.0f} events/s, p50 {s.load.p50_ms:.2f} ms, p99 {s.load.p99_ms:.2f} ms, "
         f"non-2xx {s.load.non2xx}, socket errors {s.load.socket_errors}; "
         f"lines on disk {s.lines:,} ≥ acknowledged {s.acked:,}: {'yes' if s.lines >= s.acked else '**no**'}.\n\n"
@@ -315,6 +380,41 @@ def profile_markdown(p: Profile, top: int = 12) -> str:
     )
 
 
+# -- the plot ------------------------------------------------------------------------
+
+
+def plot(cells: dict[tuple[int, str, int], dict[str, Cell]], path: Path) -> None:
+    """Events/s against connections, per body: leitstand (1 and 2 workers), the old design and the no-op app."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bodies = list(dict.fromkeys(body for _, body, _ in cells))
+    figure, axes = plt.subplots(1, len(bodies), figsize=(4.2 * len(bodies), 3.4), squeeze=False)
+    for ax, body in zip(axes[0], bodies, strict=True):
+        for workers in WORKERS:
+            points = sorted((c, apps) for (w, b, c), apps in cells.items() if (w, b) == (workers, body))
+            if not points:
+                continue
+            x = [c for c, _ in points]
+            style = "-" if workers == 1 else "--"
+            for app, color in (("leitstand", "tab:blue"), ("baseline", "tab:red"), ("noop", "tab:gray")):
+                label = f"{app if app != 'baseline' else 'old design'}, {workers} worker{'s' if workers > 1 else ''}"
+                ax.plot(x, [apps[app].events_per_s for _, apps in points], style, color=color, marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(CONNECTIONS, [str(c) for c in CONNECTIONS])
+        ax.set_xlabel("connections")
+        ax.set_ylabel("events/s")
+        ax.set_title(f"{body} ({BODIES[body][0]} event{'s' if BODIES[body][0] > 1 else ''} per request)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 # -- the report ----------------------------------------------------------------------
 
 
@@ -330,9 +430,16 @@ READING = """### Reading the numbers
 
 
 def report(
-    args: argparse.Namespace, version: str, runs: list[Run], soaked: Soak | None, profiled: list[Profile]
+    args: argparse.Namespace,
+    version: str,
+    runs: list[Run],
+    spread_runs: list[Run],
+    soaked: Soak | None,
+    profiled: list[Profile],
+    picture: Path | None,
 ) -> str:
     cells = summarize(runs) if runs else {}
+    spread = spread_summary(spread_runs) if spread_runs else {}
     executable = os.path.relpath(sys.executable) if sys.executable.startswith(str(ROOT)) else "python"
     parts = [
         "# Benchmarks",
@@ -351,13 +458,19 @@ def report(
         "as many lines as events were acknowledged (checked after the server stopped).",
         "## Machine\n\n" + machine(args.data_root),
     ]
+    if cells or spread or soaked:
+        parts.append("## Goals\n\n" + goals_markdown(cells, spread, soaked))
     if cells:
-        parts += [
-            "## Goals\n\n" + goals_markdown(cells, soaked),
-            "## Throughput and latency\n\n" + matrix_markdown(cells),
-        ]
-    if cells:
+        parts.append("## Throughput and latency\n\n" + matrix_markdown(cells))
+        if picture is not None:
+            parts.append(f"![events/s against connections]({picture.name})")
         parts.append(READING)
+    if spread:
+        parts.append(
+            "## Many domains\n\nSingle events, 1 worker, 64 connections, each request to one of N domains drawn at "
+            f"random; leitstand and the old design alternating, {args.repeat} run(s) each, medians.\n\n"
+            + spread_markdown(spread)
+        )
     if soaked is not None:
         parts.append("## Memory under load\n\n" + soak_markdown(soaked))
     if profiled:
@@ -375,6 +488,7 @@ def main() -> None:
     parser.add_argument("--soak", type=float, default=300.0, help="soak seconds, 0 to skip (default 300)")
     parser.add_argument("--profile", type=float, default=10.0, help="py-spy seconds, 0 to skip (default 10)")
     parser.add_argument("--no-matrix", action="store_true", help="skip the matrix (soak and profile only)")
+    parser.add_argument("--no-domains", action="store_true", help="skip the many-domains scenario")
     parser.add_argument("--quick", action="store_true", help="a smoke test: 2 s runs, 1 repeat, 20 s soak, 3 s profile")
     parser.add_argument(
         "--data-root", type=Path, default=Path(tempfile.gettempdir()), help="where data dirs go (several GB)"
@@ -390,12 +504,16 @@ def main() -> None:
     version = code_version()
     with tempfile.TemporaryDirectory(prefix="leitstand-bench-", dir=args.data_root) as tmp:
         runs = [] if args.no_matrix else matrix(args, Path(tmp))
+        spread_runs = [] if args.no_domains else many_domains(args, Path(tmp))
         soaked = soak(args, Path(tmp)) if args.soak > 0 else None
         profiled = [profile(body, args, Path(tmp)) for body in BODIES] if args.profile > 0 else []
     RESULTS.mkdir(exist_ok=True)
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
-    (RESULTS / f"runs-{stamp}.json").write_text(json.dumps([asdict(r) for r in runs], indent=1))
-    text = report(args, version, runs, soaked, profiled)
+    (RESULTS / f"runs-{stamp}.json").write_text(json.dumps([asdict(r) for r in runs + spread_runs], indent=1))
+    picture = args.write.with_suffix(".png") if args.write and runs else None
+    if picture is not None:
+        plot(summarize(runs), picture)
+    text = report(args, version, runs, spread_runs, soaked, profiled, picture)
     print(text)
     if args.write:
         args.write.write_text(text)

@@ -31,6 +31,11 @@ class Setting:
     default: str
     meaning: str
 
+    @property
+    def flag(self) -> str:
+        """The command-line flag that sets it: LEITSTAND_DATA_DIR is ``--data-dir``."""
+        return "--" + self.env.removeprefix("LEITSTAND_").lower().replace("_", "-")
+
 
 SETTINGS: tuple[Setting, ...] = (
     Setting(
@@ -42,8 +47,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "LEITSTAND_TOKEN_FILE",
         "(none)",
-        "File with one token per line, optionally scoped: <token> domains=<glob>,... "
-        "Reloaded on SIGHUP and when it changes.",
+        "File with one token per line, optionally scoped: <token> domains=<glob>,... access=read|write|read,write "
+        "(default write). Reloaded on SIGHUP and when it changes.",
     ),
     Setting("LEITSTAND_DATA_DIR", "data", "Directory of the <domain>.jsonl files; created if missing."),
     Setting("LEITSTAND_MAX_BODY", "1MiB", "Largest request body, also after gzip decompression."),
@@ -56,7 +61,18 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("LEITSTAND_BODY_TIMEOUT", "30", "Seconds a client has to send its whole body; slower is 408."),
     Setting("LEITSTAND_FSYNC", "always", "always: 200 only after fdatasync. never: throwaway data only."),
-    Setting("LEITSTAND_MAX_OPEN_FILES", "256", "Journal files kept open at once (least recently used closed)."),
+    Setting(
+        "LEITSTAND_SYNCFS",
+        "auto",
+        "auto: a commit round of 3 or more files is made durable with one syncfs where the filesystem "
+        "reports its errors (Linux 5.8+, ext4/xfs/btrfs); it also flushes other programs' writes to that "
+        "filesystem. off: one fdatasync per file.",
+    ),
+    Setting(
+        "LEITSTAND_MAX_OPEN_FILES",
+        "4096",
+        "Journal files kept open at once (least recently used closed); the descriptor limit is raised to fit.",
+    ),
     Setting("LEITSTAND_LOG_FORMAT", "text", "text or json, one line per request on stdout."),
     Setting("LEITSTAND_READY_MIN_FREE", "64MiB", "GET /ready answers 503 below this much free space."),
     Setting("LEITSTAND_DOMAINS_ALLOW", "(all)", "Comma-separated globs of the domains that may be written."),
@@ -108,6 +124,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LEITSTAND_METRICS_PUBLIC", "0", "1: GET /metrics answers without the token."),
     Setting("LEITSTAND_METRICS_MAX_DOMAINS", "500", "Domains with their own metrics label; the rest count as _other."),
     Setting("LEITSTAND_METRICS_DIR", "(temp dir)", "Where worker processes share their metrics; emptied at start."),
+    Setting(
+        "LEITSTAND_RECEIVED_FIELD",
+        "(none)",
+        "Field that gets the server's receive time (RFC 3339, UTC, milliseconds) in every stored event, "
+        "e.g. received_at; an event that has it already is 400 reserved field.",
+    ),
 )
 DEFAULTS = {s.env: s.default for s in SETTINGS}
 
@@ -138,7 +160,8 @@ class Config:
     limits: events.Limits = field(default_factory=events.Limits)
     body_timeout: int = 30
     fsync: bool = True
-    max_open_files: int = 256
+    syncfs: bool = True
+    max_open_files: int = 4096
     log_format: str = "text"
     ready_min_free: int = 64 << 20
     domains_allow: tuple[str, ...] = ()
@@ -163,6 +186,7 @@ class Config:
     metrics_max_domains: int = 500
     metrics_dir: Path | None = None
     rotation: Policy = field(default_factory=Policy)
+    received_field: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, *, need_token: bool = True) -> Config:
@@ -202,6 +226,7 @@ class Config:
             ),
             body_timeout=_int("LEITSTAND_BODY_TIMEOUT", get("LEITSTAND_BODY_TIMEOUT"), 1),
             fsync=_choice("LEITSTAND_FSYNC", get("LEITSTAND_FSYNC"), ("always", "never")) == "always",
+            syncfs=_choice("LEITSTAND_SYNCFS", get("LEITSTAND_SYNCFS"), ("auto", "off")) == "auto",
             max_open_files=_int("LEITSTAND_MAX_OPEN_FILES", get("LEITSTAND_MAX_OPEN_FILES"), 1),
             log_format=_choice("LEITSTAND_LOG_FORMAT", get("LEITSTAND_LOG_FORMAT"), ("text", "json")),
             ready_min_free=_size("LEITSTAND_READY_MIN_FREE", get("LEITSTAND_READY_MIN_FREE"), minimum=0),
@@ -234,6 +259,7 @@ class Config:
                 max_bytes=_off(_size, "LEITSTAND_RETENTION_MAX_BYTES", get("LEITSTAND_RETENTION_MAX_BYTES")),
                 archive_dir=archive_dir,
             ),
+            received_field=_field("LEITSTAND_RECEIVED_FIELD", optional("LEITSTAND_RECEIVED_FIELD")),
         )
 
     def keyring(self) -> auth.Keyring:
@@ -243,7 +269,7 @@ class Config:
         except auth.TokenFileError as exc:
             raise ConfigError(
                 f"LEITSTAND_TOKEN_FILE is not usable: {exc}; "
-                "write one token per line, optionally followed by domains=<glob>,..."
+                "write one token per line, optionally followed by domains=<glob>,... and access=read|write|read,write"
             ) from None
 
     def describe(self) -> dict[str, object]:
@@ -256,6 +282,7 @@ class Config:
             "max_depth": self.limits.depth,
             "body_timeout": self.body_timeout,
             "fsync": "always" if self.fsync else "never",
+            "syncfs": "auto" if self.syncfs else "off",
             "max_open_files": self.max_open_files,
             "log_format": self.log_format,
             "ready_min_free": self.ready_min_free,
@@ -277,6 +304,7 @@ class Config:
             "retention": "on" if self.rotation.retention else "off",
             "retention_max_bytes": self.rotation.max_bytes or "off",
             "archive_dir": self.rotation.archive_dir is not None,
+            "received_field": self.received_field or "-",
         }
 
 
@@ -406,6 +434,14 @@ def _nats_urls(raw: str) -> tuple[str, ...]:
 def _stream(raw: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", raw):
         raise ConfigError(f"LEITSTAND_NATS_STREAM={raw!r} is not a stream name: use letters, digits, '_' and '-'")
+    return raw
+
+
+def _field(name: str, raw: str) -> str | None:
+    if not raw:
+        return None
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", raw) or raw == "domain":
+        raise ConfigError(f"{name}={raw!r} is not a field name: use letters, digits and '_', e.g. received_at")
     return raw
 
 

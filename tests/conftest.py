@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import shutil
 import signal
 import socket
 import ssl
@@ -14,6 +15,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +196,53 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) 
     )
 
 
+def require_root(why: str) -> None:
+    """Skip the test, with a one-line reason, unless it runs as root (as CI does)."""
+    if os.geteuid() != 0:
+        pytest.skip(f"needs root: {why}")
+
+
+@contextmanager
+def refusing_new_files(directory: Path) -> Iterator[Path]:
+    """``directory``, in which no file can be created (permission denied) while in the block: the
+    ext4 immutable flag as root, who ignores modes; a mode without write permission otherwise."""
+    mode = directory.stat().st_mode
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "+i", str(directory)], check=True)
+    else:
+        directory.chmod(0o500)
+    try:
+        yield directory
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(directory)], check=True)
+        else:
+            directory.chmod(mode)
+
+
+def without_venv_env() -> dict[str, str]:
+    """The environment of a new user's shell: no LEITSTAND_*, and no virtualenv active or on the PATH."""
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if "/.venv/" not in p + "/")
+    return {k: v for k, v in os.environ.items() if not k.startswith("LEITSTAND_") and k != "VIRTUAL_ENV"} | {
+        "PATH": path}
+
+
+@pytest.fixture(scope="session")
+def fresh_checkout(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the checkout as a new user's clone has it: the files git knows, as they are in the
+    work tree, without .venv, data or a dev token. Shared by the tests of the README and the scripts,
+    so that the first ``./scripts/start`` in it pays for the install once."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    target = tmp_path_factory.mktemp("checkout")
+    for name in filter(None, listed):
+        source = ROOT / name
+        if source.is_file():  # not a file deleted in the work tree
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target / name)
+    return target
+
+
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
     return tmp_path / "data"
@@ -272,6 +321,16 @@ class Load:
         for thread in self._threads:
             thread.start()
         return self
+
+    def wait_acked(self, count: int, timeout: float = 30) -> None:
+        """Until at least ``count`` events are acknowledged: a sign of load that no slow machine fakes."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if len(self.acked) >= count:
+                    return
+            assert time.monotonic() < deadline, f"fewer than {count} events acknowledged in {timeout} s"
+            time.sleep(0.02)
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()

@@ -98,6 +98,9 @@ def test_values_are_parsed() -> None:
         ("LEITSTAND_MAX_DEPTH", "400"),
         ("LEITSTAND_MAX_DEPTH", "0"),
         ("LEITSTAND_BODY_TIMEOUT", "0"),
+        ("LEITSTAND_RECEIVED_FIELD", "received at"),
+        ("LEITSTAND_RECEIVED_FIELD", "domain"),
+        ("LEITSTAND_RECEIVED_FIELD", "a.b"),
     ],
 )
 def test_bad_values_name_the_variable(name: str, value: str) -> None:
@@ -134,8 +137,11 @@ def test_every_setting_is_in_the_readme() -> None:
 def test_every_answer_is_in_the_troubleshooting_table_and_the_readme() -> None:
     """Each status and phrase the service can answer has a row that says what to do."""
     root = Path(__file__).parent.parent
-    code = "".join((root / "leitstand" / "server" / name).read_text() for name in ("app.py", "routes.py"))
+    code = "".join((root / "leitstand" / "server" / name).read_text() for name in ("app.py", "routes.py", "reading.py"))
     answers = set(re.findall(r'(?:_text|HTTPException)\((\d{3}), "([^"]+)"', code))
+    # What the reader refuses is a 400 of the read API.
+    reading = (root / "leitstand" / "storage" / "reader.py").read_text()
+    answers |= {("400", phrase) for phrase in re.findall(r'raise ReadError\("([^"]+)"\)', reading)}
     # The router's own refusals, in leitstand's lower case.
     answers |= {(str(status), HTTPStatus(status).phrase.lower()) for status in (404, 405)}
     events = (root / "leitstand" / "intake" / "events.py").read_text()
@@ -179,3 +185,10 @@ def test_rotation_settings() -> None:
 def test_bad_rotation_settings_are_one_line(name: str, value: str, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         Config.from_env({"LEITSTAND_TOKEN": "t", name: value})
+
+
+def test_received_field() -> None:
+    assert Config.from_env({"LEITSTAND_TOKEN": "t"}).received_field is None
+    assert Config.from_env({"LEITSTAND_TOKEN": "t", "LEITSTAND_RECEIVED_FIELD": "received_at"}).received_field == (
+        "received_at"
+    )

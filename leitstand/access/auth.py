@@ -1,8 +1,10 @@
-"""Authentication and authorization: which token may write to which domain.
+"""Authentication and authorization: which token may write to, or read, which domain.
 
-Tokens come from ``LEITSTAND_TOKEN`` (comma-separated) and from ``LEITSTAND_TOKEN_FILE``
-(one per line, optionally with scopes). Several tokens are what makes rotation possible
-without downtime: add the new one, move the clients, remove the old one.
+Tokens come from ``LEITSTAND_TOKEN`` (comma-separated; each may read and write everywhere)
+and from ``LEITSTAND_TOKEN_FILE`` (one per line, optionally with a scope of domains and an
+access: ``write`` unless the line says otherwise, so that files written before the read API
+keep their meaning). Several tokens are what makes rotation possible without downtime: add
+the new one, move the clients, remove the old one.
 
 A presented token is hashed once and its digest compared with :func:`hmac.compare_digest`
 against the digest of every configured token, without stopping at a match, so the time an
@@ -25,9 +27,11 @@ log = logging.getLogger("leitstand.auth")
 
 _BEARER = b"bearer "
 _ALL: tuple[str, ...] = ("*",)
-# Options a token line may carry. ``domains`` is the write scope; a read API would add
-# ``read=`` here, and Grant a field beside ``write``.
-_OPTIONS = frozenset({"domains"})
+# Options a token line may carry: the scope of domains, and what the token may do there.
+_OPTIONS = frozenset({"domains", "access"})
+_ACCESS = frozenset({"read", "write"})
+_WRITE: frozenset[str] = frozenset({"write"})
+_READ_WRITE = _ACCESS
 
 
 class TokenFileError(Exception):
@@ -36,55 +40,79 @@ class TokenFileError(Exception):
 
 @dataclass(frozen=True, eq=False)
 class Grant:
-    """What one token may do: write to the domains matching ``write``."""
+    """What one token may do (``access``: read, write) in the domains matching ``domains``."""
 
     digest: bytes = field(repr=False)
-    write: Patterns
+    domains: Patterns
+    access: frozenset[str] = _WRITE
 
     def may_write(self, domain: str) -> bool:
-        return self.write.match(domain)
+        return "write" in self.access and self.domains.match(domain)
+
+    def may_read(self, domain: str) -> bool:
+        return "read" in self.access and self.domains.match(domain)
+
+    @property
+    def reads(self) -> bool:
+        return "read" in self.access
 
     @property
     def all_domains(self) -> bool:
         """Whether the token is unscoped (it may also read the figures of every domain)."""
-        return self.write.patterns == _ALL
+        return self.domains.patterns == _ALL
 
 
-def grant(token: str, write: Iterable[str] = _ALL) -> Grant:
-    return Grant(_digest(token.encode("utf-8")), Patterns(tuple(write)))
+def grant(token: str, domains: Iterable[str] = _ALL, access: frozenset[str] = _WRITE) -> Grant:
+    return Grant(_digest(token.encode("utf-8")), Patterns(tuple(domains)), access)
 
 
 def from_list(tokens: str) -> list[Grant]:
-    """The grants of a comma-separated ``LEITSTAND_TOKEN``; each may write everywhere."""
-    return [grant(token) for token in split_list(tokens)]
+    """The grants of a comma-separated ``LEITSTAND_TOKEN``; each may read and write everywhere."""
+    return [grant(token, access=_READ_WRITE) for token in split_list(tokens)]
 
 
 def read_token_file(path: Path) -> list[Grant]:
-    """The grants of a token file: ``<token> [domains=<pattern>,...]`` per line, ``#`` comments.
+    """The grants of a token file: ``<token> [domains=<pattern>,...] [access=read|write|read,write]``
+    per line (default: all domains, write), ``#`` comments.
 
     Raises :class:`TokenFileError` for a file that cannot be read, holds no token, or has a
     line that does not parse: a half-understood file must not silently widen or narrow access.
     """
+    return [grant(token, scope, access) for token, scope, access in read_tokens(path)]
+
+
+def read_tokens(path: Path) -> list[tuple[str, tuple[str, ...], frozenset[str]]]:
+    """The tokens of a token file with the domain patterns and the access of each, as
+    :func:`read_token_file` reads them; for a client that sends with the same file the service
+    checks against."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise TokenFileError(f"cannot read it ({getattr(exc, 'strerror', None) or 'not UTF-8'})") from None
-    grants = []
+    tokens = []
     for number, line in enumerate(text.splitlines(), 1):
         words = line.split("#", 1)[0].split()
         if not words:
             continue
         token, options = words[0], words[1:]
-        write = _ALL
+        scope, access = _ALL, _WRITE
         for option in options:
             key, sep, value = option.partition("=")
-            if not sep or key not in _OPTIONS or not split_list(value):
-                raise TokenFileError(f"line {number}: unknown option (use domains=<pattern>,...)")
-            write = tuple(split_list(value))
-        grants.append(grant(token, write))
-    if not grants:
+            values = split_list(value)
+            if not sep or key not in _OPTIONS or not values:
+                raise TokenFileError(
+                    f"line {number}: unknown option (use domains=<pattern>,... and access=read|write|read,write)"
+                )
+            if key == "domains":
+                scope = tuple(values)
+            elif not _ACCESS.issuperset(values):
+                raise TokenFileError(f"line {number}: unknown access (use access=read, write or read,write)")
+            else:
+                access = frozenset(values)
+        tokens.append((token, scope, access))
+    if not tokens:
         raise TokenFileError("it holds no token")
-    return grants
+    return tokens
 
 
 class Keyring:

@@ -300,7 +300,9 @@ class Archiver:
             try:
                 created = str((await js.stream_info(self.settings.stream)).created)
                 written = await loop.run_in_executor(None, self.record.recover, created)
-                journal = Journal(self.config.data_dir, fsync=self.config.fsync, file_mode=self.config.file_mode)
+                journal = Journal(
+                    self.config.data_dir, fsync=self.config.fsync, file_mode=self.config.file_mode, syncfs=self.config.syncfs
+                )
                 await journal.open()
             except jetstream.NATS_ERRORS as exc:
                 log.warning("broker unavailable, retrying: %s", exc)

@@ -36,8 +36,11 @@ class Checkup:
     notes: list[str] = field(default_factory=list)
 
 
-def check(environ: Mapping[str, str]) -> Checkup:
-    checkup = Checkup([_shown(s, environ) for s in config.SETTINGS])
+def check(environ: Mapping[str, str], flags: Mapping[str, str] | None = None) -> Checkup:
+    """``flags``: settings given on the command line, by variable name; they win over ``environ``."""
+    flags = flags or {}
+    checkup = Checkup([_shown(s, environ, flags) for s in config.SETTINGS])
+    environ = {**environ, **flags}
     settings = _settings(environ, checkup.problems)
     data_dir = Path(config.raw_value(environ, "LEITSTAND_DATA_DIR"))
     checkup.problems += _data_dir_problems(data_dir, settings)
@@ -47,14 +50,23 @@ def check(environ: Mapping[str, str]) -> Checkup:
     return checkup
 
 
-def _shown(setting: config.Setting, environ: Mapping[str, str]) -> Shown:
-    raw = environ.get(setting.env, "").strip()
+def _shown(setting: config.Setting, environ: Mapping[str, str], flags: Mapping[str, str]) -> Shown:
+    """The value and where it came from: ``flag --name``, ``env``, ``file`` (the tokens of
+    LEITSTAND_TOKEN_FILE) or ``default``."""
+    flag = setting.env in flags
+    raw = (flags[setting.env] if flag else environ.get(setting.env, "")).strip()
+    source = f"flag {setting.flag}" if flag else "env" if raw else "default"
+    if setting.env == "LEITSTAND_TOKEN":
+        # The tokens in force: this variable's, and those of LEITSTAND_TOKEN_FILE.
+        token_file = environ.get("LEITSTAND_TOKEN_FILE", "").strip()
+        sources = [name for name, given in (("env", raw), ("file", token_file)) if given]
+        return Shown(setting.env, REDACTED if sources else "(not set)", " and ".join(sources) or "default")
     if "TOKEN" in setting.env:
-        return Shown(setting.env, REDACTED if raw else "(not set)", "env" if raw else "default")
+        return Shown(setting.env, REDACTED if raw else "(not set)", source)
     if setting.env == "LEITSTAND_NATS_URL":
         # nats://user:password@host: the credentials are as secret as a token.
         raw = re.sub(r"//[^/@,]*@", f"//{REDACTED}@", raw)
-    return Shown(setting.env, raw or setting.default, "env" if raw else "default")
+    return Shown(setting.env, raw or setting.default, source)
 
 
 def _settings(environ: Mapping[str, str], problems: list[str]) -> config.Config | None:

@@ -12,6 +12,7 @@ import argparse
 import os
 import signal
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -31,56 +32,76 @@ from leitstand.telemetry import logs, metrics
 _FLAGGED = [s for s in config.SETTINGS if s.env != "LEITSTAND_TOKEN"]
 
 
-def _flag(setting: config.Setting) -> str:
-    return "--" + setting.env.removeprefix("LEITSTAND_").lower().replace("_", "-")
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="leitstand", description="HTTP event ingest into append-only JSONL files.")
     parser.add_argument("--version", action="version", version=f"leitstand {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    serve = commands.add_parser("serve", help="run the HTTP service", description="Run the HTTP service under uvicorn.")
+    serve = _command(commands, "serve", "run the HTTP service under uvicorn, with the settings of LEITSTAND_*",
+                     "LEITSTAND_TOKEN_FILE=/etc/leitstand/tokens leitstand serve --port 8788 --workers 2")
     for setting in _FLAGGED:
         serve.add_argument(
-            _flag(setting),
+            setting.flag,
             dest=setting.env,
             metavar=setting.env.removeprefix("LEITSTAND_"),
             help=f"{setting.meaning} (env {setting.env}, default {setting.default})",
         )
     data = argparse.ArgumentParser(add_help=False)
     data.add_argument("--data-dir", type=Path, help="the data dir (default: LEITSTAND_DATA_DIR, else ./data)")
-    check = commands.add_parser("verify", parents=[data], help="check every journal file; exit 1 on problems")
+    check = _command(commands, "verify", "check that every journal file holds whole JSON lines of its domain; "
+                     "exit 1 on problems", "leitstand verify --data-dir /var/lib/leitstand", data)
     check.add_argument("--repair", action="store_true", help="set torn tails aside, as the server does at start")
-    save = commands.add_parser("backup", parents=[data], help="copy the journal files to DEST, online, incrementally")
+    save = _command(commands, "backup", "copy the journal files to DEST, online and incrementally",
+                    "leitstand backup /backup/leitstand", data)
     save.add_argument("dest", type=Path, metavar="DEST")
-    load = commands.add_parser("restore", parents=[data], help="copy a backup into an empty data dir, then verify")
+    load = _command(commands, "restore", "copy a backup into an empty data dir, then verify it",
+                    "leitstand restore /backup/leitstand --data-dir /var/lib/leitstand-restore", data)
     load.add_argument("source", type=Path, metavar="SRC")
-    count = commands.add_parser("stats", parents=[data], help="events, bytes, first and last event time per domain")
-    count.add_argument("--json", action="store_true", help="machine-readable output")
-    follow = commands.add_parser("tail", parents=[data], help="the last lines of a domain's file")
+    count = _command(commands, "stats", "events, bytes, first and last event time per domain; a table on a "
+                     "terminal, tab-separated columns in a pipe, --json for programs", "leitstand stats --json", data)
+    count.add_argument("--json", action="store_true", help="one JSON array of objects, for programs")
+    follow = _command(commands, "tail", "print the last whole lines of a domain's file, and with -f what is appended",
+                      "leitstand tail app.orders -n 20 -f", data)
     follow.add_argument("domain", metavar="DOMAIN")
     follow.add_argument("-n", type=int, default=10, metavar="N", help="how many lines (default 10)")
     follow.add_argument("-f", action="store_true", help="keep printing lines as they are appended")
-    seal = commands.add_parser(
-        "rotate", parents=[data], help="seal domains' live files into segments now, while the service runs"
-    )
+    _command(commands, "check-config", "show the effective settings, where each came from, and the problems "
+             "they would cause; exit 1 on problems", "leitstand check-config --data-dir /var/lib/leitstand", data)
+    _command(commands, "archive", "broker mode: copy the messages of NATS JetStream into the data dir; needs "
+             "LEITSTAND_NATS_URL, the NATS servers the front ends publish to",
+             "LEITSTAND_NATS_URL=nats://n1:4222 leitstand archive --data-dir /var/lib/leitstand", data)
+    seal = _command(commands, "rotate", "seal domains' live files into segments now, while the service runs "
+                    "(every domain unless named)", "leitstand rotate app.orders --data-dir /var/lib/leitstand", data)
     seal.add_argument("domains", nargs="*", metavar="DOMAIN", help="the domains to seal (default: every one)")
-    commands.add_parser("check-config", parents=[data], help="the effective settings and the problems they have")
-    commands.add_parser(
-        "archive", parents=[data], help="copy broker mode's messages from NATS JetStream into the data dir"
-    )
     _send_parser(commands)
     return parser
 
 
+def _command(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    what: str,
+    example: str,
+    *parents: argparse.ArgumentParser,
+    description: str | None = None,
+) -> argparse.ArgumentParser:
+    """A command whose --help says what it does (``what``, also its line in ``leitstand --help``, or the longer
+    ``description``) and shows an example, as written."""
+    text = description or what[:1].upper() + what[1:] + "."
+    return commands.add_parser(name, parents=list(parents), help=what, description=textwrap.fill(text, 79),
+                               epilog=f"example:\n  {example}", formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def _send_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    push = commands.add_parser(
+    push = _command(
+        commands,
         "send",
-        help="send JSON events from files or stdin to the service",
+        "send JSON events from files or stdin to the service, in batches, with retries that never store an event "
+        "twice",
+        "jq -c '.items[]' dump.json | leitstand send app.orders --outbox /var/spool/leitstand/app",
         description="Send events (JSONL, JSON arrays, or JSON values one after another, as jq prints them) "
         "in batches, with retries that never store an event twice. Exit 0: all stored; 1: some rejected "
-        "(listed on stderr, the rest delivered); 2: service unreachable, events not delivered (with --outbox: "
-        "kept there for the next run).",
+        "(listed on stderr, the rest delivered), or the service refuses every request (one line); 2: service "
+        "unreachable, events not delivered (with --outbox: kept there for the next run).",
     )
     push.add_argument("domain", metavar="DOMAIN")
     push.add_argument("files", nargs="*", metavar="FILE", help="files to read (default, or '-': stdin)")
@@ -88,7 +109,8 @@ def _send_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     push.add_argument(
         "--token",
         help="the token; visible in `ps` to every user of the machine, so prefer the environment: "
-        "LEITSTAND_TOKEN (of several, comma-separated, the first is used)",
+        "LEITSTAND_TOKEN (of several, comma-separated, the first is used), else LEITSTAND_TOKEN_FILE "
+        "(the first token in it that may write to DOMAIN)",
     )
     push.add_argument("--outbox", type=Path, metavar="DIR", help="keep events in DIR until the service has them")
     push.add_argument("--tail", type=int, metavar="N", help="send only the last N events")
@@ -276,13 +298,18 @@ def _stats(args: argparse.Namespace) -> int:
     if args.json:
         print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
         return 0
+    columns = ("domain", "events", "bytes", "segments", "first", "last")
+    cells = [["-" if row[key] is None else str(row[key]) for key in columns] for row in rows]
+    if not sys.stdout.isatty():
+        # For cut, awk and sort: a box table is cut to 80 columns in a pipe, its times with it.
+        print("\n".join("\t".join(line) for line in [list(columns), *cells]))
+        return 0
     from rich.console import Console
     from rich.table import Table
 
-    columns = ("domain", "events", "bytes", "segments", "first", "last")
     table = Table(*columns)
-    for row in rows:
-        table.add_row(*("-" if row[key] is None else str(row[key]) for key in columns))
+    for line in cells:
+        table.add_row(*line)
     Console().print(table)
     return 0
 
@@ -320,9 +347,13 @@ def _send(args: argparse.Namespace) -> int:
     from leitstand.access import auth
     from leitstand.client import client, outbox, send
 
-    token = args.token or next(iter(auth.split_list(os.environ.get("LEITSTAND_TOKEN", ""))), "")
+    try:
+        token = args.token or client.token_from_env(args.domain) or ""
+    except auth.TokenFileError as exc:
+        _fail(f"LEITSTAND_TOKEN_FILE is not usable: {exc}")
     if not token and not args.dry_run:
-        _fail("no token: export LEITSTAND_TOKEN=<token> (or give --token, which other users can see in ps)")
+        _fail("no token: export LEITSTAND_TOKEN_FILE=<file of tokens> or LEITSTAND_TOKEN=<token> "
+              "(or give --token, which other users can see in ps)")
     if args.tail is not None and args.tail < 0 or args.max_events < 1 or args.max_bytes < 2:
         _fail("--tail must be 0 or more, --max-events 1 or more, --max-bytes 2 or more")
     for name in args.files:
@@ -341,8 +372,8 @@ def _send(args: argparse.Namespace) -> int:
     except outbox.OutboxError as exc:
         _fail(str(exc))
     except client.Rejected as exc:
-        print(f"send: rejected ({exc}): nothing more can be delivered; check the token, its scope and the domain",
-              file=sys.stderr)
+        print(f"send: rejected ({exc}): the service refuses every request like this one, so nothing more was sent; "
+              "check the token, its scope, the domain and the service's limits", file=sys.stderr)
         return 1
     handled = done.read if args.dry_run else done.stored
     rate = f", {handled / done.seconds:.0f} events/s" if done.seconds > 0 else ""
@@ -361,10 +392,8 @@ def _send(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    environ = dict(os.environ)
-    if args.data_dir is not None:
-        environ["LEITSTAND_DATA_DIR"] = str(args.data_dir)
-    checkup = configcheck.check(environ)
+    flags = {} if args.data_dir is None else {"LEITSTAND_DATA_DIR": str(args.data_dir)}
+    checkup = configcheck.check(os.environ, flags)
     width = max(len(s.env) for s in checkup.settings)
     for shown in checkup.settings:
         print(f"{shown.env:<{width}}  {shown.value}  ({shown.source})")

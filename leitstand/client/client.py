@@ -13,11 +13,14 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import gzip as gzip_codec
+import json
+import math
+import os
 import random
 import time
 import uuid
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Self
 from urllib.parse import quote
@@ -26,6 +29,8 @@ import httpx
 import orjson
 
 from leitstand import __version__
+from leitstand.access import auth
+from leitstand.intake import domains
 from leitstand.client.outbox import Batch, Outbox
 
 # The server's defaults (LEITSTAND_MAX_EVENTS, LEITSTAND_MAX_BODY).
@@ -35,10 +40,16 @@ _FIRST_BACKOFF = 0.1
 _MAX_BACKOFF = 10.0
 # Retried like 5xx: the same request may well succeed later.
 _RETRY = frozenset({408, 429})
-# About some event of the batch: halving the batch finds it, and the rest is delivered.
-_SPLIT = frozenset({400, 413})
-# About every request alike (token, scope, address): raised, since nothing can be delivered.
-_FATAL = frozenset({401, 403, 404, 405})
+# A 400 with one of these phrases is about some event of the batch: halving the batch finds
+# it, and the rest is delivered. Every 413 is about size, which halving cures as well.
+_PER_EVENT = frozenset(
+    {"invalid json", "number out of range", "duplicate key", "json too deep", "invalid payload", "domain mismatch"}
+)
+# About every request alike (token, scope, domain, address, encoding): raised, since nothing
+# can be delivered; so is any other 400 (invalid domain, invalid gzip, ...), which no halving cures.
+_FATAL = frozenset({401, 403, 404, 405, 415})
+# What orjson writes for NaN and Infinity instead of refusing them, as the service does.
+_NULL = b"null"
 
 Event = Mapping[str, Any] | bytes
 
@@ -134,14 +145,56 @@ def batches(
         yield Batch(domain, uuid.uuid4().hex, batch)
 
 
-def _encode(events: Iterable[Event]) -> Iterator[bytes]:
+def _encode(events: Iterable[Event], reject: Reporter) -> Iterator[bytes]:
     for event in events:
         if not isinstance(event, bytes):
-            yield orjson.dumps(event)
+            line = orjson.dumps(event)
+            # Only an event with a null in it pays for the walk.
+            if _NULL in line and not _finite(event):
+                reject(Rejected(None, "invalid json: NaN and Infinity are not JSON (the service refuses them too)",
+                                [json.dumps(event, default=repr).encode()]))
+                continue
+            yield line
         elif b"\n" in event:
             raise ValueError("an event given as bytes must be one line of JSON")
         else:
             yield event
+
+
+def _finite(value: object) -> bool:
+    """Whether ``value`` holds no float that JSON cannot write (NaN, Infinity), wherever orjson looks."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, Mapping):
+        return all(map(_finite, value.values()))
+    if isinstance(value, (list, tuple)):
+        return all(map(_finite, value))
+    if is_dataclass(value) and not isinstance(value, type):
+        return all(_finite(getattr(value, item.name)) for item in fields(value))
+    return True
+
+
+def token_from_env(domain: str | None = None, environ: Mapping[str, str] | None = None) -> str | None:
+    """The token to send with, found where the service finds its own: the first of ``LEITSTAND_TOKEN``,
+    else the first in ``LEITSTAND_TOKEN_FILE`` that may write to ``domain`` (any, without one).
+
+    Raises :class:`~leitstand.access.auth.TokenFileError` if the file is named but not usable.
+    """
+    env = os.environ if environ is None else environ
+    listed = auth.split_list(env.get("LEITSTAND_TOKEN", ""))
+    if listed:
+        return listed[0]
+    path = env.get("LEITSTAND_TOKEN_FILE", "").strip()
+    if not path:
+        return None
+    tokens = auth.read_tokens(Path(path))
+    normal = domains.normalize(domain) if domain is not None else None
+    fitting = [
+        token
+        for token, scope, access in tokens
+        if "write" in access and (normal is None or domains.Patterns(scope).match(normal))
+    ]
+    return fitting[0] if fitting else tokens[0][0]
 
 
 class _Core:
@@ -193,7 +246,7 @@ class _Core:
             for batch in self.outbox.pending():
                 yield from self._deliver(batch, result, reject)
         if domain is not None:
-            for batch in batches(domain, _encode(events), reject, self.max_events, self.max_bytes):
+            for batch in batches(domain, _encode(events, reject), reject, self.max_events, self.max_bytes):
                 if self.outbox is not None:
                     self.outbox.add(batch)
                 yield from self._deliver(batch, result, reject)
@@ -215,9 +268,9 @@ class _Core:
             result.pending += len(batch.lines)
         elif answer.status == 200:
             result.stored += len(batch.lines)
-        elif answer.status in _FATAL:
+        elif answer.status in _FATAL or (answer.status == 400 and answer.reason not in _PER_EVENT):
             raise Rejected(answer.status, answer.reason, batch.lines)
-        elif answer.status in _SPLIT and len(batch.lines) > 1:
+        elif answer.status in (400, 413) and len(batch.lines) > 1:
             for half in batch.halves():
                 yield from self._settle(half, result, reject)
         else:

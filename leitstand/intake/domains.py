@@ -23,8 +23,12 @@ PATTERN = rf"{_LABEL}(?:\.{_LABEL})*"
 _DOMAIN = re.compile(PATTERN)
 
 
+@lru_cache(maxsize=_REMEMBERED)
 def normalize(raw: str) -> str | None:
-    """The canonical form of ``raw`` (stripped, lowercased), or None if it is not a valid domain."""
+    """The canonical form of ``raw`` (stripped, lowercased), or None if it is not a valid domain.
+
+    Answers are remembered: every request asks, and the same few names come back all day.
+    """
     name = raw.strip()
     # ASCII is checked before lowercasing: "\u212a".lower() is an ASCII "k".
     if len(name) > MAX_DOMAIN or not name.isascii():
@@ -33,6 +37,7 @@ def normalize(raw: str) -> str | None:
     return name if _DOMAIN.fullmatch(name) else None
 
 
+@lru_cache(maxsize=_REMEMBERED)
 def file_name(domain: str) -> str:
     """The journal file of a valid domain: ``<domain>.jsonl``, shortened with a hash when too long.
 

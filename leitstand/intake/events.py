@@ -2,7 +2,9 @@
 
 A body is one JSON object, an array of objects, or NDJSON. Each event is stored compact,
 keys in the order sent, non-ASCII as UTF-8, with ``"domain"`` set to the canonical domain.
-The whole body is checked before a line is produced, so a batch is all-or-nothing.
+The whole body is checked before a line is produced, so a batch is all-or-nothing. A body
+of nothing but whitespace is refused ("empty body": usually a file that was not there), while
+an empty array is a request of no events.
 
 Nothing a client sends may be changed silently. orjson itself refuses NaN, Infinity, lone
 surrogates, a BOM and numbers that overflow to infinity; what it would change instead
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from array import array
 from dataclasses import dataclass
 from itertools import accumulate
@@ -61,10 +64,31 @@ class TooLarge(PayloadError):
     """A body refused for its size, not its form."""
 
 
-def encode(body: bytes, domain: str, *, ndjson: bool = False, limits: Limits = Limits()) -> tuple[bytes, int]:
-    """The journal lines for ``body`` and how many events they hold."""
+def received(field: str, now: float) -> tuple[str, str]:
+    """The field and value that stamp an event with the time ``now``."""
+    return field, rfc3339(now)
+
+
+def rfc3339(when: float) -> str:
+    """RFC 3339 in UTC with milliseconds, as leitstand writes every time."""
+    millis = int(when * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(millis // 1000)) + f".{millis % 1000:03d}Z"
+
+
+def encode(
+    body: bytes,
+    domain: str,
+    *,
+    ndjson: bool = False,
+    limits: Limits = Limits(),
+    stamp: tuple[str, str] | None = None,
+) -> tuple[bytes, int]:
+    """The journal lines for ``body`` and how many events they hold; ``stamp`` (a field and its
+    value, see :func:`received`) is added to every event, which must not have it already."""
     if ndjson:
         texts = [line for line in body.split(b"\n") if line.strip()]
+        if not texts:
+            raise PayloadError("empty body")
         items = [_loads(text, limits.depth) for text in texts]
     else:
         texts = [body]
@@ -83,6 +107,10 @@ def encode(body: bytes, domain: str, *, ndjson: bool = False, limits: Limits = L
             elif (given := item["domain"]) != domain and (type(given) is not str or domains.normalize(given) != domain):
                 raise PayloadError("domain mismatch")
             item["domain"] = domain
+            if stamp is not None:
+                if stamp[0] in item:
+                    raise PayloadError("reserved field")
+                item[stamp[0]] = stamp[1]
             out.append(orjson.dumps(item, option=_NEWLINE))
     except TypeError:
         raise PayloadError("json too deep") from None  # orjson's only complaint about what it parsed
@@ -92,7 +120,7 @@ def encode(body: bytes, domain: str, *, ndjson: bool = False, limits: Limits = L
             _check_strictly(text)
     # Every colon outside a string separates a key from its value, and orjson writes each kept
     # key once: fewer colons out than in (plus the added domains) means a key was dropped.
-    elif lines.count(b":") != body.count(b":") + added:
+    elif lines.count(b":") != body.count(b":") + added + (len(out) * (1 + stamp[1].count(":")) if stamp else 0):
         raise PayloadError("duplicate key")
     if len(lines) > limits.event_size and max(map(len, out)) > limits.event_size:
         raise TooLarge("event too large")
@@ -106,6 +134,9 @@ def _loads(text: bytes, depth: int) -> Any:
             return _loads_shallow(text, _body_depth(text, depth))
         return orjson.loads(text)
     except orjson.JSONDecodeError:
+        if not text.strip():
+            # Most likely a file that was not there: `curl --data-binary @missing` sends nothing.
+            raise PayloadError("empty body") from None
         if _depth(text) > _body_depth(text, depth):
             raise PayloadError("json too deep") from None
         _check_strictly(text)  # a more precise reason, if there is one

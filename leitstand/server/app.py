@@ -16,6 +16,10 @@ import secrets
 import signal
 import time
 import zlib
+from collections.abc import Callable
+from http import HTTPStatus
+from types import FrameType
+from typing import Any
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -127,7 +131,9 @@ def _refused(exc: HTTPException) -> Response:
     if "allow" in headers:
         headers["allow"] = ", ".join(sorted(headers["allow"].split(", ")))
     encoded = ((name.encode(), value.encode()) for name, value in headers.items())
-    return _text(exc.status_code, exc.detail.lower(), *encoded)
+    # The standard phrase in lower case, as every refusal; a reason of leitstand's own as it is.
+    standard = exc.detail == HTTPStatus(exc.status_code).phrase
+    return _text(exc.status_code, exc.detail.lower() if standard else exc.detail, *encoded)
 
 
 async def _answer(send: Send, response: Response, request_id: bytes) -> None:
@@ -161,6 +167,7 @@ class Leitstand:
             config.data_dir,
             fsync=config.fsync,
             max_open_files=config.max_open_files,
+            syncfs=config.syncfs,
             file_mode=config.file_mode,
             key_window=config.idempotency_window,
             max_keys=config.idempotency_max_keys,
@@ -176,7 +183,9 @@ class Leitstand:
         self.body_deadlines = Deadlines(config.body_timeout)
         self._ids = itertools.count(1)
         self._id_prefix = secrets.token_hex(4) + "-"
-        self.routes = Routes(config, self.journal, self.broker, self.metrics, self._authenticate_request)
+        # Set when the process is told to stop: open streams end, so that uvicorn can finish.
+        self.stopping = asyncio.Event()
+        self.routes = Routes(config, self.journal, self.broker, self.metrics, self._authenticate_request, self.stopping)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -207,6 +216,7 @@ class Leitstand:
                         await send({"type": "lifespan.startup.failed", "message": str(exc)})
                         return
                 self._watch_token_file()
+                self._watch_stop_signals()
                 if self.housekeeper is not None:
                     self.housekeeper.start()
                 details = {
@@ -219,6 +229,8 @@ class Leitstand:
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 # uvicorn has stopped accepting and finished every request by now.
+                self.stopping.set()
+                self.routes.reading.close()
                 if self._watch is not None:
                     self._watch.cancel()
                 if self.housekeeper is not None:
@@ -244,6 +256,25 @@ class Leitstand:
             loop.add_signal_handler(signal.SIGHUP, self.keyring.reload)
         if self.keyring.path is not None:
             self._watch = loop.create_task(self._poll_token_file())
+
+    def _watch_stop_signals(self) -> None:
+        """Learn when uvicorn is told to stop, so that open streams end: uvicorn waits for every
+        open response before it stops (and before the lifespan's shutdown), and tells the app
+        nothing. Its own handlers of SIGTERM and SIGINT stay in charge: each is called after ours.
+        """
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous = signal.getsignal(sig)
+            if not callable(previous):
+                continue
+
+            def stop(number: int, frame: FrameType | None, previous: Callable[..., Any] = previous) -> None:
+                loop.call_soon_threadsafe(self.stopping.set)
+                previous(number, frame)
+
+            # Only the main thread may take signals; under a test harness there may be none.
+            with contextlib.suppress(ValueError):
+                signal.signal(sig, stop)
 
     async def _poll_token_file(self) -> None:
         while True:
@@ -337,7 +368,7 @@ class Leitstand:
             domain or "-",
             count,
             nbytes,
-            round((time.perf_counter() - started) * 1000, 3),
+            time.perf_counter() - started,
             request_id.decode(),
             address,
         )
@@ -381,8 +412,9 @@ class Leitstand:
             return _text(400, "invalid idempotency key")
         limit = self.config.max_body
         length, encoding = headers.content_length, headers.content_encoding
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            return _text(413, "payload too large") if length.isdigit() else _text(400, "invalid content-length")
+        # uvicorn's parser has refused a Content-Length that is not a number before the app is called.
+        if length is not None and length.isdigit() and int(length) > limit:
+            return _text(413, "payload too large")
         if encoding not in (None, b"identity", b"gzip"):
             return _text(415, "unsupported content-encoding")
         try:
@@ -403,7 +435,9 @@ class Leitstand:
         content_type = headers.content_type
         ndjson = content_type is not None and content_type.split(b";", 1)[0].strip().lower() in _NDJSON_TYPES
         try:
-            lines, count = events.encode(body, domain, ndjson=ndjson, limits=self.config.limits)
+            field = self.config.received_field
+            stamp = None if field is None else events.received(field, time.time())
+            lines, count = events.encode(body, domain, ndjson=ndjson, limits=self.config.limits, stamp=stamp)
             appended = Appended.STORED
             if count and self.broker is not None:
                 appended = await self.broker.publish(domain, lines, key)
@@ -467,6 +501,8 @@ async def _read_body(receive: Receive, limit: int) -> bytes | None:
 
 def _gunzip(data: bytes, limit: int) -> bytes | None:
     """Decompress every gzip member of ``data``; None once the output passes ``limit``."""
+    if not data:
+        raise zlib.error("no gzip stream at all")  # "invalid gzip", not an empty JSON body
     out = bytearray()
     while data:
         inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)

@@ -1,4 +1,4 @@
-"""The API description served at ``/openapi.json`` and rendered at ``/docs``."""
+"""The API description served at ``/openapi.json`` and rendered at ``/docs`` (static/docs)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,34 @@ def _status(description: str) -> dict[str, Any]:
 
 
 _EVENT = {"type": "object", "additionalProperties": True}
+_READ_REFUSALS = {
+    "401": _text("unauthorized"),
+    "403": _text("forbidden: the token may not read (access=write), or not this domain (domains=)"),
+    "429": _text("too many requests: too many wrong tokens from this address"),
+}
+_DOMAIN = {
+    "name": "domain",
+    "in": "path",
+    "required": True,
+    "description": (
+        "Dot-separated labels of a-z, 0-9 and '-' (each 1-63, at most 253 in all); stripped and lowercased first"
+    ),
+    "schema": {"type": "string", "maxLength": 253, "pattern": f"^{domains.PATTERN}$"},
+}
+_CURSOR = {"type": "string", "description": "opaque; the next or an event id of an earlier answer"}
+
+
+def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "description": description, "schema": schema}
+
+
+_AFTER = _query("after", _CURSOR, "go on after this cursor (without: from the start)")
+_Q = _query("q", {"type": "string", "minLength": 1, "maxLength": 1000}, "only events whose stored line holds this text")
+_SINCE = _query(
+    "since",
+    {"type": "string", "format": "date-time"},
+    "RFC 3339: start at the first event received in this second or later (the second the service wrote it)",
+)
 
 OPENAPI: dict[str, Any] = {
     "openapi": "3.0.3",
@@ -40,16 +68,7 @@ OPENAPI: dict[str, Any] = {
                 "summary": "Store one event, an array of events, or NDJSON",
                 "security": [{"xAuth": []}, {"bearer": []}],
                 "parameters": [
-                    {
-                        "name": "domain",
-                        "in": "path",
-                        "required": True,
-                        "description": (
-                            "Dot-separated labels of a-z, 0-9 and '-' (each 1-63, at most 253 in all); "
-                            "stripped and lowercased first"
-                        ),
-                        "schema": {"type": "string", "maxLength": 253, "pattern": f"^{domains.PATTERN}$"},
-                    },
+                    _DOMAIN,
                     {"name": "X-Request-ID", "in": "header", "required": False, "schema": {"type": "string"}},
                     {
                         "name": "Idempotency-Key",
@@ -82,10 +101,11 @@ OPENAPI: dict[str, Any] = {
                     },
                     "400": _text(
                         "invalid domain, invalid json, number out of range, duplicate key, json too deep, "
-                        "invalid payload, domain mismatch, invalid gzip, invalid content-length, invalid idempotency key"
+                        "invalid payload, domain mismatch, empty body, invalid gzip, invalid idempotency key, "
+                        "reserved field"
                     ),
                     "401": _text("unauthorized"),
-                    "403": _text("forbidden (the token may not write to this domain), domain not allowed"),
+                    "403": _text("forbidden (the token may not write, or not to this domain), domain not allowed"),
                     "408": _text("request timeout: the body did not arrive in time; the connection is closed"),
                     "413": _text("payload too large, too many events, event too large"),
                     "409": _text("conflict: the Idempotency-Key was stored with other events; nothing written"),
@@ -94,6 +114,109 @@ OPENAPI: dict[str, Any] = {
                     "500": _text("storage error, internal error"),
                     "503": _text("storage unavailable, broker unavailable; retry after Retry-After seconds"),
                     "507": _text("insufficient storage"),
+                },
+            }
+        },
+        "/domains": {
+            "get": {
+                "summary": "The domains the token may read, with their size and recent rate",
+                "security": [{"xAuth": []}, {"bearer": []}],
+                "responses": {
+                    "200": {
+                        "description": "one entry per domain with events that the token may read",
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["domains"],
+                                    "properties": {
+                                        "domains": {
+                                            "type": "array",
+                                            "items": {
+                                                "type": "object",
+                                                "properties": {
+                                                    "domain": {"type": "string"},
+                                                    "bytes": {"type": "integer"},
+                                                    "modified": {"type": "string", "format": "date-time"},
+                                                    "events_per_minute": {
+                                                        "type": "integer",
+                                                        "description": "events written in the last 60 s",
+                                                    },
+                                                    "per_minute": {
+                                                        "type": "array",
+                                                        "items": {"type": "integer"},
+                                                        "description": "events per minute of the last hour, now last",
+                                                    },
+                                                },
+                                            },
+                                        }
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    **_READ_REFUSALS,
+                },
+            }
+        },
+        "/events/{domain}": {
+            "get": {
+                "summary": "A page of stored events, oldest first, with the cursor that goes on",
+                "security": [{"xAuth": []}, {"bearer": []}],
+                "parameters": [
+                    _DOMAIN,
+                    _AFTER,
+                    _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000}, "events (default 100)"),
+                    _query(
+                        "tail",
+                        {"type": "integer", "minimum": 1, "maximum": 1000},
+                        "the last N events instead (without after and limit); next follows from the end",
+                    ),
+                    _Q,
+                    _SINCE,
+                ],
+                "responses": {
+                    "200": {
+                        "description": "the events as stored; next equals after on an empty page without q",
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["events", "next"],
+                                    "properties": {"events": {"type": "array", "items": _EVENT}, "next": _CURSOR},
+                                }
+                            }
+                        },
+                    },
+                    "400": _text("invalid domain, invalid cursor, a limit, tail, q or since out of range, ..."),
+                    "404": _text("unknown domain: no events for it yet"),
+                    **_READ_REFUSALS,
+                },
+            }
+        },
+        "/events/{domain}/stream": {
+            "get": {
+                "summary": "Server-Sent Events: each new event as id (its cursor) and data (its stored line)",
+                "description": (
+                    "Starts at the end (only new events), after a cursor (Last-Event-ID or after=) or at since. "
+                    "A comment every 15 s keeps the connection open; the answer ends when the service stops."
+                ),
+                "security": [{"xAuth": []}, {"bearer": []}],
+                "parameters": [
+                    _DOMAIN,
+                    _AFTER,
+                    {"name": "Last-Event-ID", "in": "header", "required": False, "schema": _CURSOR},
+                    _Q,
+                    _SINCE,
+                ],
+                "responses": {
+                    "200": {
+                        "description": "an endless stream of events",
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    },
+                    "400": _text("invalid domain, invalid cursor, a q or since out of range"),
+                    "404": _text("unknown domain: no events for it yet"),
+                    **_READ_REFUSALS,
                 },
             }
         },
@@ -146,19 +269,3 @@ OPENAPI: dict[str, Any] = {
         },
     },
 }
-
-DOCS_HTML = b"""<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>leitstand API</title>
-<link rel="stylesheet" href="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui.css">
-</head>
-<body>
-<div id="swagger-ui"></div>
-<script src="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
-<script>SwaggerUIBundle({url: "openapi.json", dom_id: "#swagger-ui"});</script>
-<noscript>The API description is at <a href="openapi.json">openapi.json</a>.</noscript>
-</body>
-</html>
-"""

@@ -1,1 +1,1 @@
-"""Keeping events: the journal's append-only files, durable writes, idempotency key logs, and the data dir as seen from outside the server."""
+"""Keeping events: the journal's append-only files, durable writes, idempotency key logs, the time index, the reader (cursors, tail, since, follow), and the data dir as seen from outside the server."""

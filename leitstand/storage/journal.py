@@ -2,10 +2,19 @@
 
 Why it is built this way:
 
-* **Group commit.** Appends to one file that arrive while a write is under way wait and
-  share the next ``os.write`` and ``fdatasync``; one sync acknowledges them all.
-* **Several processes.** Each commit holds ``flock`` on the file across write and sync, so
-  workers appending to one file never interleave, and each sees what the others wrote.
+* **Group commit, across files.** Appends that arrive while a commit round is under way
+  wait for the next round, which serves every file with appends waiting: one ``os.write``
+  per file, then one sync for the lot, then every waiter is answered, with one hand-over to
+  a pool thread and one back per round however many files it serves. Up to two files are
+  synced with ``fdatasync`` each; from three on, one ``syncfs`` of the data dir's filesystem
+  is cheaper (measured: 0.24 ms for 3 files instead of 0.46, 3.6 ms for 100 instead of 34)
+  where it is known to report write-back errors (Linux 5.8 and later, on ext4, xfs or
+  btrfs; elsewhere, FUSE and network filesystems among them, each file gets its own sync).
+  It also flushes what other programs wrote to that filesystem; ``LEITSTAND_SYNCFS=off``
+  keeps to one sync per file.
+* **Several processes.** A round holds ``flock`` on each of its files across write and sync,
+  taking the locks in name order so that two workers' rounds never wait for each other in a
+  circle; workers appending to one file never interleave, and each sees what the others wrote.
 * **No partial state.** A failed write or sync cuts the file back to its last good length
   through a fresh descriptor (after a failed fsync the old one cannot be trusted).
 * **Whole requests.** A commit that holds an append with an idempotency key, or of more
@@ -18,10 +27,14 @@ Why it is built this way:
   need no record: a line is whole or torn.
 * **Idempotency keys.** An append may carry a key; the key is looked up and recorded in the
   commit, under the lock, so two workers with the same key never both store.
+* **Times.** The first commit of each second notes where it wrote in the file's time index
+  (:mod:`leitstand.storage.timeindex`), unsynced; start and a clean stop settle the index.
 * **Sealing.** :meth:`Journal.seal` renames a file to a segment (see
   :mod:`leitstand.storage.segments`) under the same exclusive lock, after cutting it back to
   whole requests and rewriting its request log with only the keys, at offset 0: the keys stay
   known, and no record can name the segment and be taken for an offset into the next file.
+  The file's time index goes with it, renamed to the segment's name (its header still names
+  the segment's inode), so reads by time and cursors keep working in the segment.
   Every commit checks under the lock that its descriptor is still the file under the name
   (:meth:`Journal._lock`), so nothing is appended to a sealed, renamed or removed file.
 
@@ -33,11 +46,13 @@ an :class:`Observer` (the metrics).
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import enum
 import errno
 import fcntl
 import logging
 import os
+import resource
 import stat
 import threading
 import time
@@ -46,11 +61,11 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NamedTuple
 
 from leitstand.storage import segments
 from leitstand.storage.durable import CHUNK, NAME_MAX, read_range, write_whole
 from leitstand.storage.keylog import NO_KEY, RECORD, KeyIndex, RequestLog, key_hash, lines_hash, open_requests_dir
+from leitstand.storage.timeindex import TimeLog, index_name, open_times_dir
 
 log = logging.getLogger("leitstand.journal")
 
@@ -61,6 +76,10 @@ _FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 # O_NOFOLLOW on a symlink gives ELOOP; O_RDWR on a directory EISDIR.
 _REFUSED = frozenset({errno.ELOOP, errno.EISDIR})
 PROBE = ".leitstand-probe"
+# From this many files in one round on, one syncfs makes them durable instead of an fdatasync each.
+SYNCFS_FROM = 3
+# Filesystems whose syncfs writes back and flushes every file, and reports a failure (Linux >= 5.8).
+_SYNCFS_FILESYSTEMS = frozenset({"ext4", "ext3", "xfs", "btrfs"})
 
 
 class JournalError(Exception):
@@ -119,18 +138,6 @@ _Waiter = asyncio.Future[Appended]
 _Append = tuple[bytes, _Waiter, _Key | None, bool]
 # One record of the request log: time, key hash, lines hash, start, end.
 _Record = tuple[float, bytes, bytes, int, int]
-# What a commit hands back to the event loop: its waiters, what became of each (None: all
-# stored), and the error they all get.
-_Outcome = tuple[list[_Waiter], list[Appended] | None, JournalError | None]
-
-
-class _Written(NamedTuple):
-    """What one commit did: what became of each append (None: all stored), and what it wrote."""
-
-    results: list[Appended] | None
-    appends: int
-    nbytes: int
-    sync_seconds: float | None
 
 
 def probe(directory: Path) -> None:
@@ -185,7 +192,7 @@ class _Batch:
 class _File:
     """One journal file and the appends waiting for its next commit."""
 
-    __slots__ = ("batch", "busy", "end", "fd", "mutex", "name", "requests")
+    __slots__ = ("batch", "committing", "end", "fd", "mutex", "name", "queued", "requests", "times")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -194,10 +201,17 @@ class _File:
         self.end = -1
         self.batch = _Batch()
         self.requests = RequestLog(name)
-        # A commit is under way or scheduled; only the event loop reads and sets it.
-        self.busy = False
+        self.times = TimeLog(name)
+        # Waiting for the next round, or handed to the round under way; only the event loop
+        # reads and sets them.
+        self.queued = False
+        self.committing = False
         # The batch is filled on the event loop and taken on a pool thread.
         self.mutex = threading.Lock()
+
+    @property
+    def busy(self) -> bool:
+        return self.queued or self.committing
 
     def take(self) -> _Batch:
         """Everything that waits for a commit, leaving a new, empty batch behind."""
@@ -206,30 +220,65 @@ class _File:
         return batch
 
 
+class _Commit:
+    """One file's part of a round: what it took, what it writes, and how it ended."""
+
+    __slots__ = ("batch", "data", "error", "fd", "file", "records", "requests_dir", "results", "size")
+
+    def __init__(self, f: _File, fd: int) -> None:
+        self.file = f
+        self.fd = fd
+        self.batch = _Batch()
+        # The file's length before, and what this commit adds to it.
+        self.size = -1
+        self.data = b""
+        # What became of each append; None while all are stored.
+        self.results: list[Appended] | None = None
+        self.records: list[_Record] = []
+        self.requests_dir: int | None = None
+        self.error: JournalError | None = None
+
+    def fail(self, action: str, exc: Exception) -> None:
+        if isinstance(exc, OSError):
+            self.error = _journal_error(self.file.name, action, exc)
+        else:
+            log.exception("commit failed: file=%s", self.file.name)
+            self.error = StorageUnavailable(str(exc))
+
+
 class Journal:
     def __init__(
         self,
         directory: Path,
         *,
         fsync: bool = True,
-        max_open_files: int = 256,
+        max_open_files: int = 4096,
         file_mode: int = 0o600,
         key_window: float = 86400.0,
         max_keys: int = 100_000,
+        syncfs: bool = True,
         observer: Observer | None = None,
     ) -> None:
+        """``syncfs``: whether a round of several files may be made durable with one ``syncfs``
+        (where the filesystem allows it; see the module's docstring)."""
         self.directory = directory
         self.observer = observer or Observer()
         self.fsync = fsync
         self.file_mode = file_mode
-        self.max_open_files = max_open_files
+        self.max_open_files = _allow_open_files(max_open_files)
         self.keys = KeyIndex(key_window, max_keys)
+        self.syncfs = syncfs
         self._files: OrderedDict[str, _File] = OrderedDict()
-        self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="journal")
+        # Files with appends waiting for the next round, and whether a round is under way.
+        self._queued: list[_File] = []
+        self._committing = False
+        self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="journal")
         self._dir_fd = -1
         # .leitstand/requests, once it exists; only commit threads touch it, under a file's lock.
         self._requests_dir: int | None = None
         self._requests_dir_lock = threading.Lock()
+        # .leitstand/times, opened (and made) by the first commit or at start.
+        self._times_dir: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle -------------------------------------------------------------------
@@ -237,22 +286,42 @@ class Journal:
     async def open(self) -> int:
         """Open the directory and repair every torn tail in it; returns how many were repaired."""
         self._loop = asyncio.get_running_loop()
-        return len(await self._loop.run_in_executor(self._executor, self._open_directory))
+        repaired = await self._loop.run_in_executor(self._executor, self._open_directory)
+        self.syncfs = self.syncfs and self.fsync and syncfs_works(self.directory)
+        return len(repaired)
 
     async def close(self) -> None:
         """Wait for every commit under way, then close all files."""
-        while any(f.busy for f in self._files.values()):
+        while self._committing or self._queued:
             await asyncio.sleep(0.005)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._mark_times)
         fds = [fd for f in self._files.values() for fd in self._release(f)]
         self._files.clear()
-        if self._requests_dir is not None:
-            fds.append(self._requests_dir)
-            self._requests_dir = None
+        for attribute in ("_requests_dir", "_times_dir"):
+            state_dir = getattr(self, attribute)
+            if state_dir is not None:
+                fds.append(state_dir)
+                setattr(self, attribute, None)
         if self._dir_fd >= 0:
             fds.append(self._dir_fd)
             self._dir_fd = -1
-        await asyncio.get_running_loop().run_in_executor(self._executor, _close_all, fds)
+        await loop.run_in_executor(self._executor, _close_all, fds)
         self._executor.shutdown(wait=True)
+
+    def _mark_times(self) -> None:
+        """A clean stop: each time index this process wrote ends at its file's end (nothing lost)."""
+        for f in self._files.values():
+            if f.fd is None or f.times.fd is None or self._times_dir is None:
+                continue
+            try:
+                fcntl.flock(f.fd, fcntl.LOCK_EX)
+                try:
+                    f.times.mark(self._times_dir, f.fd, os.fstat(f.fd).st_size, time.time())
+                finally:
+                    fcntl.flock(f.fd, fcntl.LOCK_UN)
+            except OSError as exc:
+                log.error("time index not closed: file=%s error=%s", f.times.name, exc.strerror)
 
     def _open_directory(self) -> dict[str, int]:
         """Open the directory and cut every file back to whole requests; returns the bytes set aside per file."""
@@ -261,17 +330,24 @@ class Journal:
         with os.scandir(self._dir_fd) as entries:
             names = [e.name for e in entries if e.name.endswith(SUFFIX) and e.is_file(follow_symlinks=False)]
         requests_dir = self._requests_dir_fd(create=False)
+        times_dir = None
+        try:
+            times_dir = self._times_dir_fd() if names else None
+        except OSError as exc:
+            log.error("time index dir not usable, since= reads whole files: error=%s", exc.strerror)
         for name in sorted(names):
             f = _File(name)
             fd = os.open(name, _OPEN_FLAGS, dir_fd=self._dir_fd)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 size = os.fstat(fd).st_size
-                cut = size - self._recover(f, fd, size, requests_dir)
-                if cut:
-                    repaired[name] = cut
+                good = self._recover(f, fd, size, requests_dir)
+                if size - good:
+                    repaired[name] = size - good
+                if times_dir is not None:
+                    f.times.settle(times_dir, fd, good, time.time())
             finally:
-                _close_all([fd, *f.requests.close()])
+                _close_all([fd, *f.requests.close(), *f.times.close()])
         return repaired
 
     @property
@@ -309,9 +385,11 @@ class Journal:
             batch = f.batch
             batch.appends.append((data, waiter, hashed, recorded))
             batch.recorded = batch.recorded or recorded
-        if not f.busy:
-            f.busy = True
-            self._commit_pending(f)
+        if not f.queued:
+            f.queued = True
+            self._queued.append(f)
+            if not self._committing:
+                self._start_round()
         return await waiter
 
     def _admit(self, name: str) -> _File:
@@ -329,113 +407,186 @@ class Journal:
 
     def _release(self, f: _File) -> list[int]:
         """The descriptors of a file no longer kept (journal file and request log), for the caller to close."""
-        fds = f.requests.close()
+        fds = f.requests.close() + f.times.close()
         if f.fd is not None:
             fds.append(f.fd)
             self.observer.opened(-1)
         return fds
 
-    def _commit_pending(self, f: _File) -> None:
+    def _start_round(self) -> None:
         loop = self._loop
         assert loop is not None
-        done = self._executor.submit(self._commit, f)
-        done.add_done_callback(lambda d: loop.call_soon_threadsafe(self._committed, f, d))
+        files, self._queued = self._queued, []
+        for f in files:
+            f.queued, f.committing = False, True
+        self._committing = True
+        done = self._executor.submit(self._round, files)
+        done.add_done_callback(lambda d: loop.call_soon_threadsafe(self._round_done, files, d))
 
-    def _committed(self, f: _File, done: Future[_Outcome]) -> None:
-        waiters, results, error = done.result()
-        if error is not None:
-            self.observer.failed(error)
-        for n, waiter in enumerate(waiters):
-            if waiter.done():
-                continue
-            if error is None:
-                waiter.set_result(Appended.STORED if results is None else results[n])
-            else:
-                waiter.set_exception(error)
-        # No commit of f runs now, so the batch can be read without the mutex.
-        if f.batch.appends:
-            self._commit_pending(f)
+    def _round_done(self, files: list[_File], done: Future[list[_Commit]]) -> None:
+        for commit in done.result():
+            if commit.error is not None:
+                self.observer.failed(commit.error)
+            for n, (_, waiter, _, _) in enumerate(commit.batch.appends):
+                if waiter.done():
+                    continue
+                if commit.error is not None:
+                    waiter.set_exception(commit.error)
+                else:
+                    waiter.set_result(Appended.STORED if commit.results is None else commit.results[n])
+        for f in files:
+            f.committing = False
+        if self._queued:
+            self._start_round()
         else:
-            f.busy = False
+            self._committing = False
 
-    # -- the commit, on a pool thread ------------------------------------------------
+    # -- the commit round, on a pool thread --------------------------------------------
 
-    def _commit(self, f: _File) -> _Outcome:
-        """Write and sync what waits for ``f``; returns the waiters and the error, if any.
+    def _round(self, files: list[_File]) -> list[_Commit]:
+        """Write what waits for each of ``files``, then make it all durable together.
 
-        Never raises: whatever goes wrong is handed to the waiters, so none is left hanging.
+        Never raises: whatever goes wrong is handed to the waiters of the files it concerns,
+        so none is left hanging, and the other files of the round go on.
         """
-        try:
-            fd = self._lock(f)
-        except OSError as exc:
-            return _waiters(f.take()), None, _journal_error(f.name, "open", exc)
-        waiters: list[_Waiter] = []
-        try:
-            # Taken only now that the lock is held: appends that came in while another
-            # worker held it join this commit instead of waiting for the next one.
-            batch = f.take()
-            waiters = _waiters(batch)
-            written = self._append_locked(f, fd, batch)
-        except OSError as exc:
-            return waiters, None, _journal_error(f.name, "write", exc)
-        except Exception as exc:
-            log.exception("commit failed: file=%s", f.name)
-            return waiters, None, StorageUnavailable(str(exc))
-        finally:
-            if f.fd == fd:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-        self.observer.committed(written.appends, written.nbytes, written.sync_seconds)
-        return waiters, written.results, None
-
-    def _append_locked(self, f: _File, fd: int, batch: _Batch) -> _Written:
-        """Append ``batch`` to the file ``f`` has locked, or leave the file as it was.
-
-        Records are written and synced before the data is written: a record whose data did not
-        follow is cut off by the next commit's :meth:`_recover`, never believed, and no data
-        reaches the disk without its record.
-        """
-        size = -1
-        records: list[_Record] = []
+        commits = []
+        created: list[_File] = []
+        # One lock order for every process: two rounds never wait for each other in a circle.
+        for f in sorted(files, key=lambda f: f.name):
+            # Appends that arrived after this round began may have been taken by it already.
+            if f.batch.appends:
+                commits.append(self._lock(f, created))
+        if created and self.fsync:
+            # New names are durable only once the directory is synced: once for all, before any
+            # answer, and before the lock of a new file is let go for another worker to use it.
+            try:
+                os.fsync(self._dir_fd)
+            except OSError as exc:
+                for commit in commits:
+                    if commit.file in created:
+                        commit.fail("sync", exc)
+        requests_dir = self._requests_dir_for(commits)
+        for commit in commits:
+            if commit.error is None:
+                self._prepare(commit, requests_dir)
+        started = time.perf_counter()
+        if self.fsync:
+            # The records before any data is written: no data can reach the disk ahead of its record.
+            self._make_durable([(c, c.file.requests.fd) for c in commits if c.error is None and c.records])
+        for commit in commits:
+            if commit.error is None:
+                try:
+                    write_whole(commit.fd, commit.data)
+                except Exception as exc:
+                    commit.fail("write", exc)
+                else:
+                    self._note_time(commit.file, commit.fd, commit.size)
         synced = None
+        if self.fsync:
+            self._make_durable([(c, c.fd) for c in commits if c.error is None])
+            synced = time.perf_counter() - started
+        for commit in commits:
+            self._end(commit)
+        stored = [c for c in commits if c.error is None]
+        if stored:
+            appends = sum(len(c.batch.appends) if c.results is None else c.results.count(Appended.STORED) for c in stored)
+            self.observer.committed(appends, sum(len(c.data) for c in stored), synced)
+        return commits
+
+    def _lock(self, f: _File, created: list[_File]) -> _Commit:
+        """Open and lock the file, and take its batch; a file that had to be created is added to ``created``."""
         try:
-            size = os.fstat(fd).st_size
-            requests_dir = self._requests_dir_fd(create=batch.recorded)
-            if requests_dir is not None or size != f.end:
+            commit = _Commit(f, self._locked(f, created))
+        except OSError as exc:
+            commit = _Commit(f, -1)
+            commit.batch = f.take()
+            commit.fail("open", exc)
+            return commit
+        # Taken only now that the lock is held: appends that came in while another worker
+        # held it join this commit instead of waiting for the next one.
+        commit.batch = f.take()
+        return commit
+
+    def _requests_dir_for(self, commits: list[_Commit]) -> int | None:
+        """``.leitstand/requests``, looked for with every lock of the round held, so that no
+        record another worker wrote for one of its files can be missed; made if a commit needs
+        a record. If it cannot be made, those commits fail and the others go on."""
+        recorded = [c for c in commits if c.error is None and c.batch.recorded]
+        try:
+            return self._requests_dir_fd(create=bool(recorded))
+        except OSError as exc:
+            for commit in recorded:
+                commit.fail("write", exc)
+        try:
+            return self._requests_dir_fd(create=False)
+        except OSError as exc:
+            for commit in commits:
+                if commit.error is None:
+                    commit.fail("write", exc)
+            return None
+
+    def _prepare(self, commit: _Commit, requests_dir: int | None) -> None:
+        """Make sure the file holds only whole requests, decide what to write, and write the
+        records it needs (not yet synced)."""
+        f, batch = commit.file, commit.batch
+        try:
+            commit.size = os.fstat(commit.fd).st_size
+            if requests_dir is not None or commit.size != f.end:
                 # Someone else appended (another worker), or this is the first look.
-                size = self._recover(f, fd, size, requests_dir)
-            started = time.perf_counter()
-            results = None
+                commit.size = self._recover(f, commit.fd, commit.size, requests_dir)
             if batch.recorded:
                 assert requests_dir is not None
-                data, results, records = self._decide(size, batch.appends)
-                if records:
-                    f.requests.write(requests_dir, b"".join(RECORD.pack(*r) for r in records), self.fsync)
-                    if self.fsync:
-                        # Before the data is written: no data can reach the disk ahead of its record.
-                        f.requests.sync()
+                commit.data, commit.results, commit.records = self._decide(commit.size, batch.appends)
+                if commit.records:
+                    records = b"".join(RECORD.pack(*r) for r in commit.records)
+                    f.requests.write(requests_dir, records, self.fsync)
+                    commit.requests_dir = requests_dir
             else:
-                data = b"".join([append[0] for append in batch.appends])
-            write_whole(fd, data)
-            if self.fsync:
+                commit.data = b"".join([append[0] for append in batch.appends])
+        except Exception as exc:
+            commit.fail("write", exc)
+
+    def _make_durable(self, files: list[tuple[_Commit, int | None]]) -> None:
+        """Sync each file written for a commit: one syncfs for many, else one fdatasync each.
+
+        A failed syncfs cannot tell whose data it lost, so every commit it covered fails.
+        """
+        if self.syncfs and len(files) >= SYNCFS_FROM:
+            try:
+                _syncfs(self._dir_fd)
+            except OSError as exc:
+                for commit, _ in files:
+                    commit.fail("sync", exc)
+            return
+        for commit, fd in files:
+            try:
+                assert fd is not None
                 os.fdatasync(fd)
-                synced = time.perf_counter() - started
-            f.end = size + len(data)
-        except Exception:
-            if records:
+            except OSError as exc:
+                commit.fail("sync", exc)
+
+    def _end(self, commit: _Commit) -> None:
+        """Keep what the commit wrote, or roll it back; then let go of the file's lock."""
+        f = commit.file
+        if commit.fd < 0:
+            return
+        if commit.error is not None:
+            if commit.records:
                 f.requests.roll_back()
-            self._roll_back(f, size)
-            raise
-        if records:
-            assert requests_dir is not None
-            f.requests.committed(len(records) * RECORD.size)
+            self._roll_back(f, commit.size)
+            return
+        f.end = commit.size + len(commit.data)
+        if commit.records:
+            assert commit.requests_dir is not None
+            f.requests.committed(len(commit.records) * RECORD.size)
+            records = commit.records
             self.keys.add(((when, key, lines) for when, key, lines, _, _ in records if key != NO_KEY), time.time())
             try:
-                f.requests.compact(requests_dir, self.keys, self.fsync)
+                f.requests.compact(commit.requests_dir, self.keys, self.fsync)
             except OSError as exc:
                 # The old request log stays; the next commit of this file tries again.
                 log.error("request log compaction failed: file=%s error=%s", f.requests.name, exc.strerror)
-        stored = len(batch.appends) if results is None else results.count(Appended.STORED)
-        return _Written(results, stored, len(data), synced)
+        fcntl.flock(commit.fd, fcntl.LOCK_UN)
 
     def _decide(self, size: int, appends: list[_Append]) -> tuple[bytes, list[Appended], list[_Record]]:
         """What to write (appends without a key, and keys new within the window), what became of
@@ -461,6 +612,27 @@ class Journal:
             kept.append(data)
         return b"".join(kept), results, records
 
+    def _note_time(self, f: _File, fd: int, offset: int) -> None:
+        """The time index learns of the first commit of a second; it is a hint, so a failure costs no
+        commit (and is tried again the next second)."""
+        now = time.time()
+        if int(now) <= f.times.second:
+            return
+        try:
+            f.times.note(self._times_dir_fd(), fd, offset, now)
+        except OSError as exc:
+            f.times.second = int(now)
+            log.error("time index not written: file=%s error=%s", f.times.name, exc.strerror)
+
+    def _times_dir_fd(self) -> int:
+        if self._times_dir is None:
+            with self._requests_dir_lock:
+                if self._times_dir is None:
+                    times_dir = open_times_dir(self._dir_fd, create=True)
+                    assert times_dir is not None
+                    self._times_dir = times_dir
+        return self._times_dir
+
     def _requests_dir_fd(self, create: bool) -> int | None:
         """``.leitstand/requests``, opened once it exists (made by the first record, here or in another worker)."""
         if self._requests_dir is None:
@@ -469,21 +641,24 @@ class Journal:
                     self._requests_dir = open_requests_dir(self._dir_fd, create, self.fsync)
         return self._requests_dir
 
-    def _lock(self, f: _File) -> int:
-        """Lock the file ``f`` for a commit, opening it if need be; returns its descriptor, which is
-        then the file under the name ``f.name``.
+    def _locked(self, f: _File, created: list[_File]) -> int:
+        """Lock the file ``f`` for a commit, opening it if need be (a file that had to be created is
+        added to ``created``); returns its descriptor, which is then the file under the name ``f.name``.
 
         A descriptor of a file sealed since it was opened (or renamed or removed from outside) is
         closed and the name opened anew, so nothing is ever appended to a segment: checked under
         the lock, as a seal renames under it, for the cost of one ``stat`` per commit. The request
         log is read anew too: what this process read of it may name the old file, and at the new
-        file's length any such record is cut off (a seal has left none, see :meth:`seal`).
+        file's length any such record is cut off (a seal has left none, see :meth:`seal`); so is
+        its time index, whose header then names another file.
         """
         while True:
             if f.fd is None:
-                f.fd = self._open_file(f.name)
+                f.fd, new = self._open_file(f.name)
                 f.end = -1
                 self.observer.opened(1)
+                if new:
+                    created.append(f)
             fd = f.fd
             fcntl.flock(fd, fcntl.LOCK_EX)
             try:
@@ -546,6 +721,7 @@ class Journal:
                 f.requests.forget_offsets(requests_dir, self.keys, self.fsync)
             segment = segments.new_name(name, segments.of(self._dir_fd, name), time.time())
             os.rename(name, segment, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
+            self._seal_times(name, segment)
             if self.fsync:
                 os.fsync(self._dir_fd)
         finally:
@@ -555,20 +731,37 @@ class Journal:
         self.observer.sealed(size)
         return segment
 
-    def _open_file(self, name: str) -> int:
+    def _seal_times(self, name: str, segment: str) -> None:
+        """The time index of ``name`` becomes the segment's (its header names the segment's inode).
+
+        A hint, like every index write: if it fails, or a crash comes first, the segment is read
+        by its seal time instead, and the next file under ``name`` starts an index of its own."""
+        try:
+            times_dir = self._times_dir if self._times_dir is not None else open_times_dir(self._dir_fd, create=False)
+            if times_dir is None:
+                return
+            try:
+                os.rename(index_name(name), index_name(segment), src_dir_fd=times_dir, dst_dir_fd=times_dir)
+            finally:
+                if times_dir != self._times_dir:
+                    os.close(times_dir)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.error("time index not kept for the segment: file=%s error=%s", name, exc.strerror)
+
+    def _open_file(self, name: str) -> tuple[int, bool]:
+        """The file's descriptor, and whether it was created (its name is durable only once the
+        directory is synced, which the round does once for all it created)."""
         try:
             fd = os.open(name, _OPEN_FLAGS, dir_fd=self._dir_fd)
         except FileNotFoundError:
-            fd = os.open(name, _OPEN_FLAGS | os.O_CREAT, self.file_mode, dir_fd=self._dir_fd)
-            if self.fsync:
-                # The new name is durable only once its directory is synced.
-                os.fsync(self._dir_fd)
-            return fd
+            return os.open(name, _OPEN_FLAGS | os.O_CREAT, self.file_mode, dir_fd=self._dir_fd), True
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             # A FIFO or device planted under the name: never write into it.
             os.close(fd)
             raise OSError(errno.EISDIR, "not a regular file")
-        return fd
+        return fd, False
 
     def _roll_back(self, f: _File, good: int) -> None:
         """Cut the file back to ``good`` bytes while this commit still holds its lock.
@@ -671,7 +864,8 @@ def _beside_servers(journal: Journal) -> Iterator[Journal]:
     try:
         yield journal
     finally:
-        _close_all([fd for fd in (journal._dir_fd, journal._requests_dir) if fd is not None and fd >= 0])
+        state = (journal._dir_fd, journal._requests_dir, journal._times_dir)
+        _close_all([fd for fd in state if fd is not None and fd >= 0])
         journal._executor.shutdown()
 
 
@@ -690,8 +884,82 @@ def last_line_end(fd: int, size: int, count: int = 1) -> int:
     return 0
 
 
-def _waiters(batch: _Batch) -> list[_Waiter]:
-    return [append[1] for append in batch.appends]
+# Descriptors beyond the journal's own: sockets, the request logs' directory, the pool's, the runtime's.
+_SPARE_DESCRIPTORS = 1024
+
+
+def _allow_open_files(wanted: int) -> int:
+    """How many journal files may be kept open: ``wanted``, with the process's descriptor limit
+    raised to fit them (each may hold two: its data and its request log), up to the hard limit.
+
+    Below what is needed, fewer are kept open (logged once), and the least recently used are
+    closed sooner: slower with very many domains, never wrong.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = 2 * wanted + _SPARE_DESCRIPTORS
+    if soft != resource.RLIM_INFINITY and soft < need:
+        raised = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < need:
+        fits = max(1, (soft - _SPARE_DESCRIPTORS) // 2)
+        log.warning(
+            "only %d open files allowed (ulimit -n): keeping %d journal files open instead of %d; "
+            "raise the limit (LimitNOFILE= in systemd, ulimit -n) for many domains",
+            soft, fits, wanted,
+        )
+        return fits
+    return wanted
+
+
+def syncfs_works(directory: Path) -> bool:
+    """Whether one ``syncfs`` makes every file of ``directory``'s filesystem durable and reports a
+    failure: Linux 5.8 or later (before, it hid write-back errors) on a filesystem known to."""
+    major, minor = (int(part) for part in os.uname().release.split(".")[:2])
+    return (major, minor) >= (5, 8) and filesystem_type(directory) in _SYNCFS_FILESYSTEMS and _libc() is not None
+
+
+def filesystem_type(path: Path) -> str | None:
+    """The type of the filesystem ``path`` is on, from /proc/self/mountinfo: the mount with the
+    longest mount point that ``path`` lies under."""
+    real = os.path.realpath(path)
+    found, longest = None, -1
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8") as mounts:
+            for line in mounts:
+                fields, _, rest = line.partition(" - ")
+                # Blanks and backslashes in the mount point are escaped as octal.
+                point = fields.split()[4].encode().decode("unicode_escape")
+                inside = real == point or real.startswith(point.rstrip("/") + "/")
+                if inside and len(point) > longest:
+                    found, longest = rest.split()[0], len(point)
+    except OSError:
+        return None
+    return found
+
+
+_LIBC: list[ctypes.CDLL | None] = []
+
+
+def _libc() -> ctypes.CDLL | None:
+    if not _LIBC:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            _LIBC.append(libc if hasattr(libc, "syncfs") else None)
+        except OSError:
+            _LIBC.append(None)
+    return _LIBC[0]
+
+
+def _syncfs(fd: int) -> None:
+    libc = _libc()
+    assert libc is not None
+    if libc.syncfs(fd) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, os.strerror(error))
 
 
 def _close_all(fds: list[int]) -> None:

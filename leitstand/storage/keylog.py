@@ -288,20 +288,27 @@ def whole_requests(requests_dir: int, journal_name: str, data_length: int) -> in
     return _take(records, data_length)[1]
 
 
-def log_name(journal_name: str) -> str:
-    """``<journal name>.log``; a digest of the journal name instead where that name, or the
-    ``.<name>.tmp`` that compaction writes, would be too long for the filesystem."""
-    return fitting(journal_name, SUFFIX)
+def log_name(journal_name: str, suffix: str = SUFFIX) -> str:
+    """``<journal name>.log`` (or another side file's ``suffix``); a digest of the journal name
+    instead where that name, or the ``.<name>.tmp`` that compaction writes, would be too long
+    for the filesystem."""
+    return fitting(journal_name, suffix)
 
 
 def open_requests_dir(data_dir: int, create: bool, fsync: bool) -> int | None:
     """The descriptor of ``.leitstand/requests`` inside the data dir, never through a symbolic link;
     None if it does not exist and ``create`` is false."""
+    return open_state_dir(data_dir, REQUESTS_DIR, create, fsync)
+
+
+def open_state_dir(data_dir: int, name: str, create: bool, fsync: bool) -> int | None:
+    """The descriptor of ``.leitstand/<name>`` inside the data dir, never through a symbolic link;
+    None if it does not exist and ``create`` is false."""
     state = _open_dir(data_dir, STATE_DIR, create, fsync)
     if state is None:
         return None
     try:
-        return _open_dir(state, REQUESTS_DIR, create, fsync)
+        return _open_dir(state, name, create, fsync)
     finally:
         os.close(state)
 

@@ -19,6 +19,10 @@ from typing import Any, NoReturn
 import orjson
 
 _PLAIN = re.compile(r"[A-Za-z0-9._/:@+\-<>]*")
+# Escaped request paths kept for the next request to the same path: as many, and as long as an
+# ingest path can be (so that clients cannot fill the memory with long ones).
+_PATHS_REMEMBERED = 4096
+_PATH_REMEMBERED_LENGTH = 300
 # uvicorn adds color_message to its records: terminal colour codes, of no use in a log line.
 _STANDARD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "color_message"}
 
@@ -81,11 +85,16 @@ class RequestLog:
 
     Lines are collected and written once per pass of the event loop: under load one
     ``write`` call carries many lines, and no line waits longer than the pass it was made in.
+    It runs for every request, so what repeats is made once: the time stamp once per
+    millisecond, the escaped path once per path (paths repeat: one per domain).
     """
 
     def __init__(self, renderer: Renderer) -> None:
         self.json = renderer.json
         self._pending: list[str] = []
+        self._millisecond = -1
+        self._stamp = ""
+        self._paths: dict[str, str] = {}
 
     def write(
         self,
@@ -95,11 +104,15 @@ class RequestLog:
         domain: str,
         events: int,
         nbytes: int,
-        duration_ms: float,
+        seconds: float,
         request_id: str,
         client: str,
     ) -> None:
-        stamp = _timestamp(time.time())
+        now = time.time()
+        millisecond = int(now * 1000)
+        if millisecond != self._millisecond:
+            self._millisecond, self._stamp = millisecond, _timestamp(now)
+        stamp = self._stamp
         if self.json:
             line = orjson.dumps(
                 {
@@ -112,15 +125,22 @@ class RequestLog:
                     "domain": domain,
                     "events": events,
                     "bytes": nbytes,
-                    "duration_ms": duration_ms,
+                    "duration_ms": round(seconds * 1000, 3),
                     "request_id": request_id,
                     "client": client,
                 }
             ).decode()
         else:
+            escaped = self._paths.get(path)
+            if escaped is None:
+                escaped = _text_value(path)
+                if len(path) <= _PATH_REMEMBERED_LENGTH:
+                    if len(self._paths) >= _PATHS_REMEMBERED:
+                        self._paths.clear()
+                    self._paths[path] = escaped
             line = (
-                f"{stamp} INFO request method={method} path={_text_value(path)} status={status} "
-                f"domain={domain} events={events} bytes={nbytes} duration_ms={duration_ms} "
+                f"{stamp} INFO request method={method} path={escaped} status={status} "
+                f"domain={domain} events={events} bytes={nbytes} duration_ms={seconds * 1000:.3f} "
                 f"request_id={request_id} client={client}"
             )
         if not self._pending:

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import atexit
 import errno
+from bisect import bisect_left
 import fcntl
 import multiprocessing
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,8 @@ _OWNER = ".owner"
 _TEMP_PREFIX = "leitstand-metrics-"
 _SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _APPENDS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# The routes of the read API (their router paths).
+_READ_ROUTES = ("/domains", "/events/")
 _BYTES = (256, 1 << 10, 4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20)
 
 
@@ -90,17 +93,22 @@ class Metrics(journal.Observer, rotation.Observer):
         self._events = Counter("leitstand_events_written", "Events stored, by domain.", ["domain"], registry=own)
         self._bytes = Counter("leitstand_bytes_written", "Bytes appended, by domain.", ["domain"], registry=own)
         self._fsync = Histogram(
-            "leitstand_fsync_duration_seconds", "Time one fdatasync of a commit took.", buckets=_SECONDS, registry=own
+            "leitstand_fsync_duration_seconds", "Time a commit round took to make its writes durable (fdatasync per file, or one syncfs).", buckets=_SECONDS, registry=own
         )
         self._appends = Histogram(
-            "leitstand_commit_appends", "Appends (requests) one commit wrote together.", buckets=_APPENDS, registry=own
+            "leitstand_commit_appends", "Appends (requests) one commit round wrote together, over all its files.", buckets=_APPENDS, registry=own
         )
         self._commit_bytes = Histogram(
-            "leitstand_commit_bytes", "Bytes one commit wrote.", buckets=_BYTES, registry=own
+            "leitstand_commit_bytes", "Bytes one commit round wrote, over all its files.", buckets=_BYTES, registry=own
         )
         self._open_files = Gauge(
             "leitstand_open_files", "Journal files held open.", multiprocess_mode="livesum", registry=own
         )
+        self._streams = Gauge(
+            "leitstand_open_streams", "Event streams open (GET /events/{domain}/stream).", multiprocess_mode="livesum",
+            registry=own,
+        )
+        self._reads = Counter("leitstand_read_requests", "Read requests answered, by status.", ["status"], registry=own)
         self._torn = Counter("leitstand_torn_tails_repaired", "Torn last lines and requests cut short by a crash, set aside.", registry=own)
         errors = Counter(
             "leitstand_storage_errors", "Failed commits, by kind (full, unavailable, refused).", ["kind"], registry=own
@@ -123,9 +131,9 @@ class Metrics(journal.Observer, rotation.Observer):
             "leitstand_segments_removed_bytes", "Bytes of the segments removed by retention, by reason.", ["reason"],
             registry=own,
         )
-        self._by_status: dict[tuple[str, int, str], tuple[Any, Any]] = {}
-        self._by_domain: dict[str, tuple[Any, Any]] = {}
-        self._other = (self._events.labels(OTHER), self._bytes.labels(OTHER))
+        self._by_status: dict[tuple[str, int, str], tuple[_Add, _Add]] = {}
+        self._by_domain: dict[str, tuple[_Add, _Add]] = {}
+        self._other = (_count(self._events.labels(OTHER)), _count(self._bytes.labels(OTHER)))
         if self.directory is None:
             self._registry = own
         else:
@@ -142,27 +150,32 @@ class Metrics(journal.Observer, rotation.Observer):
         if pair is None:
             try:
                 pair = self._by_status[key] = (
-                    self._requests.labels(route, str(status), reason),
-                    self._latency.labels(route),
+                    _count(self._requests.labels(route, str(status), reason)),
+                    _observe(self._latency.labels(route)),
                 )
             except OSError:  # the metrics dir is full: no answer is refused for a metric
                 return
-        pair[0].inc()
-        pair[1].observe(seconds)
+        pair[0](1)
+        pair[1](seconds)
+        if route.startswith(_READ_ROUTES):
+            self._reads.labels(str(status)).inc()
+
+    def streams(self, delta: int) -> None:
+        self._streams.inc(delta)
 
     def stored(self, domain: str, events: int, nbytes: int) -> None:
         pair = self._by_domain.get(domain)
         if pair is None:
             pair = self._domain(domain)
-        pair[0].inc(events)
-        pair[1].inc(nbytes)
+        pair[0](events)
+        pair[1](nbytes)
 
-    def _domain(self, domain: str) -> tuple[Any, Any]:
+    def _domain(self, domain: str) -> tuple[_Add, _Add]:
         """The counters of a domain seen for the first time, or those of ``_other`` past the limit."""
         if len(self._by_domain) >= self.max_domains:
             return self._other
         try:
-            pair = self._by_domain[domain] = (self._events.labels(domain), self._bytes.labels(domain))
+            pair = self._by_domain[domain] = (_count(self._events.labels(domain)), _count(self._bytes.labels(domain)))
         except OSError:  # the metrics dir is full: no answer is refused for a metric
             return self._other
         return pair
@@ -206,6 +219,32 @@ class Metrics(journal.Observer, rotation.Observer):
     def removed(self, why: str, nbytes: int) -> None:
         self._removed.labels(why).inc()
         self._removed_bytes.labels(why).inc(nbytes)
+
+
+# Adds an amount to a labelled counter, or observes one in a labelled histogram.
+_Add = Callable[[float], None]
+
+
+def _count(counter: Any) -> _Add:
+    """``counter.inc`` without prometheus-client's checks on every call (that the amount is not
+    negative, that the metric has its labels), which cost more than the addition on the hot path:
+    the value store's own ``inc``, taken once the labels are filled in."""
+    add: _Add = counter._value.inc
+    return add
+
+
+def _observe(histogram: Any) -> _Add:
+    """``histogram.observe`` likewise: the sum, and the one bucket the amount falls in (found by
+    bisection; prometheus-client keeps buckets per bound and adds them up when scraped)."""
+    total: _Add = histogram._sum.inc
+    buckets = [bucket.inc for bucket in histogram._buckets]
+    bounds = histogram._upper_bounds
+
+    def observe(amount: float) -> None:
+        total(amount)
+        buckets[bisect_left(bounds, amount)](1)
+
+    return observe
 
 
 class _AtScrape(Collector):

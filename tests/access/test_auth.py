@@ -63,9 +63,25 @@ def test_token_file_with_scopes_and_comments(tmp_path: Path) -> None:
     assert not grants[1].may_write("deploy.example.org") and not grants[1].may_write("xsensor-7")
 
 
+def test_token_file_access_defaults_to_write(tmp_path: Path) -> None:
+    path = tmp_path / "tokens"
+    path.write_text("writer\nreader access=read\nboth access=read,write domains=app-*\nalso access=write,read\n")
+    writer, reader, both, also = read_token_file(path)
+    assert writer.may_write("x") and not writer.may_read("x") and not writer.reads
+    assert reader.may_read("x") and not reader.may_write("x") and reader.all_domains
+    assert both.may_read("app-1") and both.may_write("app-1") and not both.may_read("db")
+    assert also.may_read("x") and also.may_write("x")
+    # LEITSTAND_TOKEN reads and writes everywhere.
+    (env,) = from_list("from-env")
+    assert env.may_read("x") and env.may_write("x") and env.all_domains
+
+
 @pytest.mark.parametrize(
     ("content", "reason"),
     [
+        ("tok access=admin\n", "line 1: unknown access"),
+        ("tok access=read,delete\n", "line 1: unknown access"),
+        ("tok access=\n", "line 1: unknown option"),
         ("", "holds no token"),
         ("# only a comment\n\n", "holds no token"),
         ("tok read=x\n", "line 1: unknown option"),
@@ -114,3 +130,15 @@ def test_reload_swaps_tokens_and_keeps_them_when_the_file_breaks(
         "token file not reloaded: it holds no token; the 2 tokens in force stay",
         "token file not reloaded: cannot read it (No such file or directory); the 2 tokens in force stay",
     ]
+
+
+def test_the_client_sends_with_a_token_of_the_file_that_may_write(tmp_path: Path) -> None:
+    """leitstand send finds its token in LEITSTAND_TOKEN_FILE; a line that may only read is no use to it."""
+    from leitstand.client import token_from_env
+
+    path = tmp_path / "tokens"
+    path.write_text("dashboard access=read\nsensors domains=sensor-* access=read,write\nproducer\n")
+    env = {"LEITSTAND_TOKEN_FILE": str(path)}
+    assert token_from_env("sensor-1", env) == "sensors"
+    assert token_from_env("billing", env) == "producer"
+    assert token_from_env(None, env) == "sensors"

@@ -34,7 +34,7 @@ def token_file_env(tokens: Path) -> dict[str, str]:
 
 
 def files(data_dir: Path) -> list[str]:
-    return sorted(os.listdir(data_dir))
+    return sorted(name for name in os.listdir(data_dir) if name != ".leitstand")
 
 
 def test_several_tokens_in_the_environment(make_server: Any) -> None:
@@ -271,9 +271,9 @@ def test_sighup_to_leitstand_serve_with_workers_reloads_every_worker(make_server
 
 def worker_pids(parent: int) -> set[int]:
     children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
-    # uvicorn's workers, not the multiprocessing resource tracker.
-    return {int(pid) for pid in children if b"leitstand" in Path(f"/proc/{pid}/cmdline").read_bytes()
-            or b"multiprocessing.spawn" in Path(f"/proc/{pid}/cmdline").read_bytes()}
+    # uvicorn's workers (spawned), not the multiprocessing resource tracker, alive or a zombie. Not by
+    # "leitstand" in the command line: every one names the checkout's path, which may well hold it.
+    return {int(pid) for pid in children if b"multiprocessing.spawn" in Path(f"/proc/{pid}/cmdline").read_bytes()}
 
 
 def test_sighup_without_a_token_file_stops_nothing(make_server: Any) -> None:

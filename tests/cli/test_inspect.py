@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pty
 import re
 import selectors
 import signal
@@ -31,9 +33,37 @@ def test_stats_figures(data_dir: Path, server: Server) -> None:
         assert row["last"] == time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(path.stat().st_mtime))
         assert row["first"] is None or row["first"] <= row["last"]
 
-    table = run_cli("stats", "--data-dir", str(data_dir)).stdout
-    assert "db.primary" in table and "events" in table
-    assert any("app" in line and " 3 " in line for line in table.splitlines())
+    # In a pipe: tab-separated columns, whole timestamps, nothing cut.
+    piped = run_cli("stats", "--data-dir", str(data_dir)).stdout.splitlines()
+    assert piped[0].split("\t") == ["domain", "events", "bytes", "first", "last"]
+    assert sorted(line.split("\t") for line in piped[1:]) == sorted(
+        [row["domain"], str(row["events"]), str(row["bytes"]), row["first"] or "-", row["last"]] for row in rows.values()
+    )
+
+    # On a terminal: a table.
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: the command on the terminal
+        os.execvpe(sys.executable, [sys.executable, "-m", "leitstand", "stats", "--data-dir", str(data_dir)],
+                   {**os.environ, "COLUMNS": "120"})
+    screen = b""
+    with contextlib.suppress(OSError):  # EIO once the child is gone
+        while chunk := os.read(terminal, 65536):
+            screen += chunk
+    os.waitpid(pid, 0)
+    shown = re.sub(r"\x1b\[[0-9;]*m", "", screen.decode())
+    assert "\t" not in shown and "┃ domain" in shown and rows["app"]["last"] in shown, shown
+
+
+def test_every_command_says_what_it_does_and_shows_an_example() -> None:
+    commands = ("serve", "verify", "backup", "restore", "stats", "tail", "check-config", "archive", "send")
+    for command in commands:
+        text = run_cli(command, "--help").stdout
+        description = text.split("\n\n")[1]
+        assert description[:1].isupper() and len(description) > 30, (command, description)
+        example = text.split("\nexample:\n", 1)[1].strip()
+        assert f"leitstand {command}" in example, (command, example)
+    assert "LEITSTAND_NATS_URL" in run_cli("archive", "--help").stdout.split("\n\n")[1]
+    assert "--json" in run_cli("stats", "--help").stdout.split("\n\n")[1]
 
 
 def test_tail_last_lines(tmp_path: Path) -> None:
@@ -69,9 +99,12 @@ def read_until(proc: subprocess.Popen[bytes], expected: bytes, timeout: float = 
 
 def test_tail_follows_appends_and_stops_on_ctrl_c(data_dir: Path, server: Server) -> None:
     assert server.post("app", '[{"n":1},{"n":2},{"n":3}]').status_code == 200
+    # SIGINT as a terminal sends it: a suite started in the background (`cmd &`) hands its children
+    # SIGINT ignored, and Python then never raises KeyboardInterrupt.
     proc = subprocess.Popen(
         [sys.executable, "-m", "leitstand", "tail", "app", "-n", "1", "-f", "--data-dir", str(data_dir)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         assert read_until(proc, b'{"n":3,') == b'{"n":3,"domain":"app"}\n'
@@ -98,6 +131,23 @@ def test_check_config_redacts_the_token(tmp_path: Path) -> None:
     assert re.search(r"^LEITSTAND_MAX_BODY +1MiB  \(default\)$", result.stdout, re.M)
     assert "check-config: 0 problems" in result.stdout
     assert not (tmp_path / "data").exists(), "check-config creates nothing"
+
+
+def test_check_config_says_where_each_value_came_from(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("dev-token\n")
+    env = {"LEITSTAND_TOKEN_FILE": str(tokens), "LEITSTAND_DATA_DIR": str(tmp_path / "from-env"),
+           "LEITSTAND_MAX_BODY": "2MiB", "LEITSTAND_READY_MIN_FREE": "0"}
+    result = run_cli("check-config", "--data-dir", str(tmp_path / "from-flag"), env=env)
+    assert result.returncode == 0, result.stdout
+    assert re.search(rf"^LEITSTAND_DATA_DIR +{tmp_path}/from-flag  \(flag --data-dir\)$", result.stdout, re.M)
+    assert re.search(r"^LEITSTAND_MAX_BODY +2MiB  \(env\)$", result.stdout, re.M)
+    assert re.search(r"^LEITSTAND_MAX_EVENTS +10000  \(default\)$", result.stdout, re.M)
+    # The tokens of the file the service reads: no "LEITSTAND_TOKEN is not set".
+    assert re.search(r"^LEITSTAND_TOKEN +<redacted>  \(file\)$", result.stdout, re.M)
+    assert "dev-token" not in result.stdout
+    both = run_cli("check-config", env={**env, "LEITSTAND_TOKEN": "t"})
+    assert re.search(r"^LEITSTAND_TOKEN +<redacted>  \(env and file\)$", both.stdout, re.M)
 
 
 def test_check_config_reports_problems(tmp_path: Path) -> None:

@@ -97,20 +97,24 @@ def test_a_retry_after_a_server_side_timeout_stores_once(server: Server) -> None
 
 
 class _Stub(http.server.BaseHTTPRequestHandler):
-    """Answers the first POST with a status and Retry-After, every later one with 200."""
+    """Answers the first POSTs with a status, Retry-After and a reason phrase, every later one with 200."""
 
     answers: list[tuple[int, str]]
     keys: list[str | None]
+    # The body of the first answers, one each; then none.
+    reasons: list[str]
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers["Content-Length"]))
         self.keys.append(self.headers["Idempotency-Key"])
         status, wait = self.answers.pop(0) if self.answers else (200, "")
+        body = (self.reasons.pop(0) + "\n").encode() if self.reasons else b""
         self.send_response(status)
         if wait:
             self.send_header("Retry-After", wait)
-        self.send_header("Content-Length", "0")
+        self.send_header("Content-Length", str(len(body)))
         self.end_headers()
+        self.wfile.write(body)
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -118,7 +122,7 @@ class _Stub(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def stub() -> Iterator[tuple[str, type[_Stub]]]:
-    handler = type("Handler", (_Stub,), {"answers": [], "keys": []})
+    handler = type("Handler", (_Stub,), {"answers": [], "keys": [], "reasons": []})
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -190,3 +194,60 @@ def test_the_outbox_keeps_what_the_service_did_not_take_and_the_next_run_deliver
         again = server.post("spool", body, {"Idempotency-Key": key, "Content-Type": "application/x-ndjson"})
         assert (again.status_code, again.headers.get("idempotent-replayed")) == (200, "true")
     assert len(read_lines(server.data_dir / "spool.jsonl")) == 36
+
+
+def test_nan_and_infinity_are_refused_here_and_never_sent_as_null(server: Server) -> None:
+    events: list[Any] = [
+        {"id": 0, "none": None},
+        {"id": 1, "x": float("nan")},
+        {"id": 2, "deep": [{"y": float("-inf")}]},
+        {"id": 3, "big": 1e308},
+    ]
+    with Client(server.url, TOKEN) as client:
+        result = client.send("floats", events)
+    assert (result.stored, result.rejected) == (2, 2)
+    assert [r.status for r in result.rejections] == [None, None]
+    assert all("NaN and Infinity are not JSON" in r.reason for r in result.rejections)
+    shown = [r.events for r in result.rejections]
+    assert shown == [[b'{"id": 1, "x": NaN}'], [b'{"id": 2, "deep": [{"y": -Infinity}]}']]
+    assert read_lines(server.data_dir / "floats.jsonl") == [
+        b'{"id":0,"none":null,"domain":"floats"}', b'{"id":3,"big":1e+308,"domain":"floats"}']
+
+
+@pytest.mark.parametrize(
+    ("env", "token", "domain", "answer"),
+    [
+        ({}, TOKEN, "bad_domain", (400, "invalid domain")),
+        ({}, "wrong-token", "orders", (401, "unauthorized")),
+        ({"LEITSTAND_DOMAINS_DENY": "orders"}, TOKEN, "orders", (403, "domain not allowed")),
+        ({"LEITSTAND_TOKEN_FILE": "scoped"}, "scoped-token", "orders", (403, "forbidden")),
+    ],
+    ids=["bad-domain", "401", "domain-not-allowed", "forbidden"],
+)
+def test_an_error_about_the_whole_request_is_raised_after_one_request(
+    make_server: Any, tmp_path: Path, env: dict[str, str], token: str, domain: str, answer: tuple[int, str]
+) -> None:
+    """Halving cannot cure these: one request, then the error, not one refusal per event."""
+    if "LEITSTAND_TOKEN_FILE" in env:
+        (tmp_path / "scoped").write_text("scoped-token domains=sensor-*\n")
+        env = {"LEITSTAND_TOKEN_FILE": str(tmp_path / "scoped")}
+    server = make_server(env=env).start()
+    with Client(server.url, token) as client, pytest.raises(Rejected) as raised:
+        client.send(domain, [{"id": n} for n in range(1000)])
+    assert (raised.value.status, raised.value.reason) == answer
+    assert len(raised.value.events) == 1000
+    assert server.output().count("path=/ingest/") == 1
+
+
+@pytest.mark.parametrize("answer", [(415, "unsupported content-encoding"), (400, "invalid gzip")])
+def test_an_encoding_the_service_refuses_is_raised_after_one_request(
+    stub: tuple[str, type[_Stub]], answer: tuple[int, str]
+) -> None:
+    """A proxy in between may refuse gzip, or break it: the real service never refuses the client's own."""
+    url, handler = stub
+    handler.answers.append((answer[0], ""))
+    handler.reasons = [answer[1]]
+    with Client(url, TOKEN, gzip=True) as client, pytest.raises(Rejected) as raised:
+        client.send("stub", [{"id": n} for n in range(100)])
+    assert (raised.value.status, raised.value.reason) == answer
+    assert len(handler.keys) == 1

@@ -188,4 +188,33 @@ def test_a_200_mb_file_is_sent_in_bounded_memory(make_server: Any, tmp_path: Pat
         while chunk := journal.read(1 << 24):
             lines += chunk.count(b"\n")
     assert lines == total
-    assert output.startswith(f"send: {total} stored, 0 rejected, 0 not delivered")
+    # The peak goes to stderr, unbuffered, and may come before the summary on a buffered stdout.
+    assert re.search(f"^send: {total} stored, 0 rejected, 0 not delivered", output, re.M), output
+
+
+def test_a_bad_domain_is_one_line_and_exit_1_after_one_request(server: Server, tmp_path: Path) -> None:
+    source = write_lines(tmp_path / "in.jsonl", 0, 5000)
+    done = send(server, "bad_domain", str(source))
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and "rejected (400 invalid domain)" in done.stderr, done.stderr
+    assert server.output().count("path=/ingest/") == 1
+
+
+def test_the_token_is_found_in_the_token_file_the_service_uses(make_server: Any, tmp_path: Path) -> None:
+    """As with scripts/start: LEITSTAND_TOKEN_FILE, and no LEITSTAND_TOKEN; the first token that may write to
+    the domain is used."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# producers\nsensor-token domains=sensor-*\napp-token domains=app.*  # the app\n")
+    server = make_server(env={"LEITSTAND_TOKEN": "", "LEITSTAND_TOKEN_FILE": str(tokens)}).start()
+    source = write_lines(tmp_path / "in.jsonl", 0, 3)
+    env = {"LEITSTAND_URL": server.url, "LEITSTAND_TOKEN_FILE": str(tokens)}
+    for domain in ("sensor-1", "app.orders"):
+        done = run_cli("send", domain, str(source), env=env)
+        assert (done.returncode, done.stderr) == (0, ""), done.stderr
+        assert ids(server.data_dir / f"{domain}.jsonl") == [0, 1, 2]
+    # No token in the file may write there: the first is tried, and the service says why not.
+    refused = run_cli("send", "other", str(source), env=env)
+    assert refused.returncode == 1 and "403 forbidden" in refused.stderr
+    unusable = run_cli("send", "app.orders", str(source), env={**env, "LEITSTAND_TOKEN_FILE": str(tmp_path / "no")})
+    assert unusable.returncode == 2 and unusable.stderr.count("\n") == 1
+    assert "LEITSTAND_TOKEN_FILE is not usable: cannot read it" in unusable.stderr

@@ -6,10 +6,13 @@ with envsubst, as the deploy README tells operators to; the rest is the file as 
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import queue
 import socket
 import ssl
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -190,3 +193,26 @@ def test_log_shows_the_client_address_not_a_forged_one(proxied: tuple[Server, Ng
 
 def _json_lines(output: str) -> list[str]:
     return [line for line in output.splitlines() if line.startswith("{")]
+
+
+def test_event_streams_pass_through_unbuffered(proxied: tuple[Server, Nginx]) -> None:
+    server, nginx = proxied
+    assert server.post("deploy.stream", '{"n":0}').status_code == 200
+    got: queue.Queue[bytes] = queue.Queue()
+
+    def listen() -> None:
+        with nginx.client(headers={"X-Auth": TOKEN}) as client, contextlib.suppress(httpx.HTTPError):
+            with client.stream("GET", "/events/deploy.stream/stream", timeout=httpx.Timeout(10, read=None)) as response:
+                got.put(b"status %d" % response.status_code)
+                for line in response.iter_lines():
+                    if line.startswith("data: "):
+                        got.put(line.encode())
+
+    threading.Thread(target=listen, daemon=True).start()
+    assert got.get(timeout=10) == b"status 200"
+    time.sleep(0.5)
+    for n in (1, 2):
+        assert server.post("deploy.stream", b'{"n":%d}' % n).status_code == 200
+        acknowledged = time.monotonic()
+        assert got.get(timeout=5) == b'data: {"n":%d,"domain":"deploy.stream"}' % n
+        assert time.monotonic() - acknowledged < 1.0, "nginx held the event back"

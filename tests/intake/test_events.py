@@ -1,6 +1,7 @@
 import orjson
 import pytest
 
+from leitstand.intake import events
 from leitstand.intake.events import MAX_DEPTH, Limits, PayloadError, TooLarge, encode
 
 
@@ -25,11 +26,18 @@ def test_empty_array_is_no_events() -> None:
     assert encode(b"[]", "s") == (b"", 0)
 
 
+@pytest.mark.parametrize("body", [b"", b"\n", b" \n\t\r\n  "])
+def test_ndjson_of_nothing_but_whitespace_is_an_empty_body(body: bytes) -> None:
+    with pytest.raises(PayloadError, match="^empty body$"):
+        encode(body, "s", ndjson=True)
+
+
 @pytest.mark.parametrize(
     ("body", "reason"),
     [
         (b"{", "invalid json"),
-        (b"", "invalid json"),
+        (b"", "empty body"),
+        (b" \r\n\t ", "empty body"),
         (b"\xff\xfe{}", "invalid json"),
         (b'{"a":"\xc3"}', "invalid json"),
         (b'{"a":NaN}', "invalid json"),
@@ -127,3 +135,18 @@ def test_event_size_limit_counts_the_stored_line() -> None:
     assert encode(b'[{"p":"x"},{"p":"xxxx"}]', "s", limits=limits)[0].endswith(line)
     with pytest.raises(TooLarge, match="event too large"):
         encode(b'[{"p":"x"},{"p":"xxxxx"}]', "s", limits=limits)
+
+
+def test_received_stamp_is_added_to_every_event_and_refused_when_present() -> None:
+    stamp = events.received("received_at", 1_796_309_275.2649)
+    assert stamp == ("received_at", "2026-12-03T14:47:55.264Z")
+    lines, count = events.encode(b'[{"a":"x:y"},{"b":2}]', "app", stamp=stamp)
+    assert count == 2 and lines == (
+        b'{"a":"x:y","domain":"app","received_at":"2026-12-03T14:47:55.264Z"}\n'
+        b'{"b":2,"domain":"app","received_at":"2026-12-03T14:47:55.264Z"}\n'
+    )
+    with pytest.raises(events.PayloadError, match="reserved field"):
+        events.encode(b'[{"a":1},{"received_at":"2020-01-01T00:00:00Z"}]', "app", stamp=stamp)
+    # The duplicate-key check still counts right with the stamp's colons.
+    with pytest.raises(events.PayloadError, match="duplicate key"):
+        events.encode(b'{"a":1,"a":2}', "app", stamp=stamp)

@@ -133,6 +133,8 @@ def reference_events(body: bytes, domain: str, ndjson: bool) -> list[dict[str, A
             values.append(value)
     except (Refused, ValueError):
         return None
+    if not values:
+        return None  # NDJSON of blank lines: nothing was sent ("empty body")
     items = values[0] if not ndjson and isinstance(values[0], list) else values
     events = []
     for item in items:

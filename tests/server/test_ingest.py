@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import socket
 from pathlib import Path
 
 import httpx
@@ -13,7 +14,9 @@ from conftest import TOKEN, Server, read_lines
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())} if directory.exists() else {}
+    """Every file below ``directory``, leitstand's own state (.leitstand) included."""
+    found = sorted(p for p in directory.rglob("*") if p.is_file()) if directory.exists() else []
+    return {str(p.relative_to(directory)): p.read_bytes() for p in found}
 
 
 def test_event_is_stored_as_one_compact_line_with_domain(server: Server) -> None:
@@ -84,6 +87,50 @@ def test_bad_body_is_refused_and_writes_nothing(server: Server, body: bytes, sta
     assert snapshot(server.data_dir) == before
 
 
+EMPTY_BODIES = [
+    (b"", {}),
+    (b" \n\t\r\n", {}),
+    (b"", {"Content-Type": "application/x-ndjson"}),
+    (b"\n  \n", {"Content-Type": "application/x-ndjson"}),
+    (gzip.compress(b""), {"Content-Encoding": "gzip", "Content-Type": "application/x-ndjson"}),
+    (gzip.compress(b" \n"), {"Content-Encoding": "gzip"}),
+]
+
+
+def test_an_empty_body_is_400_and_writes_nothing(server: Server) -> None:
+    """What `curl --data-binary @missing-file` sends: an error, not a 200 for nothing. One server for all."""
+    for body, headers in EMPTY_BODIES:
+        response = server.post("s", body, headers)
+        assert (response.status_code, response.text) == (400, "empty body\n"), (body, headers)
+    assert snapshot(server.data_dir) == {}
+
+
+def test_an_empty_array_is_200_with_no_events(server: Server) -> None:
+    response = server.post("s", b"[]")
+    assert (response.status_code, response.text) == (200, "ok\n")
+    assert snapshot(server.data_dir) == {}
+    assert "events=0" in server.output()
+
+
+def test_an_empty_gzip_body_is_invalid_gzip(server: Server) -> None:
+    response = server.post("gz", b"", {"Content-Encoding": "gzip"})
+    assert (response.status_code, response.text) == (400, "invalid gzip\n")
+    assert snapshot(server.data_dir) == {}
+
+
+def test_a_content_length_that_is_no_number_is_refused_by_uvicorn(server: Server) -> None:
+    """As the README says: uvicorn's own 400 (no request id), before leitstand sees the request."""
+    for length in ("abc", "+5", "0x10", "5 5"):
+        request = f"POST /ingest/s HTTP/1.1\r\nHost: x\r\nX-Auth: {TOKEN}\r\nContent-Length: {length}\r\n\r\n{{}}"
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as conn:
+            conn.sendall(request.encode())
+            answer = b"".join(iter(lambda: conn.recv(65536), b""))
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n") and body == b"Invalid HTTP request received.", length
+        assert b"x-request-id" not in head.lower()
+    assert snapshot(server.data_dir) == {}
+
+
 def test_array_is_stored_whole(server: Server) -> None:
     events = [{"n": i, "domain": "Batch"} for i in range(100)]
     assert server.post("batch", orjson.dumps(events)).status_code == 200
@@ -137,7 +184,7 @@ def test_chunked_body_is_accepted_and_cut_at_the_limit(make_server) -> None:  # 
 def test_long_domain_gets_a_shortened_file_inside_the_data_dir(server: Server) -> None:
     domain = ".".join(["a" * 63] * 3) + "." + "b" * 61
     assert server.post(domain, "{}").status_code == 200
-    (stored,) = server.data_dir.iterdir()
+    (stored,) = server.data_dir.glob("*.jsonl")
     assert len(stored.name) == 255 and stored.name.endswith(".jsonl")
     assert orjson.loads(stored.read_bytes())["domain"] == domain
 

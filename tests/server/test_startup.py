@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import CLEAN_EXIT, ROOT, TOKEN, Server, free_port
+from conftest import CLEAN_EXIT, ROOT, TOKEN, Server, free_port, refusing_new_files, require_root
 
 
 def run(argv_kind: str, env: dict[str, str], port: int, workers: int = 1) -> subprocess.CompletedProcess[str]:
@@ -57,23 +57,13 @@ def test_missing_token_refuses_to_start(tmp_path: Path, kind: str, workers: int,
 
 @contextmanager
 def mounted_tmpfs(path: Path, options: str) -> Iterator[Path]:
+    require_root("mounts a tmpfs")
     path.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], check=True)
     try:
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], check=True)
-
-
-@contextmanager
-def immutable(path: Path) -> Iterator[Path]:
-    """A directory even root cannot create files in (EPERM), via the ext4 immutable flag."""
-    path.mkdir()
-    subprocess.run(["chattr", "+i", str(path)], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["chattr", "-i", str(path)], check=True)
 
 
 def full_tmpfs(path: Path) -> Iterator[Path]:
@@ -109,7 +99,8 @@ def test_data_dir_without_space(tmp_path: Path) -> None:
 
 
 def test_data_dir_without_permission(tmp_path: Path) -> None:
-    with immutable(tmp_path / "locked") as locked:
+    (tmp_path / "locked").mkdir()
+    with refusing_new_files(tmp_path / "locked") as locked:
         result = run("uvicorn", {"LEITSTAND_TOKEN": TOKEN, "LEITSTAND_DATA_DIR": str(locked)}, free_port())
     assert_one_line_refusal(result, "LEITSTAND_DATA_DIR", "permission denied")
 

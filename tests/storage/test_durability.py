@@ -12,7 +12,7 @@ from conftest import CLEAN_EXIT, Load, Server, assert_all_acked_stored_once, cra
 
 def test_32_concurrent_clients_lose_nothing(server: Server) -> None:
     with Load(server.url, ["a", "b", "c"], clients=32) as load:
-        time.sleep(3)
+        load.wait_acked(600)
     assert load.statuses.keys() == {200}
     found = assert_all_acked_stored_once(server.data_dir, load.acked)
     assert set(found) == load.acked and len(load.acked) > 500
@@ -20,7 +20,7 @@ def test_32_concurrent_clients_lose_nothing(server: Server) -> None:
 
 def test_sigterm_under_load_loses_no_acknowledged_event(server: Server) -> None:
     with Load(server.url, ["a", "b"], clients=32, batches=(5,)) as load:
-        time.sleep(1.5)
+        load.wait_acked(150)
         assert server.stop() in CLEAN_EXIT
     assert len(load.acked) > 100
     assert_all_acked_stored_once(server.data_dir, load.acked)
@@ -35,7 +35,7 @@ def test_kill_9_at_random_moments(make_server) -> None:  # type: ignore[no-untyp
     server.start()
     with Load(server.url, ["k1", "k2", "k3"], clients=32, batches=(3,)) as load:
         crash_repeatedly(server, rng, 15, (0.2, 0.8))
-        time.sleep(0.3)
+        load.wait_acked(350)
     server.stop()
     assert len(load.acked) > 300, f"seed {seed}"
     assert_all_acked_stored_once(server.data_dir, load.acked)

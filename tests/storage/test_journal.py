@@ -429,3 +429,133 @@ def test_a_journal_name_at_the_length_limit_keeps_its_records_and_torn_tails(tmp
     (torn,) = [p for p in tmp_path.iterdir() if ".torn-" in p.name]
     assert len(torn.name) == 255 and torn.read_bytes() == b"half"
     assert datadir.kind_of(torn.name) is datadir.Kind.TORN
+
+
+def count_calls(monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> list[int]:
+    """From now on, every call of ``module.name`` still happens and is listed by its first argument."""
+    calls: list[int] = []
+    real = getattr(module, name)
+
+    def recording(fd: int) -> None:
+        calls.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(module, name, recording)
+    return calls
+
+
+async def appends_in_one_round(journal: Journal, directory: Path, appends: list[tuple[str, bytes]]) -> list[object]:
+    """Make ``appends`` wait together for one round: the round before it is held up on the lock
+    of a file ``gate.jsonl`` that another descriptor (another worker, as it were) holds."""
+    await journal.append("gate.jsonl", b"open\n")
+    held = os.open(directory / "gate.jsonl", os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    gate = asyncio.ensure_future(journal.append("gate.jsonl", b"gate\n"))
+    await asyncio.sleep(0.05)
+    waiting = asyncio.gather(*(journal.append(name, data) for name, data in appends), return_exceptions=True)
+    await asyncio.sleep(0.05)
+    os.close(held)
+    await gate
+    return await waiting
+
+
+@pytest.mark.parametrize("syncfs", [True, False], ids=["syncfs", "fdatasync-each"])
+def test_one_round_serves_every_file_and_syncs_them_together(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, syncfs: bool
+) -> None:
+    """Appends to many files that wait together are written in one round and made durable by one
+    syncfs (where the filesystem is known to report write-back errors), or by an fdatasync each."""
+    from leitstand.storage import journal as journal_module
+
+    async def main() -> None:
+        journal = await opened(tmp_path, syncfs=syncfs)
+        assert journal.syncfs is syncfs, "ext4 under the tests: syncfs is known to work"
+        fdatasyncs = count_calls(monkeypatch, os, "fdatasync")
+        syncfses = count_calls(monkeypatch, journal_module, "_syncfs")
+        await appends_in_one_round(journal, tmp_path, [(f"f{n}.jsonl", b"%d\n" % n) for n in range(50)])
+        await journal.close()
+        # The gate's two rounds have one file each: an fdatasync of their own.
+        if syncfs:
+            assert (len(syncfses), len(fdatasyncs)) == (1, 2), "one syncfs for the round of 50 files"
+        else:
+            assert (syncfses, len(fdatasyncs)) == ([], 52), "an fdatasync per file"
+
+    run(main())
+    assert all((tmp_path / f"f{n}.jsonl").read_bytes() == b"%d\n" % n for n in range(50))
+
+
+def test_a_failed_syncfs_fails_and_rolls_back_every_file_of_its_round(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from leitstand.storage import journal as journal_module
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    async def main() -> None:
+        journal = await opened(tmp_path)
+        await asyncio.gather(*(journal.append(f"f{n}.jsonl", b"before\n") for n in range(5)))
+        monkeypatch.setattr(journal_module, "_syncfs", failing)
+        results = await appends_in_one_round(journal, tmp_path, [(f"f{n}.jsonl", b"lost\n") for n in range(5)])
+        assert all(isinstance(r, StorageUnavailable) for r in results), results
+        monkeypatch.undo()
+        await asyncio.gather(*(journal.append(f"f{n}.jsonl", b"after\n") for n in range(5)))
+        await journal.close()
+
+    run(main())
+    assert all((tmp_path / f"f{n}.jsonl").read_bytes() == b"before\nafter\n" for n in range(5))
+
+
+def test_two_journals_on_many_files_never_wait_for_each_other_in_a_circle(tmp_path: Path) -> None:
+    """Rounds of two processes (here two journals, each with its own descriptors and locks) lock
+    their files in one order, so they never deadlock, and every line arrives."""
+
+    async def main() -> None:
+        first, second = await opened(tmp_path), await opened(tmp_path)
+        names = [f"f{n:02d}.jsonl" for n in range(30)]
+
+        async def writer(journal: Journal, tag: bytes, order: list[str]) -> None:
+            for round_ in range(20):
+                await asyncio.gather(*(journal.append(name, b"%s-%d\n" % (tag, round_)) for name in order))
+
+        await asyncio.wait_for(asyncio.gather(writer(first, b"a", names), writer(second, b"b", names[::-1])), 60)
+        await first.close()
+        await second.close()
+
+    run(main())
+    for n in range(30):
+        lines = sorted((tmp_path / f"f{n:02d}.jsonl").read_bytes().splitlines())
+        assert lines == sorted([b"a-%d" % r for r in range(20)] + [b"b-%d" % r for r in range(20)])
+
+
+def test_syncfs_is_used_only_where_it_is_known_to_report_failures(tmp_path: Path) -> None:
+    from leitstand.storage.journal import filesystem_type, syncfs_works
+
+    assert filesystem_type(tmp_path) in {"ext4", "xfs", "btrfs", "tmpfs", "overlay"}
+    assert syncfs_works(tmp_path) is (filesystem_type(tmp_path) in {"ext4", "xfs", "btrfs"})
+    assert filesystem_type(Path("/proc")) == "proc" and not syncfs_works(Path("/proc"))
+
+
+@pytest.mark.parametrize(("hard", "kept"), [(None, 4096), (1500, 238)], ids=["enough", "too-low"])
+def test_the_descriptor_limit_is_raised_to_fit_the_open_files(tmp_path: Path, hard: int | None, kept: int) -> None:
+    """Each open journal file may hold two descriptors: the soft limit is raised to fit them, and
+    below the hard limit fewer files are kept open, with a warning that says what to raise."""
+    import resource
+
+    if hard is None:
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        assert hard >= 2 * 4096 + 1024, "the machine's hard limit is too low for this test"
+
+    def limits() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+
+    script = (
+        "import logging, resource; from leitstand.storage.journal import Journal; logging.basicConfig(); "
+        "j = Journal(__import__('pathlib').Path('.')); "
+        "print(j.max_open_files, resource.getrlimit(resource.RLIMIT_NOFILE)[0])"
+    )
+    child = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, preexec_fn=limits, capture_output=True,
+                           text=True, check=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+    kept_open, soft = map(int, child.stdout.split())
+    assert kept_open == kept and soft >= 2 * kept + 1024
+    assert ("raise the limit (LimitNOFILE=" in child.stderr) is (kept < 4096)

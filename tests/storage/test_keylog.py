@@ -184,7 +184,7 @@ def test_expired_keys_are_dropped_at_compaction(tmp_path: Path, monkeypatch: pyt
     run(main())
 
 
-def test_appends_without_a_key_make_no_state_dir_and_no_extra_sync(
+def test_appends_without_a_key_make_no_request_log_and_no_extra_sync(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     syncs: list[int] = []
@@ -199,7 +199,9 @@ def test_appends_without_a_key_make_no_state_dir_and_no_extra_sync(
 
     run(main())
     assert len(syncs) == 5
-    assert not (tmp_path / ".leitstand").exists()
+    # Only the time index, written without a sync, is kept for them.
+    assert not (tmp_path / REQUESTS).exists()
+    assert [p.name for p in (tmp_path / ".leitstand").iterdir()] == ["times"]
 
 
 class PausingJournal(Journal):
@@ -211,11 +213,12 @@ class PausingJournal(Journal):
         self.taken = threading.Event()
         self.go_on = threading.Event()
 
-    def _append_locked(self, *args: Any) -> Any:
+    def _lock(self, *args: Any) -> Any:
+        commit = super()._lock(*args)
         self.taken.set()
         assert self.go_on.wait(10), "the test never let the commit go on"
         self.go_on.clear()
-        return super()._append_locked(*args)
+        return commit
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ FIELDS = {
     "domain": "x",
     "events": 2,
     "bytes": 17,
-    "duration_ms": 0.25,
+    "duration_ms": 0.00025,  # given in seconds, written in milliseconds
     "request_id": "rid-1",
     "client": "127.0.0.1",
 }
@@ -39,7 +39,8 @@ def test_request_line_matches_the_general_renderer(capsys: pytest.CaptureFixture
     for fmt in ("text", "json"):
         lines = request_lines(fmt, capsys)
         assert len(lines) == 2
-        expected = Renderer(fmt).line("INFO", "request", FIELDS)
+        fields = {**FIELDS, "duration_ms": "0.250" if fmt == "text" else 0.25}
+        expected = Renderer(fmt).line("INFO", "request", fields)
         stamp_length = len("2026-01-01T00:00:00.000Z")
         if fmt == "json":
             got, want = orjson.loads(lines[0]), orjson.loads(expected)

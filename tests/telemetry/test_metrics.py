@@ -303,3 +303,36 @@ def test_alert_rules_use_metrics_that_exist(server: Server) -> None:
         names = set(re.findall(r"\bleitstand_[a-z_]+", expr))
         assert names <= exposed, (rule["alert"], names - exposed)
         assert names or expr.startswith("up{"), rule["alert"]
+
+
+def test_the_hot_path_counts_exactly_as_prometheus_client_would(tmp_path: Path) -> None:
+    """The ingest path adds to the value stores directly, without prometheus-client's checks per
+    call: the scraped text must be what its public inc() and observe() give, bounds included."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client import Counter as PromCounter
+    from prometheus_client import Histogram, generate_latest
+
+    from leitstand.config import Config
+    from leitstand.telemetry.metrics import _SECONDS, Metrics
+
+    metrics = Metrics(Config(tokens=TOKEN, data_dir=tmp_path))
+    reference = CollectorRegistry()
+    requests = PromCounter("leitstand_requests", "", ["route", "status", "reason"], registry=reference)
+    latency = Histogram("leitstand_request_duration_seconds", "", ["route"], buckets=_SECONDS, registry=reference)
+    events = PromCounter("leitstand_events_written", "", ["domain"], registry=reference)
+    events.labels("_other")  # made in advance, for the domains past the limit
+    durations = [0.0, *_SECONDS, *(b * 1.5 for b in _SECONDS), 0.0004999, 1e9]
+    for n, seconds in enumerate(durations):
+        metrics.answered("/ingest", 200, "ok", seconds)
+        requests.labels("/ingest", "200", "ok").inc()
+        latency.labels("/ingest").observe(seconds)
+        metrics.stored("a", n, 10 * n)
+        events.labels("a").inc(n)
+
+    def samples(text: bytes, *names: str) -> set[tuple[str, frozenset[tuple[str, str]], float]]:
+        return {(s.name, frozenset(s.labels.items()), s.value)
+                for family in text_string_to_metric_families(text.decode()) for s in family.samples
+                if s.name.startswith(names)}
+
+    names = ("leitstand_requests", "leitstand_request_duration", "leitstand_events_written")
+    assert samples(metrics.render(), *names) == samples(generate_latest(reference), *names)

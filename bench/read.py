@@ -1,0 +1,202 @@
+"""The read side: how fast a tail answers on a 1 GiB file, and what open streams cost ingest.
+
+Two scenarios on the shared harness (``harness.py``), Markdown to stdout, progress to stderr:
+
+* ``tail``: a server whose data dir holds one 1 GiB journal file (and a 1 MiB one beside it,
+  so that the cost can be seen not to grow with the file); ``GET /events/{domain}?tail=N``
+  for N = 1, 100 and 1000, many times over one kept-alive connection, median and p99. The
+  tail is found by seeking from the end, so both files should answer alike.
+* ``streams``: single-event ingest at 64 connections (wrk), one worker, fresh server per run,
+  with no stream open, with 100 streams following the very domain wrk writes (every event
+  goes out 100 times), and with 100 streams open on 100 other, quiet domains. The three
+  alternate within one run. The readers run in a process of their own and count what they
+  get: a run only counts if every stream got every event acknowledged while it was open.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import harness
+
+GIB = 1 << 30
+
+
+# -- tail ------------------------------------------------------------------------------
+
+
+def fill(path: Path, size: int) -> int:
+    """A journal file of ``size`` bytes (at least) of bench events; returns the lines written."""
+    line = json.dumps({**json.loads(harness.BODIES["single"][1]), "domain": path.name.removesuffix(".jsonl")},
+                      separators=(",", ":")).encode() + b"\n"
+    block = line * ((4 << 20) // len(line))
+    lines = 0
+    with open(path, "wb") as f:
+        while f.tell() < size:
+            f.write(block)
+            lines += block.count(b"\n")
+    return lines
+
+
+def time_tails(url: str, domain: str, count: int, repeat: int) -> list[float]:
+    """Milliseconds of each ``GET ?tail=count``, over one kept-alive connection."""
+    took = []
+    with httpx.Client(headers={"X-Auth": harness.TOKEN}, timeout=30) as client:
+        for _ in range(repeat):
+            started = time.perf_counter()
+            response = client.get(f"{url}/events/{domain}", params={"tail": count})
+            took.append((time.perf_counter() - started) * 1000)
+            assert response.status_code == 200 and len(response.json()["events"]) == count, response.text
+    return took
+
+
+def tail_scenario(args: argparse.Namespace, session: Path) -> str:
+    rows = [["file", "tail=N", "median ms", "p99 ms", "max ms"], ["---"] * 5]
+    with harness.serve(harness.LEITSTAND, 1, session) as server:
+        base = server.url.rsplit("/ingest/", 1)[0]
+        sizes = {"big.example": GIB, "small.example": 1 << 20}
+        for domain, size in sizes.items():
+            lines = fill(server.data_dir / f"{domain}.jsonl", size)
+            print(f"{domain}: {size >> 20} MiB, {lines} lines", file=sys.stderr)
+        os.sync()
+        for domain in sizes:
+            for count in (1, 100, 1000):
+                time_tails(base, domain, count, 20)  # warm
+                took = sorted(time_tails(base, domain, count, args.requests))
+                p99 = took[min(len(took) - 1, int(len(took) * 0.99))]
+                rows.append([f"{sizes[domain] >> 20} MiB", str(count), f"{statistics.median(took):.2f}",
+                             f"{p99:.2f}", f"{took[-1]:.2f}"])
+                print(f"{domain} tail={count}: median {statistics.median(took):.2f} ms", file=sys.stderr)
+    return (f"`GET /events/{{domain}}?tail=N` over HTTP (one kept-alive connection, {args.requests} requests "
+            f"per row after 20 to warm up), files in the page cache.\n\n" + harness.table(rows))
+
+
+# -- streams -----------------------------------------------------------------------------
+
+READERS = '''
+import asyncio, json, signal, sys
+host, port, token, count = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+domains = sys.argv[5].split(",")
+got = [0] * count
+tails = [b""] * count
+async def read(n):
+    r, w = await asyncio.open_connection(host, port)
+    domain = domains[n % len(domains)]
+    w.write(f"GET /events/{domain}/stream HTTP/1.1\\r\\nHost: x\\r\\nX-Auth: {token}\\r\\n\\r\\n".encode())
+    await w.drain()
+    while chunk := await r.read(1 << 20):
+        got[n] += (tails[n] + chunk).count(b"\\ndata: ") - tails[n].count(b"\\ndata: ")
+        tails[n] = chunk[-6:]
+async def main():
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    tasks = [asyncio.ensure_future(read(n)) for n in range(count)]
+    print("open", flush=True)
+    await stop.wait()
+    print(json.dumps(got), flush=True)
+asyncio.run(main())
+'''
+
+
+def streams_run(variant: str, args: argparse.Namespace, session: Path) -> dict[str, float]:
+    script = harness.wrk_script(harness.BODIES["single"][1], session)
+    with harness.serve(harness.LEITSTAND, 1, session) as server:
+        base = server.url.rsplit("/ingest/", 1)[0]
+        port = int(base.rsplit(":", 1)[1])
+        quiet = [f"quiet-{n}.example" for n in range(args.streams)]
+        readers = None
+        if variant != "none":
+            domains = [harness.DOMAIN] if variant == "following" else quiet
+            if variant == "quiet":
+                with httpx.Client(headers={"X-Auth": harness.TOKEN}) as client:
+                    for domain in quiet:
+                        assert client.post(f"{base}/ingest/{domain}", content=b"{}").status_code == 200
+            readers = subprocess.Popen(
+                [sys.executable, "-c", READERS, "127.0.0.1", str(port), harness.TOKEN, str(args.streams),
+                 ",".join(domains)],
+                stdout=subprocess.PIPE, text=True,
+            )
+            assert readers.stdout is not None and readers.stdout.readline().strip() == "open"
+            time.sleep(1.0)
+        lines_before = harness.count_lines(server.data_dir)
+        harness.wrk(server.url, script, 64, args.warmup)
+        cpu = harness.cpu_seconds(server.pid)
+        load = harness.wrk(server.url, script, 64, args.duration)
+        cpu = harness.cpu_seconds(server.pid) - cpu
+        time.sleep(2.0)  # the streams catch up
+        written = harness.count_lines(server.data_dir) - lines_before
+        delivered = None
+        if readers is not None:
+            readers.send_signal(signal.SIGTERM)
+            out, _ = readers.communicate(30)
+            got = json.loads(out.strip().splitlines()[-1])
+            delivered = min(got) if variant == "following" else 0
+        server.stop()
+    valid = load.non2xx == 0 and load.socket_errors == 0 and (delivered is None or variant == "quiet"
+                                                               or delivered >= written)
+    return {"rps": load.rps, "p99": load.p99_ms, "cpu": cpu / max(load.requests, 1) * 1e6,
+            "valid": float(valid), "delivered": float(delivered or 0), "written": float(written)}
+
+
+def streams_scenario(args: argparse.Namespace, session: Path) -> str:
+    variants = ("none", "following", "quiet")
+    runs: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
+    for rep in range(args.repeat):
+        for variant in variants:
+            run = streams_run(variant, args, session)
+            runs[variant].append(run)
+            print(f"rep {rep + 1} {variant:9} {run['rps']:8.0f} req/s p99 {run['p99']:6.2f} ms "
+                  f"delivered {run['delivered']:.0f}/{run['written']:.0f}{'' if run['valid'] else ' INVALID'}",
+                  file=sys.stderr)
+    base = statistics.median(r["rps"] for r in runs["none"])
+    rows = [["streams", "single events/s (range)", "p99 ms", "server CPU µs/req", "vs none", "valid"], ["---"] * 6]
+    names = {"none": "none", "following": f"{args.streams} following the written domain",
+             "quiet": f"{args.streams} on quiet domains"}
+    for variant in variants:
+        rates = [r["rps"] for r in runs[variant]]
+        rows.append([
+            names[variant],
+            f"{statistics.median(rates):,.0f} ({min(rates):,.0f}–{max(rates):,.0f})",
+            f"{statistics.median(r['p99'] for r in runs[variant]):.2f}",
+            f"{statistics.median(r['cpu'] for r in runs[variant]):.0f}",
+            f"{statistics.median(rates) / base - 1:+.1%}",
+            "yes" if all(r["valid"] for r in runs[variant]) else "**no**",
+        ])
+    return (f"Single events, 64 connections, 1 worker, {args.repeat} runs per variant alternating, "
+            f"{args.duration:g} s each after {args.warmup:g} s warmup; the readers run in their own process "
+            "on the same two cores.\n\n" + harness.table(rows))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("scenario", choices=("tail", "streams", "all"))
+    parser.add_argument("--requests", type=int, default=200, help="tail requests per row (default 200)")
+    parser.add_argument("--streams", type=int, default=100, help="open streams (default 100)")
+    harness.add_run_flags(parser, duration=8.0, warmup=2.0, repeat=3)
+    args = parser.parse_args()
+    harness.ensure_tools()
+    parts = []
+    with tempfile.TemporaryDirectory(prefix="leitstand-read-") as tmp:
+        if args.scenario in ("tail", "all"):
+            parts.append(tail_scenario(args, Path(tmp)))
+        if args.scenario in ("streams", "all"):
+            parts.append(streams_scenario(args, Path(tmp)))
+    print(f"    {shlex.join(['.venv/bin/python', *sys.argv])}\n")
+    print(f"This checkout: {harness.code_version()}.\n")
+    print("\n\n".join(parts))
+    print("\n" + harness.machine(Path(tempfile.gettempdir())))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,403 @@
+"""The read API: ``GET /domains``, ``GET /events/{domain}`` and the live stream ``/events/{domain}/stream``.
+
+It only translates between HTTP and :mod:`leitstand.storage.reader`: parameters are checked
+here (a bad one is ``400`` with a one-line reason), every file is read on a small thread pool
+of its own, so that reads never hold up the event loop that acknowledges ingests, and lines
+go out as stored, joined into JSON or Server-Sent Events without being parsed again.
+
+A stream follows the file on disk, not a queue in this process, so it sees what every worker
+appended: one ``stat`` per followed file and :data:`POLL` seconds tells its followers that it
+grew, and each reads on from its own cursor, one bounded page at a time. A slow reader only
+falls behind on disk. Streams end when the process is told to stop (``stopping``), so that
+uvicorn, which waits for open responses, can exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import os
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from leitstand.access.auth import Grant
+from leitstand.intake import domains
+from leitstand.intake.events import rfc3339
+from leitstand.storage import datadir, reader
+from leitstand.storage.reader import Cursor, JournalFile, ReadError
+from leitstand.telemetry.metrics import Metrics
+
+# How often a followed file is looked at; a new event reaches its streams within this and a read.
+POLL = 0.25
+HEARTBEAT = 15.0
+RETRY_MS = 2000
+DEFAULT_LIMIT = 100
+MAX_Q = 1000
+READ_THREADS = 4
+_JSON = "application/json"
+_NO_STORE = {"cache-control": "no-store"}
+_T = TypeVar("_T")
+
+
+class ReadRoutes:
+    """The read routes; ``authenticate`` is the app's, so that a wrong token counts against the address."""
+
+    def __init__(
+        self, data_dir: Path, metrics: Metrics, authenticate: Callable[[Request], Grant], stopping: asyncio.Event
+    ) -> None:
+        self.data_dir = data_dir
+        self.metrics = metrics
+        self.authenticate = authenticate
+        self.stopping = stopping
+        self.watch = reader.Watch(data_dir, POLL)
+        self._pool = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="reader")
+        # Lines per minute that is over, per file (name, inode): minute -> count.
+        self._minutes: dict[tuple[str, int], dict[int, int]] = {}
+        # The page last read per followed file and filter: streams at the same cursor (all that keep
+        # up) share one read and one framing, and only send it each.
+        self._pages: dict[tuple[str, bytes | None], tuple[Cursor, asyncio.Future[_Framed]]] = {}
+        self._followers: Counter[tuple[str, bytes | None]] = Counter()
+        self.routes = [
+            Route("/domains", self.domains, methods=["GET"]),
+            Route("/events/{domain}", self.events, methods=["GET"]),
+            Route("/events/{domain}/stream", self.stream, methods=["GET"]),
+        ]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _run(self, call: Callable[..., _T], *args: Any) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, call, *args)
+
+    # -- GET /domains ------------------------------------------------------------------
+
+    async def domains(self, request: Request) -> Response:
+        grant = self._reader(request)
+        _params(request, ())
+        found = await self._run(self._list, grant)
+        return Response(orjson.dumps({"domains": found}), media_type=_JSON, headers=_NO_STORE)
+
+    def _list(self, grant: Grant) -> list[dict[str, object]]:
+        now = datetime.datetime.now(datetime.UTC).timestamp()
+        found = []
+        seen = set()
+        for name in datadir.journal_names(self.data_dir):
+            try:
+                with JournalFile(self.data_dir, name) as journal:
+                    domain = _domain_of(journal)
+                    if domain is None or not grant.may_read(domain):
+                        continue
+                    length = journal.length()
+                    known = self._minutes.setdefault((name, journal.inode), {})
+                    per_minute, recent = journal.activity(length.whole, now, known)
+                    seen.add((name, journal.inode))
+                    modified = os.fstat(journal.fd).st_mtime
+            except FileNotFoundError:
+                continue
+            found.append(
+                {
+                    "domain": domain,
+                    "bytes": length.size,
+                    "modified": rfc3339(modified),
+                    "events_per_minute": recent,
+                    "per_minute": per_minute,
+                }
+            )
+        if grant.all_domains:  # only a listing of every domain knows which files are gone
+            for gone in set(self._minutes) - seen:
+                self._minutes.pop(gone, None)
+        return found
+
+    # -- GET /events/{domain} ----------------------------------------------------------
+
+    async def events(self, request: Request) -> Response:
+        domain = self._readable(request)
+        params = _params(request, ("after", "limit", "tail", "q", "since"))
+        q, since = _q(params), _since(params)
+        if "tail" in params:
+            if "after" in params or "limit" in params:
+                raise HTTPException(400, "tail goes without after and limit")
+            page = await self._read(reader.tail, domain, _count(params, "tail", None), q, since)
+        else:
+            after = _cursor(params.get("after"))
+            page = await self._read(reader.page, domain, after, _count(params, "limit", DEFAULT_LIMIT), q, since)
+        body = b'{"events":[' + b",".join(page.lines) + b'],"next":"' + str(page.next).encode() + b'"}'
+        return Response(body, media_type=_JSON, headers=_NO_STORE)
+
+    async def _read(self, call: Callable[..., reader.Page], domain: str, *args: Any) -> reader.Page:
+        try:
+            return await self._run(call, self.data_dir, domains.file_name(domain), *args)
+        except FileNotFoundError:
+            raise HTTPException(404, "unknown domain") from None
+        except ReadError as exc:
+            raise HTTPException(400, str(exc)) from None
+
+    # -- GET /events/{domain}/stream ---------------------------------------------------
+
+    async def stream(self, request: Request) -> Response:
+        domain = self._readable(request)
+        params = _params(request, ("after", "q", "since"))
+        q, since = _q(params), _since(params)
+        resume = request.headers.get("last-event-id") or params.get("after")
+        after = _cursor(resume)
+        name = domains.file_name(domain)
+        try:
+            start = await self._run(_start, self.data_dir, name, after, since)
+        except FileNotFoundError:
+            raise HTTPException(404, "unknown domain") from None
+        except ReadError as exc:
+            raise HTTPException(400, str(exc)) from None
+        return _EventStream(self, name, start, q)
+
+    # -- access --------------------------------------------------------------------------
+
+    async def follow(self, name: str, cursor: Cursor, q: bytes | None) -> _Framed:
+        """The events after ``cursor``, read once for every stream that asks at the same time."""
+        key = (name, q)
+        shared = self._pages.get(key)
+        if shared is None or _stale(shared[1]) or shared[0] != cursor:
+            future: asyncio.Future[_Framed] = asyncio.ensure_future(self._run(_follow, self.data_dir, name, cursor, q))
+            shared = self._pages[key] = (cursor, future)
+        return await asyncio.shield(shared[1])
+
+    @contextlib.contextmanager
+    def following(self, name: str, q: bytes | None) -> Iterator[None]:
+        """One stream more of ``name`` with ``q``; once the last is gone, so is their page."""
+        key = (name, q)
+        self._followers[key] += 1
+        try:
+            yield
+        finally:
+            self._followers[key] -= 1
+            if not self._followers[key]:
+                del self._followers[key]
+                self._pages.pop(key, None)
+
+    def _reader(self, request: Request) -> Grant:
+        grant = self.authenticate(request)
+        if not grant.reads:
+            raise HTTPException(403, "forbidden")
+        return grant
+
+    def _readable(self, request: Request) -> str:
+        """The domain of the path, once the token may read it: 403 outside its scope, known or not."""
+        grant = self._reader(request)
+        domain = domains.normalize(request.path_params["domain"])
+        if domain is None:
+            raise HTTPException(400, "invalid domain")
+        if not grant.may_read(domain):
+            raise HTTPException(403, "forbidden")
+        return domain
+
+
+def _start(directory: Path, name: str, after: Cursor | None, since: float | None) -> Cursor:
+    """Where a stream begins: after the cursor, at ``since``, or at the end (only new events)."""
+    with JournalFile(directory, name) as journal:
+        end = journal.end()
+        if after is not None:
+            offset = journal.start(after, end)
+        elif since is not None:
+            offset = journal.since(since, end)
+        else:
+            offset = end
+        return Cursor(journal.inode, offset)
+
+
+# The next events after a cursor, framed as SSE, and the cursor after them; None: the file is gone.
+_Framed = tuple[bytes, Cursor] | None
+
+
+def _follow(directory: Path, name: str, cursor: Cursor, q: bytes | None) -> _Framed:
+    """The next page after ``cursor``; None once the name stands for another file (or none)."""
+    try:
+        with JournalFile(directory, name) as journal:
+            if journal.inode != cursor.file:
+                return None
+            page = journal.forward(cursor.offset, journal.end(), reader.MAX_LIMIT, q)
+    except FileNotFoundError:
+        return None
+    chunk = b"".join(
+        b"id: %s\ndata: %s\n\n" % (str(page.cursor(n)).encode(), line) for n, line in enumerate(page.lines)
+    )
+    return chunk, page.next
+
+
+class _EventStream(Response):
+    """Server-Sent Events from a cursor on: ``id:`` the cursor after the event, ``data:`` its line."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, routes: ReadRoutes, name: str, start: Cursor, q: bytes | None) -> None:
+        self.routes = routes
+        self.name = name
+        self.cursor = start
+        self.q = q
+        self.status_code = 200
+        self.background = None
+        self.init_headers({"cache-control": "no-cache", "x-accel-buffering": "no"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        routes = self.routes
+        gone: asyncio.Future[Any] = asyncio.ensure_future(_disconnected(receive))
+        stopping: asyncio.Future[Any] = asyncio.ensure_future(routes.stopping.wait())
+        routes.metrics.streams(1)
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            # Comment first: the answer (and nginx's) starts at once, before any event.
+            await _race(send(_body(b": leitstand\nretry: %d\n\n" % RETRY_MS)), gone, stopping)
+            with routes.following(self.name, self.q):
+                async with routes.watch.watching(self.name) as watched:
+                    await self._events(send, watched, gone, stopping)
+            if not gone.done():
+                # Also at a stop: a client that stalls this last write is cut off after a second.
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(send({"type": "http.response.body", "body": b"", "more_body": False}), 1.0)
+        finally:
+            routes.metrics.streams(-1)
+            gone.cancel()
+            stopping.cancel()
+
+    async def _events(
+        self, send: Send, watched: Any, gone: asyncio.Future[Any], stopping: asyncio.Future[Any]
+    ) -> None:
+        quiet = 0.0
+        while not gone.done() and not stopping.done():
+            changed = watched.event
+            framed = await self.routes.follow(self.name, self.cursor, self.q)
+            if framed is None:
+                return  # replaced or removed: the client comes back and is told why
+            chunk, after = framed
+            if chunk:
+                if not await _race(send(_body(chunk)), gone, stopping):
+                    return
+                self.cursor, quiet = after, 0.0
+                continue  # there may be more
+            self.cursor = after
+            waited = await _wait(changed, gone, stopping, HEARTBEAT - quiet)
+            quiet += waited
+            if quiet >= HEARTBEAT:
+                if not await _race(send(_body(b": heartbeat\n\n")), gone, stopping):
+                    return
+                quiet = 0.0
+
+
+def _stale(future: asyncio.Future[_Framed]) -> bool:
+    """Whether a shared read is no answer for a stream that asks now: it failed, or found nothing
+    new back then (the file may have grown since)."""
+    if not future.done():
+        return False
+    if future.cancelled() or future.exception() is not None:
+        return True
+    framed = future.result()
+    return framed is not None and not framed[0]
+
+
+def _body(chunk: bytes) -> dict[str, Any]:
+    return {"type": "http.response.body", "body": chunk, "more_body": True}
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _race(sending: Any, *stops: asyncio.Future[Any]) -> bool:
+    """Send, unless one of ``stops`` comes first (a stalled client at shutdown); whether it was sent."""
+    task = asyncio.ensure_future(sending)
+    await asyncio.wait([task, *stops], return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        return task.exception() is None
+    task.cancel()
+    return False
+
+
+async def _wait(
+    changed: asyncio.Event, gone: asyncio.Future[Any], stopping: asyncio.Future[Any], timeout: float
+) -> float:
+    """Wait for a change, a stop or ``timeout``; how long it took."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    waiter: asyncio.Future[Any] = asyncio.ensure_future(changed.wait())
+    try:
+        await asyncio.wait([waiter, gone, stopping], timeout=max(timeout, 0.0), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+    return loop.time() - started
+
+
+def _domain_of(journal: JournalFile) -> str | None:
+    """The domain a journal file belongs to: its name, or for a shortened name, its last line's."""
+    domain = journal.name.removesuffix(domains.SUFFIX)
+    if domains.file_name(domain) == journal.name:
+        return domain
+    page = journal.backward(journal.end(), 1)
+    with contextlib.suppress(orjson.JSONDecodeError, IndexError, TypeError):
+        named = orjson.loads(page.lines[0]).get("domain")
+        if isinstance(named, str) and domains.file_name(named) == journal.name:
+            return named
+    return None
+
+
+# -- parameters ------------------------------------------------------------------------
+
+
+def _params(request: Request, allowed: tuple[str, ...]) -> dict[str, str]:
+    params: dict[str, str] = {}
+    for key, value in request.query_params.multi_items():
+        if key not in allowed:
+            raise HTTPException(400, "unknown parameter" + (f": use {', '.join(allowed)}" if allowed else ""))
+        if key in params:
+            raise HTTPException(400, f"{key} given twice")
+        params[key] = value
+    return params
+
+
+def _count(params: dict[str, str], key: str, default: int | None) -> int:
+    raw = params.get(key)
+    if raw is None and default is not None:
+        return default
+    if raw is None or not raw.isdigit() or not 1 <= int(raw) <= reader.MAX_LIMIT:
+        raise HTTPException(400, f"{key} must be a number from 1 to {reader.MAX_LIMIT}")
+    return int(raw)
+
+
+def _cursor(raw: str | None) -> Cursor | None:
+    if raw is None:
+        return None
+    try:
+        return Cursor.parse(raw)
+    except ReadError as exc:
+        raise HTTPException(400, str(exc)) from None
+
+
+def _q(params: dict[str, str]) -> bytes | None:
+    raw = params.get("q")
+    if raw is None:
+        return None
+    if not 0 < len(raw) <= MAX_Q:
+        raise HTTPException(400, f"q must be 1 to {MAX_Q} characters")
+    return raw.encode()
+
+
+def _since(params: dict[str, str]) -> float | None:
+    raw = params.get("since")
+    if raw is None:
+        return None
+    try:
+        when = datetime.datetime.fromisoformat(raw)
+    except ValueError:
+        when = None
+    if when is None or when.tzinfo is None or "T" not in raw.upper():
+        raise HTTPException(400, "since must be an RFC 3339 time, e.g. 2026-12-03T14:00:00Z")
+    return when.timestamp()

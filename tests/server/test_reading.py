@@ -1,0 +1,375 @@
+"""The read API on the real server: access, pages, tail, q, since, the SSE stream, and the stop."""
+
+from __future__ import annotations
+
+import datetime
+import queue
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from conftest import CLEAN_EXIT, TOKEN, Load, Server
+from telemetry.test_metrics import scrape, value
+
+READ = {"X-Auth": TOKEN}
+
+
+def get(server: Server, path: str, token: str = TOKEN, **params: Any) -> httpx.Response:
+    return httpx.get(server.url + path, params=params, headers={"Authorization": f"Bearer {token}"}, timeout=10)
+
+
+def events(response: httpx.Response) -> list[Any]:
+    assert response.status_code == 200, response.text
+    return [event.get("n") for event in response.json()["events"]]
+
+
+class Stream:
+    """An SSE client on its own thread; its events (id, data) arrive on ``events``."""
+
+    def __init__(self, url: str, headers: dict[str, str] | None = None, **params: str) -> None:
+        self.events: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.raw = b""
+        self.status = 0
+        self.headers: httpx.Headers | None = None
+        self.ended = threading.Event()
+        self.opened = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(url, headers or READ, params), daemon=True)
+        self._thread.start()
+        assert self.opened.wait(15), "the stream did not open"
+
+    def _run(self, url: str, headers: dict[str, str], params: dict[str, str]) -> None:
+        try:
+            with httpx.stream("GET", url, headers=headers, params=params, timeout=httpx.Timeout(10, read=None)) as r:
+                self.status, self.headers = r.status_code, r.headers
+                self.opened.set()
+                block = b""
+                for chunk in r.iter_raw():
+                    self.raw += chunk
+                    block += chunk
+                    while b"\n\n" in block:
+                        event, block = block.split(b"\n\n", 1)
+                        fields = dict(line.split(b": ", 1) for line in event.split(b"\n") if b": " in line)
+                        if b"data" in fields:
+                            self.events.put((fields[b"id"].decode(), fields[b"data"]))
+        except httpx.HTTPError:
+            pass
+        finally:
+            self.opened.set()
+            self.ended.set()
+
+    def take(self, count: int, timeout: float = 5.0) -> list[tuple[str, bytes]]:
+        return [self.events.get(timeout=timeout) for _ in range(count)]
+
+
+def test_access_by_token_file(make_server: Any, tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text(
+        "writer\n"  # default: write only
+        "reader access=read\n"
+        "both domains=app-*,shop access=read,write\n"
+        "scoped-reader domains=app-* access=read\n"
+    )
+    server = make_server(env={"LEITSTAND_TOKEN": TOKEN, "LEITSTAND_TOKEN_FILE": str(tokens),
+                              "LEITSTAND_AUTH_FAIL_LIMIT": "0"}).start()
+    for domain in ("app-1", "shop", "secret"):
+        assert server.post(domain, '{"n":1}', {"X-Auth": "writer"}).status_code == 200
+    # A read-only token may not write.
+    refused = server.post("app-1", '{"n":2}', {"X-Auth": "reader"})
+    assert (refused.status_code, refused.text) == (403, "forbidden\n")
+    assert server.post("app-1", '{"n":2}', {"X-Auth": "both"}).status_code == 200
+
+    def listed(token: str) -> list[str]:
+        response = get(server, "/domains", token)
+        assert response.status_code == 200, response.text
+        return [d["domain"] for d in response.json()["domains"]]
+
+    assert listed(TOKEN) == listed("reader") == ["app-1", "secret", "shop"]
+    assert listed("both") == ["app-1", "shop"]
+    assert listed("scoped-reader") == ["app-1"]
+    for path in ("/domains", "/events/app-1", "/events/app-1/stream"):
+        assert (get(server, path, "writer").status_code, get(server, path, "writer").text) == (403, "forbidden\n")
+        assert get(server, path, "wrong").status_code == 401
+        assert httpx.get(server.url + path).status_code == 401
+    # Outside the scope: 403 whether the domain exists or not; inside it, unknown is 404.
+    for domain in ("secret", "no-such-domain"):
+        for path in (f"/events/{domain}", f"/events/{domain}/stream"):
+            assert get(server, path, "scoped-reader").status_code == 403
+    assert (get(server, "/events/app-2", "scoped-reader").status_code, get(server, "/events/app-2").text) == (
+        404, "unknown domain\n")
+    assert events(get(server, "/events/App-1", "scoped-reader")) == [1, 2]
+    # X-Auth works as on /ingest; the token is never taken from the URL.
+    assert httpx.get(server.url + "/events/app-1", headers={"X-Auth": "reader"}).status_code == 200
+    assert httpx.get(server.url + "/events/app-1", params={"token": TOKEN}).status_code == 401
+
+
+def test_pages_follow_each_other_without_gap_or_repeat_under_load(server: Server) -> None:
+    assert server.post("app", '{"id":"first"}').status_code == 200  # the file exists before the first read
+    seen: list[str] = []
+    after = None
+    with Load(server.url, ["app"], clients=4, batches=(1, 3)) as load:
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            params = {"limit": "7"} | ({"after": after} if after else {})
+            response = get(server, "/events/app", **params)
+            page = response.json()
+            assert response.status_code == 200 and len(page["events"]) <= 7
+            seen += [event["id"] for event in page["events"]]
+            after = page["next"]
+    while page["events"]:
+        page = get(server, "/events/app", after=after, limit="1000").json()
+        seen += [event["id"] for event in page["events"]]
+        after = page["next"]
+    assert page["next"] == after
+    stored = [orjson.loads(line)["id"] for line in (server.data_dir / "app.jsonl").read_bytes().splitlines()]
+    assert seen == stored and len(set(seen)) == len(seen)
+    assert load.acked <= set(seen)
+
+
+def test_tail_q_and_bad_parameters(server: Server) -> None:
+    assert server.post("app", orjson.dumps([{"n": n, "word": "even" if n % 2 == 0 else "odd"} for n in range(250)]))
+    assert events(get(server, "/events/app", tail="3")) == [247, 248, 249]
+    assert events(get(server, "/events/app")) == list(range(100))  # limit defaults to 100
+    assert events(get(server, "/events/app", tail="2", q='"odd"')) == [247, 249]
+    assert events(get(server, "/events/app", limit="3", q="even")) == [0, 2, 4]
+    # A plain substring, not a pattern.
+    assert events(get(server, "/events/app", q=".*")) == []
+    # Tail's cursor follows from the end.
+    tailed = get(server, "/events/app", tail="1").json()
+    assert server.post("app", '{"n":250}').status_code == 200
+    assert events(get(server, "/events/app", after=tailed["next"])) == [250]
+    for params, reason in [
+        ({"limit": "0"}, "limit must be a number from 1 to 1000"),
+        ({"limit": "1001"}, "limit must be a number from 1 to 1000"),
+        ({"limit": str(10**9)}, "limit must be a number from 1 to 1000"),
+        ({"limit": "-1"}, "limit must be a number from 1 to 1000"),
+        ({"tail": "x"}, "tail must be a number from 1 to 1000"),
+        ({"after": "not-a-cursor"}, "invalid cursor"),
+        ({"after": tailed["next"][:-1] + "B"}, "invalid cursor"),
+        ({"since": "yesterday"}, "since must be an RFC 3339 time, e.g. 2026-12-03T14:00:00Z"),
+        ({"since": "2026-12-03T14:00:00"}, "since must be an RFC 3339 time, e.g. 2026-12-03T14:00:00Z"),
+        ({"q": ""}, "q must be 1 to 1000 characters"),
+        ({"tail": "1", "after": tailed["next"]}, "tail goes without after and limit"),
+        ({"limt": "5"}, "unknown parameter: use after, limit, tail, q, since"),
+    ]:
+        response = get(server, "/events/app", **params)
+        assert (response.status_code, response.text) == (400, reason + "\n"), params
+    twice = httpx.get(server.url + "/events/app?limit=1&limit=2", headers=READ)
+    assert (twice.status_code, twice.text) == (400, "limit given twice\n")
+    assert get(server, "/events/bad_domain").status_code == 400
+
+
+def test_since_starts_at_the_first_event_of_that_second(server: Server) -> None:
+    assert server.post("app", '{"n":0}').status_code == 200
+    # The next event in a later second than the first.
+    first = int(time.time())
+    while int(time.time()) == first:
+        time.sleep(0.02)
+    second = int(time.time())
+    assert server.post("app", '{"n":1}').status_code == 200
+    assert server.post("app", '{"n":2}').status_code == 200
+
+    def rfc3339(when: float) -> str:
+        return datetime.datetime.fromtimestamp(when, datetime.UTC).isoformat().replace("+00:00", "Z")
+
+    assert events(get(server, "/events/app", since=rfc3339(first))) == [0, 1, 2]
+    assert events(get(server, "/events/app", since=rfc3339(second))) == [1, 2]
+    assert events(get(server, "/events/app", since=rfc3339(second + 0.999))) == [1, 2]
+    assert events(get(server, "/events/app", since=rfc3339(second + 1))) == []
+    # Offsets other than Z mean the same instant.
+    cet = datetime.datetime.fromtimestamp(second, datetime.timezone(datetime.timedelta(hours=1))).isoformat()
+    assert events(get(server, "/events/app", since=cet)) == [1, 2]
+    assert events(get(server, "/events/app", tail="1", since=rfc3339(second))) == [2]
+
+
+def test_received_field(make_server: Any) -> None:
+    server = make_server(env={"LEITSTAND_RECEIVED_FIELD": "received_at"}).start()
+    before = time.time()
+    assert server.post("app", '[{"n":1},{"n":2}]').status_code == 200
+    stored = [orjson.loads(line) for line in (server.data_dir / "app.jsonl").read_bytes().splitlines()]
+    assert [list(event) for event in stored] == [["n", "domain", "received_at"]] * 2
+    stamp = stored[0]["received_at"]
+    assert len(stamp) == 24 and stamp.endswith("Z") and stamp == stored[1]["received_at"]
+    when = datetime.datetime.fromisoformat(stamp).timestamp()
+    assert before - 0.001 <= when <= time.time()
+    refused = server.post("app", '[{"n":3},{"n":4,"received_at":"x"}]')
+    assert (refused.status_code, refused.text) == (400, "reserved field\n")
+    assert len((server.data_dir / "app.jsonl").read_bytes().splitlines()) == 2
+
+
+def test_stream_delivers_within_a_second_from_any_worker_and_resumes(make_server: Any) -> None:
+    server = make_server(command="serve", workers=2).start()
+    assert server.post("app", '{"n":0}').status_code == 200
+    # Several streams, likely spread over both workers; each must see every event.
+    streams = [Stream(server.url + "/events/app/stream") for _ in range(4)]
+    for stream in streams:
+        assert stream.status == 200 and stream.headers is not None
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        assert stream.headers["x-accel-buffering"] == "no"
+        assert stream.headers["cache-control"] == "no-cache"
+    time.sleep(0.5)
+    # New connections, so that both workers take some of the posts.
+    for n in range(1, 6):
+        with httpx.Client() as client:
+            assert client.post(server.url + "/ingest/app", content=b'{"n":%d}' % n, headers=READ).status_code == 200
+            acknowledged = time.monotonic()
+        for stream in streams:
+            ((cursor, data),) = stream.take(1, timeout=5)
+            assert time.monotonic() - acknowledged < 1.0, "an event took more than a second to reach a stream"
+            assert orjson.loads(data)["n"] == n
+    assert b"retry: " in streams[0].raw and b"data: " in streams[0].raw
+    # Resume with Last-Event-ID (or after=) from the second event's id: no gap, no repeat.
+    assert server.post("app", '[{"n":6},{"n":7}]').status_code == 200
+    got = streams[0].take(2)
+    resume_id = got[0][0]
+    for kind in ("header", "param"):
+        if kind == "header":
+            resumed = Stream(server.url + "/events/app/stream", {**READ, "Last-Event-ID": resume_id})
+        else:
+            resumed = Stream(server.url + "/events/app/stream", after=resume_id)
+        assert [orjson.loads(data)["n"] for _, data in resumed.take(1)] == [7]
+        assert resumed.events.empty()
+    # A stream with q sees only the matching events.
+    filtered = Stream(server.url + "/events/app/stream", q="wanted")
+    assert server.post("app", '[{"n":8},{"n":9,"tag":"wanted"}]').status_code == 200
+    assert [orjson.loads(data)["n"] for _, data in filtered.take(1)] == [9]
+    bad = httpx.get(server.url + "/events/app/stream", headers={**READ, "Last-Event-ID": "nonsense"})
+    assert (bad.status_code, bad.text) == (400, "invalid cursor\n")
+
+
+def test_open_streams_and_read_requests_in_the_metrics(server: Server) -> None:
+    assert server.post("app", "{}").status_code == 200
+    streams = [Stream(server.url + "/events/app/stream") for _ in range(3)]
+    time.sleep(0.3)
+    assert get(server, "/events/app", limit="0").status_code == 400
+    assert get(server, "/events/app").status_code == 200
+    samples = scrape(server)
+    assert value(samples, "leitstand_open_streams") == 3
+    assert value(samples, "leitstand_read_requests_total", status="400") == 1
+    assert value(samples, "leitstand_read_requests_total", status="200") == 4  # the streams and the page
+    del streams
+    # Streams whose client is gone close and stop counting.
+
+
+IN_FLIGHT = b'{"n":"in flight"}'
+
+
+def _slow_ingest(server: Server) -> socket.socket:
+    """A POST whose body is still coming: its headers and the first bytes of its body are sent."""
+    conn = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    conn.sendall(b"POST /ingest/app HTTP/1.1\r\nHost: x\r\nX-Auth: %s\r\nContent-Length: %d\r\n\r\n%s"
+                 % (TOKEN.encode(), len(IN_FLIGHT), IN_FLIGHT[:5]))
+    return conn
+
+
+@pytest.mark.parametrize("command", ["uvicorn", "serve"])
+def test_sigterm_with_open_streams_exits_fast_and_completes_ingests(make_server: Any, command: str) -> None:
+    workers = 2 if command == "serve" else 1
+    server = make_server(command=command, workers=workers).start()
+    assert server.post("app", "{}").status_code == 200
+    streams = [Stream(server.url + "/events/app/stream") for _ in range(6)]
+    time.sleep(0.5)
+    in_flight = _slow_ingest(server)
+    time.sleep(0.3)
+    assert server.proc is not None
+    started = time.monotonic()
+    server.signal(signal.SIGTERM)
+    time.sleep(0.3)
+    in_flight.sendall(IN_FLIGHT[5:])
+    answer = in_flight.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 200 OK"), answer
+    code = server.proc.wait(10)
+    assert time.monotonic() - started < 5.0, "the process took more than 5 s to exit with open streams"
+    assert code in CLEAN_EXIT, server.output()
+    assert all(stream.ended.wait(2) for stream in streams)
+    lines = (server.data_dir / "app.jsonl").read_bytes().splitlines()
+    assert orjson.loads(lines[-1])["n"] == "in flight"
+
+
+def test_a_stalled_reader_holds_no_backlog_and_catches_up_from_disk(make_server: Any) -> None:
+    server = make_server().start()
+    assert server.post("app", "{}").status_code == 200
+    # A reader that reads nothing: the socket buffers fill (a few MB), then the server stops reading for it.
+    conn = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    conn.sendall(b"GET /events/app/stream HTTP/1.1\r\nHost: x\r\nX-Auth: %s\r\n\r\n" % TOKEN.encode())
+    time.sleep(0.5)
+    assert server.proc is not None
+    rss_before = _rss(server.proc.pid)
+    batch = orjson.dumps([{"n": n, "pad": "x" * 1000} for n in range(500)])
+    for _ in range(120):  # about 60 MB
+        assert server.post("app", batch).status_code == 200
+    time.sleep(1.0)
+    grown = _rss(server.proc.pid) - rss_before
+    assert grown < 24 << 20, f"the server grew by {grown >> 20} MiB for one stalled reader"
+    # It reads again: every event arrives, from disk.
+    conn.settimeout(10)
+    count, tail = 0, b""
+    while count < 60_000:
+        chunk = conn.recv(1 << 20)
+        assert chunk, "the stream ended"
+        # Counted in each chunk with the end of the one before, so that a marker split in two counts once.
+        count += (tail + chunk).count(b"\ndata: ") - tail.count(b"\ndata: ")
+        tail = chunk[-6:]
+    assert count == 60_000
+    conn.close()
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_heartbeats_keep_a_quiet_stream_open_and_a_stop_ends_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In process, with the heartbeat at 0.2 s instead of 15 s: comments while nothing happens, then
+    the end of the answer as soon as the process is told to stop."""
+    import asyncio
+
+    from leitstand.config import Config
+    from leitstand.server import reading
+    from leitstand.storage.reader import Cursor
+    from leitstand.telemetry.metrics import Metrics
+
+    monkeypatch.setattr(reading, "HEARTBEAT", 0.2)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "app.jsonl").write_bytes(b'{"n":1}\n')
+    sent: list[dict[str, Any]] = []
+
+    async def main() -> float:
+        stopping = asyncio.Event()
+        metrics = Metrics(Config(tokens=TOKEN, data_dir=data))
+        routes = reading.ReadRoutes(data, metrics, lambda r: None, stopping)  # type: ignore[arg-type,return-value]
+        stream = reading._EventStream(routes, "app.jsonl", Cursor((data / "app.jsonl").stat().st_ino, 8), None)
+        never = asyncio.Event()
+
+        async def receive() -> dict[str, Any]:
+            await never.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        task = asyncio.ensure_future(stream({"type": "http"}, receive, send))
+        await asyncio.sleep(0.9)
+        stopped = asyncio.get_running_loop().time()
+        stopping.set()
+        await asyncio.wait_for(task, 2)
+        routes.close()
+        return asyncio.get_running_loop().time() - stopped
+
+    took = asyncio.run(main())
+    bodies = [m.get("body", b"") for m in sent if m["type"] == "http.response.body"]
+    assert sent[0]["status"] == 200
+    assert bodies[0] == b": leitstand\nretry: 2000\n\n"
+    assert 3 <= bodies.count(b": heartbeat\n\n") <= 5
+    assert sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
+    assert took < 0.5
