@@ -325,16 +325,16 @@ def _tail(args: argparse.Namespace) -> int:
     directory, name = _data_dir(args), domains.file_name(domain)
     out = sys.stdout.buffer
     try:
-        text, end, inode = tail.last(directory, name, args.n)
+        text, cursor = tail.last(directory, name, args.n)
     except FileNotFoundError:
         if not args.f:
             _fail(f"no events for {domain} in the data dir yet")
-        text, end, inode = b"", 0, None
+        text, cursor = b"", None
     out.write(text)
     out.flush()
     if args.f:
         try:
-            for lines in tail.follow(directory / name, end, inode):
+            for lines in tail.follow(directory, name, cursor):
                 out.write(lines)
                 out.flush()
         except KeyboardInterrupt:

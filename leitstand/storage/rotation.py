@@ -43,7 +43,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 
 from leitstand.intake import domains
-from leitstand.storage import datadir, durable, keylog, segments
+from leitstand.storage import datadir, durable, keylog, segments, timeindex
 from leitstand.storage.journal import Journal, reason
 
 log = logging.getLogger("leitstand.rotation")
@@ -340,6 +340,7 @@ class Housekeeper:
             self.observer.removed(why, size)
             where = "moved to the archive dir" if self.policy.archive_dir is not None else "removed"
             log.info("segment %s by retention: file=%s reason=%s bytes=%d", where, name, why, size)
+        timeindex.forget(self.directory, segment.stem)
         durable.sync_dir(self.directory)
         return freed
 
