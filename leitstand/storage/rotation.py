@@ -246,7 +246,7 @@ class Housekeeper:
             what = "no space left" if exc.errno in _FULL else reason(exc)
             log.error("compression failed, the segment stays uncompressed: file=%s error=%s", segment.name, what)
             return
-        os.unlink(source)
+        self._retire(source, segment.stem)
         durable.sync_dir(self.directory)
         self.observer.compressed(before, after)
         log.info("compressed: file=%s bytes=%d compressed=%d", target, before, after)
@@ -292,8 +292,18 @@ class Housekeeper:
             log.error("compressed segment does not match its original, both kept: file=%s; "
                       "run leitstand verify, then remove the one that is wrong", target)
             return
-        os.unlink(source)
+        self._retire(source, source.name)
         durable.sync_dir(self.directory)
+
+    def _retire(self, source: Path, stem: str) -> None:
+        """Take the plain original away once the compressed segment stands in for it, but keep its inode,
+        emptied, as ``.leitstand/segments/<stem>.inode``: read cursors name a file by its inode, and the
+        compressed segment answers for the original's (its time index names it); while the anchor
+        lives, no new live file can get that inode and be taken for the segment."""
+        anchor = _anchor(self.directory, stem)
+        anchor.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.rename(source, anchor)
+        os.truncate(anchor, 0)
 
     def retain(self, now: float) -> None:
         """Remove the segments past their domain's retention, then the oldest beyond ``max_bytes``."""
@@ -341,8 +351,13 @@ class Housekeeper:
             where = "moved to the archive dir" if self.policy.archive_dir is not None else "removed"
             log.info("segment %s by retention: file=%s reason=%s bytes=%d", where, name, why, size)
         timeindex.forget(self.directory, segment.stem)
+        _anchor(self.directory, segment.stem).unlink(missing_ok=True)
         durable.sync_dir(self.directory)
         return freed
+
+
+def _anchor(data_dir: Path, stem: str) -> Path:
+    return data_dir / keylog.STATE_DIR / segments.STATE / durable.fitting(stem, ".inode")
 
 
 def _background() -> None:

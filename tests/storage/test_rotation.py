@@ -426,6 +426,8 @@ def test_backup_copies_a_segment_once_and_a_restore_by_copying_files_serves_all(
             (restored / path.name).write_bytes(path.read_bytes())
     server = make_server(data_dir=restored, env={"LEITSTAND_COMPRESS": "zstd"}).start()
     assert server.post("app", b'{"id":"live-3"}').status_code == 200
+    # The read API serves the restored segment and the live file, in order.
+    assert read_all(server, "app", 40) == [f"app-{n}" for n in range(100)] + ["live-1", "live-2", "live-3"]
     server.stop()
     stats = orjson.loads(run_cli("stats", "--json", "--data-dir", str(restored)).stdout)
     assert [(s["domain"], s["events"], s["segments"]) for s in stats] == [("app", 103, 1)]
@@ -437,6 +439,63 @@ def test_backup_copies_a_segment_once_and_a_restore_by_copying_files_serves_all(
     target = tmp_path / "from-backup"
     done = run_cli("restore", "--data-dir", str(target), str(backup))
     assert done.returncode == 0 and " 0 notes" in done.stdout, done.stdout
+
+
+def read(server: Server, domain: str, **params: Any) -> dict[str, Any]:
+    answer = httpx.get(f"{server.url}/events/{domain}", params=params, headers={"X-Auth": TOKEN}, timeout=10)
+    assert answer.status_code == 200, answer.text
+    return dict(answer.json())
+
+
+def ids_of(page: dict[str, Any]) -> list[str]:
+    return [event["id"] for event in page["events"]]
+
+
+def read_all(server: Server, domain: str, limit: int, after: str | None = None) -> list[str]:
+    """Every event from ``after`` on (the start without it), page by page."""
+    found: list[str] = []
+    while True:
+        page = read(server, domain, limit=limit, **({"after": after} if after else {}))
+        if not page["events"]:
+            return found
+        found += ids_of(page)
+        after = page["next"]
+
+
+@pytest.mark.parametrize("codec", ["zstd", "gzip", "off"])
+def test_the_read_api_serves_segments_across_seals_to_pages_tails_and_streams(
+    make_server: Any, data_dir: Path, codec: str
+) -> None:
+    from server.test_reading import Stream
+
+    server: Server = make_server(env={"LEITSTAND_COMPRESS": codec}).start()
+    began = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 1))
+    post_and_seal(server, "app", 30)
+    for n in range(30, 60):
+        assert server.post("app", orjson.dumps({"id": f"app-{n}"})).status_code == 200
+    first = read(server, "app", limit=40)  # 30 from the segment, 10 from the live file
+    assert ids_of(first) == [f"app-{n}" for n in range(40)]
+    inside = read(server, "app", limit=10, after=first["next"])["next"]  # a cursor into the live file
+    following = Stream(f"{server.url}/events/app/stream", after=first["next"])
+    # The live file becomes a segment (and is compressed) while the cursor and the stream point into it.
+    assert run_cli("rotate", "--data-dir", str(data_dir), "app").returncode == 0
+    if codec != "off":
+        wait_for(lambda: len(names(data_dir, rf"app\.jsonl\..*Z\.{'zst' if codec == 'zstd' else 'gz'}")) == 2)
+    assert not (data_dir / "app.jsonl").exists()
+    # No live file: the domain is still listed, read and tailed, from its segments.
+    listed = httpx.get(f"{server.url}/domains", headers={"X-Auth": TOKEN}, timeout=10).json()["domains"]
+    on_disk = sum(p.stat().st_size for p in data_dir.iterdir() if p.name.startswith("app.jsonl."))
+    assert [(d["domain"], d["bytes"]) for d in listed] == [("app", on_disk)]
+    assert ids_of(read(server, "app", tail=15)) == [f"app-{n}" for n in range(45, 60)]
+    assert read_all(server, "app", 7, after=inside) == [f"app-{n}" for n in range(50, 60)]
+    for n in range(60, 70):
+        assert server.post("app", orjson.dumps({"id": f"app-{n}"})).status_code == 200
+    assert read_all(server, "app", 7) == [f"app-{n}" for n in range(70)]
+    assert ids_of(read(server, "app", tail=25)) == [f"app-{n}" for n in range(45, 70)]
+    assert ids_of(read(server, "app", limit=3, since=began)) == ["app-0", "app-1", "app-2"]
+    # The stream went on from the sealed file into the next one, every event once, in order.
+    assert [orjson.loads(data)["id"] for _, data in following.take(30)] == [f"app-{n}" for n in range(40, 70)]
+    assert following.events.empty()
 
 
 def test_tail_follows_a_domain_across_a_seal(make_server: Any, data_dir: Path) -> None:
