@@ -184,11 +184,17 @@ def _wait_ready(proc: subprocess.Popen[bytes], url: str, stderr: Path, timeout: 
 
 
 def count_lines(data_dir: Path) -> int:
+    """Lines in the live files and in the sealed segments (decompressed)."""
+    from leitstand.storage import segments
+
     count = 0
     for path in data_dir.glob("*.jsonl"):
         with open(path, "rb") as f:
             while chunk := f.read(1 << 20):
                 count += chunk.count(b"\n")
+    if data_dir.is_dir():
+        for segment in segments.every(data_dir):
+            count += sum(chunk.count(b"\n") for chunk in segments.content(data_dir, segment))
     return count
 
 

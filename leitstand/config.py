@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +16,7 @@ from leitstand.access import auth, ratelimit
 from leitstand.access.proxies import Network, parse_networks
 from leitstand.intake import events
 from leitstand.storage import journal
+from leitstand.storage.rotation import CODECS, Policy, Retention
 
 
 class ConfigError(Exception):
@@ -98,6 +99,17 @@ SETTINGS: tuple[Setting, ...] = (
         "100000",
         "Most idempotency keys remembered (all domains together); the oldest are forgotten first.",
     ),
+    # Rotation, compression and retention of the journal files (leitstand.storage.rotation).
+    Setting("LEITSTAND_ROTATE_BYTES", "off", "Seal <domain>.jsonl into a segment once it holds this much, e.g. 256MiB."),
+    Setting("LEITSTAND_ROTATE_INTERVAL", "off", "Seal <domain>.jsonl once its first event is this old, e.g. 1h, 1d."),
+    Setting("LEITSTAND_COMPRESS", "zstd", "Compress sealed segments in the background: zstd, gzip or off."),
+    Setting(
+        "LEITSTAND_RETENTION",
+        "off",
+        "Remove segments whose newest event is older, e.g. 30d; per-domain globs after it: 30d,audit.*=365d,debug-*=1d.",
+    ),
+    Setting("LEITSTAND_RETENTION_MAX_BYTES", "off", "Bound live and sealed bytes; beyond it the oldest segments go."),
+    Setting("LEITSTAND_ARCHIVE_DIR", "(none)", "Move segments past retention here instead of removing them."),
     Setting("LEITSTAND_SSL_CERTFILE", "(none)", "PEM certificate: leitstand serve speaks HTTPS."),
     Setting("LEITSTAND_SSL_KEYFILE", "(none)", "PEM private key of LEITSTAND_SSL_CERTFILE."),
     Setting("LEITSTAND_HOST", "0.0.0.0", "Address leitstand serve binds."),
@@ -179,6 +191,7 @@ class Config:
     metrics_max_domains: int = 500
     metrics_dir: Path | None = None
     otlp_domain_attribute: str = "service.name"
+    rotation: Policy = field(default_factory=Policy)
     received_field: str | None = None
 
     @classmethod
@@ -199,6 +212,9 @@ class Config:
         tokens = env.get("LEITSTAND_TOKEN", "")
         if need_token and not auth.from_list(tokens) and not optional("LEITSTAND_TOKEN_FILE"):
             raise ConfigError(_NO_TOKEN)
+        archive_dir, data_dir = path("LEITSTAND_ARCHIVE_DIR"), Path(get("LEITSTAND_DATA_DIR"))
+        if archive_dir is not None and archive_dir.resolve().is_relative_to(data_dir.resolve()):
+            raise ConfigError("LEITSTAND_ARCHIVE_DIR is inside LEITSTAND_DATA_DIR: choose a directory outside it")
         certfile, keyfile = path("LEITSTAND_SSL_CERTFILE"), path("LEITSTAND_SSL_KEYFILE")
         if (certfile is None) != (keyfile is None):
             raise ConfigError(
@@ -207,7 +223,7 @@ class Config:
         return cls(
             tokens=tokens,
             token_file=path("LEITSTAND_TOKEN_FILE"),
-            data_dir=Path(get("LEITSTAND_DATA_DIR")),
+            data_dir=data_dir,
             max_body=_size("LEITSTAND_MAX_BODY", get("LEITSTAND_MAX_BODY")),
             limits=events.Limits(
                 events=_int("LEITSTAND_MAX_EVENTS", get("LEITSTAND_MAX_EVENTS"), 1),
@@ -242,6 +258,14 @@ class Config:
             metrics_max_domains=_int("LEITSTAND_METRICS_MAX_DOMAINS", get("LEITSTAND_METRICS_MAX_DOMAINS"), 1),
             metrics_dir=path("LEITSTAND_METRICS_DIR"),
             otlp_domain_attribute=get("LEITSTAND_OTLP_DOMAIN_ATTRIBUTE"),
+            rotation=Policy(
+                rotate_bytes=_off(_size, "LEITSTAND_ROTATE_BYTES", get("LEITSTAND_ROTATE_BYTES")),
+                rotate_interval=_off(_duration, "LEITSTAND_ROTATE_INTERVAL", get("LEITSTAND_ROTATE_INTERVAL")),
+                compress=CODECS[_choice("LEITSTAND_COMPRESS", get("LEITSTAND_COMPRESS"), tuple(CODECS))],
+                retention=_retention(get("LEITSTAND_RETENTION")),
+                max_bytes=_off(_size, "LEITSTAND_RETENTION_MAX_BYTES", get("LEITSTAND_RETENTION_MAX_BYTES")),
+                archive_dir=archive_dir,
+            ),
             received_field=_field("LEITSTAND_RECEIVED_FIELD", optional("LEITSTAND_RECEIVED_FIELD")),
         )
 
@@ -282,6 +306,12 @@ class Config:
             "metrics_public": self.metrics_public,
             "metrics_max_domains": self.metrics_max_domains,
             "otlp_domain_attribute": self.otlp_domain_attribute,
+            "rotate_bytes": self.rotation.rotate_bytes or "off",
+            "rotate_interval": self.rotation.rotate_interval or "off",
+            "compress": self.rotation.compress or "off",
+            "retention": "on" if self.rotation.retention else "off",
+            "retention_max_bytes": self.rotation.max_bytes or "off",
+            "archive_dir": self.rotation.archive_dir is not None,
             "received_field": self.received_field or "-",
         }
 
@@ -337,6 +367,35 @@ def _duration(name: str, raw: str) -> int:
     if match is None or int(match.group(1)) == 0:
         raise ConfigError(f"{name}={raw!r} is not a duration: use seconds or a unit, e.g. 3600s, 90m, 24h")
     return int(match.group(1)) * _SECONDS[match.group(2).lower()]
+
+
+def _off(parse: Callable[[str, str], int], name: str, raw: str) -> int | None:
+    """``parse``'s value of ``raw``, or None for ``off``."""
+    return None if raw.lower() == "off" else parse(name, raw)
+
+
+_GLOB = re.compile(r"[a-z0-9.*?\[\]!-]+")
+
+
+def _retention(raw: str) -> Retention:
+    """``30d,audit.*=365d,debug-*=1d``: a default (or none), then per-domain globs, the first match winning."""
+    default: float | None = None
+    rules: list[tuple[str, float | None]] = []
+    problem = (f"LEITSTAND_RETENTION={raw!r} is not valid: use a duration or off, then pattern=duration "
+               "for some domains, comma-separated, e.g. 30d,audit.*=365d,debug-*=1d")
+    for number, part in enumerate(p.strip() for p in raw.split(",")):
+        pattern, equals, value = part.rpartition("=")
+        if equals and not _GLOB.fullmatch(pattern.lower()) or not equals and number > 0:
+            raise ConfigError(problem)
+        try:
+            seconds = _off(_duration, "LEITSTAND_RETENTION", value)
+        except ConfigError:
+            raise ConfigError(problem) from None
+        if equals:
+            rules.append((pattern.lower(), seconds))
+        else:
+            default = seconds
+    return Retention(default, tuple(rules))
 
 
 def _choice(name: str, raw: str, choices: tuple[str, ...]) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import orjson
-from conftest import Server, free_port, read_lines
+from conftest import Server, free_port, journal_lines
 
 NATS_SERVER = Path(sys.executable).parent / "nats-server"
 LEASE = "2"
@@ -199,8 +199,8 @@ def wait_stored(data_dirs: list[Path], ids: set[str], timeout: float = 30) -> No
     while time.monotonic() < deadline:
         try:
             missing = ids - {i for d in data_dirs for i in events_in(d)}
-        except AssertionError:
-            missing = ids  # read while a batch was half written; look again
+        except (AssertionError, FileNotFoundError):
+            missing = ids  # read while a batch was half written, or a file was sealed; look again
         if not missing:
             return
         time.sleep(0.1)
@@ -208,5 +208,5 @@ def wait_stored(data_dirs: list[Path], ids: set[str], timeout: float = 30) -> No
 
 
 def events_in(data_dir: Path) -> list[Any]:
-    """Every event id in the journal files of ``data_dir``, file by file, in file order."""
-    return [orjson.loads(line)["id"] for path in sorted(data_dir.glob("*.jsonl")) for line in read_lines(path)]
+    """Every event id in the journal files of ``data_dir`` (each after its sealed segments), file by file, in file order."""
+    return [orjson.loads(line)["id"] for lines in journal_lines(data_dir).values() for line in lines]

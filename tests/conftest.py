@@ -152,15 +152,33 @@ class Server:
         return self.proc.wait(timeout)
 
     def kill(self) -> None:
-        """SIGKILL to every process of the service: a crash, with no chance to clean up."""
+        """SIGKILL to every process of the service: a crash, with no chance to clean up.
+
+        Returns once every process of the group is gone: a worker killed inside an fsync dies only
+        when the call returns, and holds the port until then."""
         if self.proc is not None and self.proc.poll() is None:
             self.signal(signal.SIGKILL)
             self.proc.wait(10)
         elif self.proc is not None:
             self.signal(signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while self.proc is not None and _group_alive(self.proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def _group_alive(group: int) -> bool:
+    """Whether a process of the process group ``group`` is still running (zombies do not count)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue
+        if int(pgrp) == group and state != "Z":
+            return True
+    return False
 
 
 def crash_repeatedly(server: Server, rng: random.Random, times: int, pause: tuple[float, float]) -> None:
@@ -388,6 +406,19 @@ class Load:
                 if first and "idempotent-replayed" in response.headers:
                     self.replayed_first_tries += 1
         return response.status_code < 500
+
+
+def journal_lines(data_dir: Path) -> dict[str, list[bytes]]:
+    """Per journal file, the lines of its sealed segments (oldest first, decompressed), then of its live file;
+    fails on a file that does not end in a newline."""
+    from leitstand.storage import datadir, segments
+
+    found: dict[str, list[bytes]] = {}
+    for name in sorted({*datadir.journal_names(data_dir), *(s.base for s in segments.every(data_dir))}):
+        data = b"".join(b"".join(segments.content(data_dir, s)) for s in segments.of(data_dir, name))
+        assert data == b"" or data.endswith(b"\n"), f"a segment of {name} has a torn tail"
+        found[name] = data.splitlines() + (read_lines(data_dir / name) if (data_dir / name).exists() else [])
+    return found
 
 
 def stored_ids(data_dir: Path) -> Counter[str]:

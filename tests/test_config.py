@@ -158,6 +158,35 @@ def test_every_answer_is_in_the_troubleshooting_table_and_the_readme() -> None:
         assert re.search(rf"\| {status} \| `{re.escape(phrase)}` \|", readme), (status, phrase)
 
 
+def test_rotation_settings() -> None:
+    cfg = Config.from_env({"LEITSTAND_TOKEN": "t", "LEITSTAND_ROTATE_BYTES": "256MiB", "LEITSTAND_ROTATE_INTERVAL": "1d",
+                           "LEITSTAND_COMPRESS": "gzip", "LEITSTAND_RETENTION": "30d,audit.*=365d,debug-*=90s,keep.*=off",
+                           "LEITSTAND_RETENTION_MAX_BYTES": "50GiB", "LEITSTAND_ARCHIVE_DIR": "/srv/archive"})
+    policy = cfg.rotation
+    assert (policy.rotate_bytes, policy.rotate_interval, policy.compress) == (256 << 20, 86400, "gz")
+    assert [policy.retention.of(d) for d in ("app", "audit.login", "debug-x", "keep.me")] == [
+        30 * 86400, 365 * 86400, 90, None]
+    assert (policy.max_bytes, policy.archive_dir) == (50 << 30, Path("/srv/archive"))
+    default = Config.from_env({"LEITSTAND_TOKEN": "t"}).rotation
+    assert (default.rotates, default.compress, bool(default.retention), default.max_bytes) == (False, "zst", False, None)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("LEITSTAND_ROTATE_BYTES", "lots", "is not a size"),
+        ("LEITSTAND_ROTATE_INTERVAL", "0s", "is not a duration"),
+        ("LEITSTAND_COMPRESS", "lz4", "use one of zstd, gzip, off"),
+        ("LEITSTAND_RETENTION", "audit.*=365d,30d", "then pattern=duration"),
+        ("LEITSTAND_RETENTION", "Audit Logs=1d", "then pattern=duration"),
+        ("LEITSTAND_ARCHIVE_DIR", "data/archive", "is inside LEITSTAND_DATA_DIR"),
+    ],
+)
+def test_bad_rotation_settings_are_one_line(name: str, value: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Config.from_env({"LEITSTAND_TOKEN": "t", name: value})
+
+
 def test_received_field() -> None:
     assert Config.from_env({"LEITSTAND_TOKEN": "t"}).received_field is None
     assert Config.from_env({"LEITSTAND_TOKEN": "t", "LEITSTAND_RECEIVED_FIELD": "received_at"}).received_field == (

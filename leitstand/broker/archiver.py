@@ -22,6 +22,10 @@ Why it is built this way (the Betriebshandbuch tells the same story for operator
   and each term reads through a consumer of its own (the former holder's is deleted), so a
   stalled former holder can neither write nor take messages. On one machine the data dir
   lock ``.leitstand/archive/lock`` stands behind the lease.
+* **Rotation.** The archiver seals files by the same settings as the server, but only
+  between batches, with the record emptied first (its lengths name the files before the
+  seal); compression and retention run in the background as in the server. ``leitstand
+  rotate`` refuses to seal while an archiver holds the data dir lock.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ import secrets
 import signal
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,6 +56,7 @@ from leitstand.config import Config
 from leitstand.intake import domains
 from leitstand.storage import datadir, durable
 from leitstand.storage.journal import Journal, JournalError
+from leitstand.storage.rotation import EVERY, Housekeeper
 
 log = logging.getLogger("leitstand.archive")
 
@@ -137,6 +144,25 @@ class Record:
             os.close(fd)
 
 
+@contextmanager
+def idle(data_dir: Path) -> Iterator[bool]:
+    """Whether no archiver is active on ``data_dir``; while the caller holds it, none becomes active."""
+    try:
+        lock = os.open(data_dir / STATE_DIR / _LOCK, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        yield True
+        return
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            free = True
+        except BlockingIOError:
+            free = False
+        yield free
+    finally:
+        os.close(lock)
+
+
 class Lease:
     """The right to write, held in a key-value bucket and renewed by compare-and-set."""
 
@@ -198,6 +224,7 @@ class Archiver:
         self.settings = settings
         self.record = Record(config.data_dir)
         self.stop = asyncio.Event()
+        self._next_rotation = 0.0
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -282,18 +309,36 @@ class Archiver:
                 await asyncio.sleep(_RETRY)
                 continue
             sub = None
+            # Segments are compressed and expired in the background; files are sealed between batches.
+            housekeeper = Housekeeper(journal, self.config.rotation)
+            housekeeper.start(rotate=False)
             try:
                 sub = await self._subscribe(js, lease)
                 while not self.stop.is_set():
                     written = await self._batch(js, sub, journal, lease, created, written)
+                    if not written:
+                        await loop.run_in_executor(None, self._rotate, housekeeper, created)
             except (JournalError, OSError, *jetstream.NATS_ERRORS) as exc:
                 log.warning("batch not finished, recovering: %s", exc)
                 await asyncio.sleep(_RETRY)
             finally:
+                await housekeeper.stop()
                 await journal.close()
                 if sub is not None:
                     with contextlib.suppress(*jetstream.NATS_ERRORS):
                         await sub.unsubscribe()
+
+    def _rotate(self, housekeeper: Housekeeper, created: str) -> None:
+        """Seal the files that are due, at most once a second, while no batch is in flight. The record
+        names the lengths of the live files before a batch that has landed and been purged; it is
+        emptied first, so that recovery never compares a new file with the lengths of a sealed one."""
+        if not housekeeper.policy.rotates or time.monotonic() < self._next_rotation:
+            return
+        self._next_rotation = time.monotonic() + EVERY
+        due = housekeeper.due()
+        if due:
+            self.record.write(created, {})
+            housekeeper.rotate(due)
 
     async def _subscribe(self, js: JetStreamContext, lease: Lease) -> JetStreamContext.PullSubscription:
         """A consumer of this term's own, after deleting every other one (a former holder's)."""

@@ -9,8 +9,15 @@ rewritten), the file is copied whole. That costs one read of every source file p
 but writes only what is new. The manifest is replaced atomically after every copied file
 is synced, so a run cut short leaves the previous backup intact.
 
-Only journal files are copied: torn tails set aside, probe and stray files are not events
-(``leitstand verify`` reports them in the source).
+Sealed segments never change, so each is copied once, whole, and never again: a segment
+whose seal (its name without ``.zst`` or ``.gz``) the manifest already holds, in either
+form, is skipped without being read, also once it has been compressed in the data dir. A
+segment that retention has removed from the data dir stays in the backup. A restore copies
+live files and segments alike, and records the checksum of each compressed segment that
+matches the manifest, as the compressor did.
+
+Only journal files and segments are copied: torn tails set aside, probe and stray files are
+not events (``leitstand verify`` reports them in the source).
 """
 
 from __future__ import annotations
@@ -25,7 +32,8 @@ from typing import Any
 
 import orjson
 
-from leitstand.storage import datadir, durable
+from leitstand.storage import datadir, durable, segments
+from leitstand.storage.datadir import Kind
 
 MANIFEST = "leitstand-backup.json"
 _FORMAT = 1
@@ -61,18 +69,29 @@ class Backup:
     dest: Path
     lengths: dict[str, int]
     manifest: dict[str, Any]
+    # Segments not in the backup yet, with their sizes; and the bytes of those that are.
+    segments: dict[str, int] = field(default_factory=dict)
+    sealed_before: int = 0
 
     @property
     def total(self) -> int:
-        """Bytes the run reads from the source: every file up to its last complete line."""
-        return sum(self.lengths.values())
+        """Bytes the run reads from the source: every live file up to its last complete line, new segments whole."""
+        return sum(self.lengths.values()) + sum(self.segments.values())
 
     def run(self, progress: Progress = _no_progress) -> Summary:
         started = time.monotonic()
-        summary = Summary(files=len(self.lengths))
+        summary = Summary(files=len(self.lengths) + len(self.segments), skipped=self.sealed_before)
         files: dict[str, Any] = self.manifest["files"]
         for name, length in self.lengths.items():
             files[name] = self._copy_file(name, length, files.get(name), summary, progress)
+        for name in self.segments:
+            try:
+                with datadir.opened(self.source / name) as src:
+                    files[name] = self._copy_whole(src, name, os.fstat(src).st_size, progress)
+            except FileNotFoundError:
+                summary.files -= 1  # compressed since the directory was read: the next run copies that
+                continue
+            summary.copied += files[name]["size"]
         durable.sync_dir(self.dest)
         durable.write_atomically(self.dest / MANIFEST, orjson.dumps(self.manifest, option=orjson.OPT_INDENT_2))
         summary.seconds = time.monotonic() - started
@@ -95,13 +114,18 @@ class Backup:
                 summary.skipped += kept
                 summary.copied += length - kept
             else:
-                hasher = hashlib.sha256()
-                partial = self.dest / f".{name}.partial"
-                _copy_new(src, partial, length, hasher, progress)
-                os.replace(partial, target)
                 summary.copied += length
                 if recorded is not None:
                     summary.rewritten.append(name)
+                return self._copy_whole(src, name, length, progress)
+        return {"size": length, "sha256": hasher.hexdigest()}
+
+    def _copy_whole(self, src: int, name: str, length: int, progress: Progress) -> dict[str, Any]:
+        """Copy the first ``length`` bytes of ``src`` to a new file ``name`` in the backup; its manifest entry."""
+        hasher = hashlib.sha256()
+        partial = self.dest / f".{name}.partial"
+        _copy_new(src, partial, length, hasher, progress)
+        os.replace(partial, self.dest / name)
         return {"size": length, "sha256": hasher.hexdigest()}
 
 
@@ -114,9 +138,24 @@ def prepare(source: Path, dest: Path) -> Backup:
     dest.mkdir(mode=0o700, parents=True, exist_ok=True)
     lengths = {}
     for name in datadir.journal_names(source):
-        with datadir.opened(source / name) as fd:
-            lengths[name] = datadir.length(fd, source / name).whole
-    return Backup(source, dest, lengths, _read_manifest(dest))
+        try:
+            with datadir.opened(source / name) as fd:
+                lengths[name] = datadir.length(fd, source / name).whole
+        except FileNotFoundError:
+            continue  # sealed since the directory was read: the next run copies the segment
+    manifest = _read_manifest(dest)
+    copied = {segment.stem for name in manifest["files"] if (segment := segments.parse(name)) is not None}
+    backup = Backup(source, dest, lengths, manifest)
+    for segment in datadir.sealed(source):
+        try:
+            size = os.stat(source / segment.name, follow_symlinks=False).st_size
+        except FileNotFoundError:
+            continue
+        if segment.stem in copied:
+            backup.sealed_before += size
+        else:
+            backup.segments[segment.name] = size
+    return backup
 
 
 def _read_manifest(dest: Path) -> dict[str, Any]:
@@ -186,14 +225,20 @@ def restore(source: Path, target: Path) -> Restored:
     target.mkdir(mode=0o700, parents=True, exist_ok=True)
     recorded = _read_manifest(source)["files"]
     done = Restored()
-    for name in datadir.journal_names(source):
+    for entry in datadir.scan(source):
+        if entry.kind not in (Kind.JOURNAL, Kind.SEGMENT):
+            continue
+        name = entry.name
         hasher = hashlib.sha256()
         with datadir.opened(source / name) as src:
             size = os.fstat(src).st_size
             _copy_new(src, target / name, size, hasher, _no_progress)
-        entry = recorded.get(name)
-        if type(entry) is dict and (entry.get("size"), entry.get("sha256")) != (size, hasher.hexdigest()):
+        expected = recorded.get(name)
+        if type(expected) is dict and (expected.get("size"), expected.get("sha256")) != (size, hasher.hexdigest()):
             done.mismatched.append(name)
+        elif type(expected) is dict and entry.kind is Kind.SEGMENT and name.endswith(segments.COMPRESSED):
+            # The checksum the compressor recorded, as the manifest vouches for it.
+            segments.record_checksum(target, name, hasher.hexdigest())
         done.files += 1
         done.bytes += size
     durable.sync_dir(target)

@@ -24,7 +24,7 @@ import orjson
 from leitstand import __version__, config
 from leitstand.cli import backup, configcheck, stats, tail, verify
 from leitstand.intake import domains
-from leitstand.storage import journal
+from leitstand.storage import datadir, journal
 from leitstand.storage.datadir import Kind
 from leitstand.telemetry import logs, metrics
 
@@ -69,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     _command(commands, "archive", "broker mode: copy the messages of NATS JetStream into the data dir; needs "
              "LEITSTAND_NATS_URL, the NATS servers the front ends publish to",
              "LEITSTAND_NATS_URL=nats://n1:4222 leitstand archive --data-dir /var/lib/leitstand", data)
+    seal = _command(commands, "rotate", "seal domains' live files into segments now, while the service runs "
+                    "(every domain unless named)", "leitstand rotate app.orders --data-dir /var/lib/leitstand", data)
+    seal.add_argument("domains", nargs="*", metavar="DOMAIN", help="the domains to seal (default: every one)")
     _send_parser(commands)
     return parser
 
@@ -211,7 +214,7 @@ def _print_verify(directory: Path) -> int:
     for report in reports:
         if report.kind is Kind.PROBE:
             print(f"ignored   {report.name}: probe file of the server (harmless; a crash can leave one)")
-        elif report.kind is Kind.JOURNAL and not report.problems:
+        elif report.kind in (Kind.JOURNAL, Kind.SEGMENT) and not report.problems:
             print(f"ok        {report.name}: {report.lines} lines")
         for problem in report.problems:
             print(f"PROBLEM   {report.name}: {problem}")
@@ -230,7 +233,7 @@ def _backup(args: argparse.Namespace) -> int:
     with _progress("backup", total=run.total) as advance:
         summary = run.run(advance)
     for name in summary.rewritten:
-        print(f"copied whole: {name} (truncated or rewritten since the last backup, or missing in DEST)")
+        print(f"copied whole: {name} (sealed, truncated or rewritten since the last backup, or missing in DEST)")
     print(f"backup: {summary.files} files, {summary.copied} bytes copied, {summary.skipped} bytes skipped, "
           f"{summary.seconds:.2f} s")
     return 0
@@ -260,14 +263,42 @@ def _restore(args: argparse.Namespace) -> int:
     return max(_print_verify(target), 1 if done.mismatched else 0)
 
 
+def _rotate(args: argparse.Namespace) -> int:
+    directory = _data_dir(args)
+    if not directory.is_dir():
+        _fail(f"data dir {directory} is not a directory: pass --data-dir or set LEITSTAND_DATA_DIR")
+    names = []
+    for raw in args.domains:
+        domain = domains.normalize(raw)
+        if domain is None:
+            _fail(f"invalid domain {raw!r}: use lowercase letters, digits and '-', in labels separated by dots")
+        names.append(domains.file_name(domain))
+    try:
+        settings = config.Config.from_env(need_token=False)
+    except config.ConfigError as exc:
+        _fail(str(exc))
+    from leitstand.broker import archiver
+
+    with archiver.idle(directory) as free:
+        if not free:
+            _fail("leitstand archive is writing this data dir: it seals by LEITSTAND_ROTATE_BYTES and "
+                  "LEITSTAND_ROTATE_INTERVAL itself; rotate when it is stopped")
+        sealed = journal.seal(directory, names or datadir.journal_names(directory), fsync=settings.fsync,
+                              key_window=settings.idempotency_window, max_keys=settings.idempotency_max_keys)
+    for name, segment in sealed.items():
+        print(f"sealed    {name} -> {segment}" if segment else f"empty     {name}: nothing to seal")
+    print(f"rotate: {sum(1 for s in sealed.values() if s)} sealed, {sum(1 for s in sealed.values() if not s)} empty")
+    return 0
+
+
 def _stats(args: argparse.Namespace) -> int:
     found = stats.stats(_data_dir(args))
-    rows = [{"domain": s.domain, "file": s.file, "events": s.events, "bytes": s.bytes,
+    rows = [{"domain": s.domain, "file": s.file, "events": s.events, "bytes": s.bytes, "segments": s.segments,
              "first": _utc(s.first), "last": _utc(s.last)} for s in found]
     if args.json:
         print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
         return 0
-    columns = ("domain", "events", "bytes", "first", "last")
+    columns = ("domain", "events", "bytes", "segments", "first", "last")
     cells = [["-" if row[key] is None else str(row[key]) for key in columns] for row in rows]
     if not sys.stdout.isatty():
         # For cut, awk and sort: a box table is cut to 80 columns in a pipe, its times with it.
@@ -291,19 +322,19 @@ def _tail(args: argparse.Namespace) -> int:
     domain = domains.normalize(args.domain)
     if domain is None:
         _fail(f"invalid domain {args.domain!r}: use lowercase letters, digits and '-', in labels separated by dots")
-    path = _data_dir(args) / domains.file_name(domain)
+    directory, name = _data_dir(args), domains.file_name(domain)
     out = sys.stdout.buffer
     try:
-        text, end = tail.last(path, args.n)
+        text, cursor = tail.last(directory, name, args.n)
     except FileNotFoundError:
         if not args.f:
             _fail(f"no events for {domain} in the data dir yet")
-        text, end = b"", 0
+        text, cursor = b"", None
     out.write(text)
     out.flush()
     if args.f:
         try:
-            for lines in tail.follow(path, end):
+            for lines in tail.follow(directory, name, cursor):
                 out.write(lines)
                 out.flush()
         except KeyboardInterrupt:
@@ -379,6 +410,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "backup": _backup,
     "restore": _restore,
     "stats": _stats,
+    "rotate": _rotate,
     "tail": _tail,
     "check-config": _check_config,
     "send": _send,

@@ -1,31 +1,24 @@
 """Stats: how many events each domain holds, how many bytes, and when it got its first and last one.
 
 Events carry no time of their own (they are stored as sent), so the times come from the
-file: the last event is the file's mtime, the first is its birth time (``statx``), which
-is when the server created the file for the domain's first event. A file that was
-restored from a backup was born at the restore; where the file system keeps no birth
-time, the first time is unknown (``None``).
+files: the last event is the mtime of the domain's live file (of its newest segment, if it
+has none), the first is the birth time (``statx``) of its oldest file: the oldest segment, or
+the live file, which the server created for the domain's first event after the last seal.
+A compressed segment was born when it was compressed; its mtime is that of its newest
+event, the earlier of the two counts. A file restored from a backup was born at the
+restore; where the file system keeps no birth time, the mtime stands in (and for a live
+file the first time is unknown, ``None``). Segments count their events and bytes on disk
+(compressed, where they are).
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from leitstand.intake import domains
-from leitstand.storage import datadir, reader
-
-_AT_FDCWD = -100
-_AT_SYMLINK_NOFOLLOW = 0x100
-_STATX_BTIME = 0x800
-# struct statx: stx_mask at 0, stx_btime (tv_sec int64, tv_nsec uint32) at 80.
-_STATX_SIZE = 256
-_BTIME_OFFSET = 80
+from leitstand.storage import datadir, durable, segments
 
 
 @dataclass(frozen=True)
@@ -36,36 +29,41 @@ class DomainStats:
     bytes: int
     first: float | None
     last: float
+    segments: int = 0
 
 
 def stats(directory: Path) -> list[DomainStats]:
+    journals = datadir.journal_names(directory)
+    by_base = {segments.base_of(name): name for name in journals}
+    sealed: dict[str, list[segments.Segment]] = {}
+    for segment in datadir.sealed(directory):
+        sealed.setdefault(by_base.get(segment.base, segment.base), []).append(segment)
     found = []
-    for name in datadir.journal_names(directory):
-        path = directory / name
-        with reader.JournalFile(directory, name) as journal:
-            length = journal.length()
-            events = journal.count(0, length.whole)
-            mtime = os.fstat(journal.fd).st_mtime
-        domain = name.removesuffix(domains.SUFFIX)
-        found.append(DomainStats(name, domain, events, length.size, _birth_time(path), mtime))
+    for name in sorted({*journals, *sealed}):
+        events = size = count = 0
+        first: float | None = None
+        last = 0.0
+        for segment in sealed.get(name, []):
+            path = directory / segment.name
+            try:
+                with datadir.opened(path) as fd:
+                    st = os.fstat(fd)
+                    born = datadir.birth_time(fd) or st.st_mtime
+                events += sum(chunk.count(b"\n") for chunk in segments.chunks(path, segment.codec))
+            except (FileNotFoundError, segments.CorruptSegment):
+                continue  # compressed or removed meanwhile, or damaged (verify says which)
+            size, count, last = size + st.st_size, count + 1, st.st_mtime
+            first = min(born, st.st_mtime) if first is None else first
+        if name in journals:
+            path = directory / name
+            try:
+                with datadir.opened(path) as fd:
+                    length = datadir.length(fd, path)
+                    events += sum(chunk.count(b"\n") for chunk in durable.read_range(fd, 0, length.whole))
+                    last = os.fstat(fd).st_mtime
+                    first = datadir.birth_time(fd) if first is None else first
+                size += length.size
+            except FileNotFoundError:
+                pass  # sealed since the directory was read
+        found.append(DomainStats(name, name.removesuffix(domains.SUFFIX), events, size, first, last, count))
     return found
-
-
-@functools.cache
-def _statx() -> Any:
-    """glibc's statx (2.28 and later), or None: Python 3.11 has no birth time on Linux."""
-    return getattr(ctypes.CDLL(None, use_errno=True), "statx", None)
-
-
-def _birth_time(path: Path) -> float | None:
-    statx = _statx()
-    if statx is None:
-        return None
-    buf = ctypes.create_string_buffer(_STATX_SIZE)
-    if statx(_AT_FDCWD, os.fsencode(path), _AT_SYMLINK_NOFOLLOW, _STATX_BTIME, buf) != 0:
-        return None
-    (mask,) = struct.unpack_from("=I", buf.raw, 0)
-    if not mask & _STATX_BTIME:
-        return None
-    seconds, nanoseconds = struct.unpack_from("=qI", buf.raw, _BTIME_OFFSET)
-    return float(seconds + nanoseconds / 1e9)

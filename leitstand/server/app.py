@@ -34,6 +34,7 @@ from leitstand.intake import compression, domains, events, otlp
 from leitstand.server.routes import Routes
 from leitstand.server.stopping import Stopping
 from leitstand.storage.journal import Appended, Journal, StorageFull, StorageRefused, StorageUnavailable, reason
+from leitstand.storage.rotation import Housekeeper
 from leitstand.telemetry.logs import RequestLog
 from leitstand.telemetry.metrics import Metrics
 
@@ -178,6 +179,8 @@ class Leitstand:
         broker = Settings.of(config)
         # Broker mode: accepted requests go to NATS JetStream instead of the journal.
         self.broker = Publisher(broker) if broker is not None else None
+        # Direct mode: live files sealed on schedule, segments compressed and expired, in every worker.
+        self.housekeeper = Housekeeper(self.journal, config.rotation, self.metrics) if broker is None else None
         self._watch: asyncio.Task[None] | None = None
         self.stopping = Stopping()
         self.request_log = request_log
@@ -220,6 +223,8 @@ class Leitstand:
                         return
                 self._watch_token_file()
                 self.stopping.install()
+                if self.housekeeper is not None:
+                    self.housekeeper.start()
                 details = {
                     "version": __version__,
                     "torn_tails_repaired": repaired,
@@ -235,6 +240,8 @@ class Leitstand:
                 if self._watch is not None:
                     self._watch.cancel()
                 self.stopping.close()
+                if self.housekeeper is not None:
+                    await self.housekeeper.stop()
                 await self.journal.close()
                 if self.broker is not None:
                     await self.broker.close()

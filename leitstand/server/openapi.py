@@ -279,7 +279,20 @@ OPENAPI: dict[str, Any] = {
         "/ready": {
             "get": {
                 "summary": "Readiness: the data dir takes writes and has free space",
-                "responses": {"200": _status("ready"), "503": _text("not ready, with the reason")},
+                "responses": {
+                    "200": {
+                        "description": "ready, with the bytes of the data dir",
+                        "content": {"application/json": {"schema": {"type": "object", "properties": {
+                            "status": {"type": "string"},
+                            "bytes": {
+                                "type": "object",
+                                "description": "live files, sealed segments and free space in the data dir",
+                                "properties": {k: {"type": "integer"} for k in ("live", "sealed", "free")},
+                            },
+                        }}}},
+                    },
+                    "503": _text("not ready, with the reason"),
+                },
             }
         },
         "/version": {

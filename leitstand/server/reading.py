@@ -34,7 +34,7 @@ from starlette.types import Receive, Scope, Send
 from leitstand.access.auth import Grant
 from leitstand.intake import domains
 from leitstand.intake.events import rfc3339
-from leitstand.storage import datadir, reader
+from leitstand.storage import datadir, reader, segments
 from leitstand.storage.reader import Cursor, JournalFile, ReadError
 from leitstand.telemetry.metrics import Metrics
 
@@ -89,10 +89,22 @@ class ReadRoutes:
         return Response(orjson.dumps({"domains": found}), media_type=_JSON, headers=_NO_STORE)
 
     def _list(self, grant: Grant) -> list[dict[str, object]]:
+        """Every domain with a live file or segments; bytes count both, the activity the live file's."""
         now = datetime.datetime.now(datetime.UTC).timestamp()
         found = []
         seen = set()
-        for name in datadir.journal_names(self.data_dir):
+        sealed: dict[str, list[os.stat_result]] = {}
+        for segment in datadir.sealed(self.data_dir):
+            with contextlib.suppress(FileNotFoundError):
+                sealed.setdefault(segment.base, []).append(os.stat(self.data_dir / segment.name))
+        names = {segments.base_of(name): name for name in datadir.journal_names(self.data_dir)}
+        # A domain sealed a moment ago has no live file until its next event.
+        names.update({base: base for base in sealed.keys() - names.keys() if not segments.is_shortened_base(base)})
+        for base, name in sorted(names.items(), key=lambda item: item[1]):
+            stats = sealed.get(base, [])
+            size = sum(st.st_size for st in stats)
+            modified = max((st.st_mtime for st in stats), default=0.0)
+            per_minute, recent = [0] * 60, 0
             try:
                 with JournalFile(self.data_dir, name) as journal:
                     domain = _domain_of(journal)
@@ -102,13 +114,16 @@ class ReadRoutes:
                     known = self._minutes.setdefault((name, journal.inode), {})
                     per_minute, recent = journal.activity(length.whole, now, known)
                     seen.add((name, journal.inode))
+                    size += length.size
                     modified = os.fstat(journal.fd).st_mtime
             except FileNotFoundError:
-                continue
+                domain = name.removesuffix(domains.SUFFIX)
+                if not stats or not grant.may_read(domain):
+                    continue
             found.append(
                 {
                     "domain": domain,
-                    "bytes": length.size,
+                    "bytes": size,
                     "modified": rfc3339(modified),
                     "events_per_minute": recent,
                     "per_minute": per_minute,
@@ -153,7 +168,7 @@ class ReadRoutes:
         after = _cursor(resume)
         name = domains.file_name(domain)
         try:
-            start = await self._run(_start, self.data_dir, name, after, since)
+            start = await self._run(reader.start, self.data_dir, name, after, since)
         except FileNotFoundError:
             raise HTTPException(404, "unknown domain") from None
         except ReadError as exc:
@@ -201,31 +216,16 @@ class ReadRoutes:
         return domain
 
 
-def _start(directory: Path, name: str, after: Cursor | None, since: float | None) -> Cursor:
-    """Where a stream begins: after the cursor, at ``since``, or at the end (only new events)."""
-    with JournalFile(directory, name) as journal:
-        end = journal.end()
-        if after is not None:
-            offset = journal.start(after, end)
-        elif since is not None:
-            offset = journal.since(since, end)
-        else:
-            offset = end
-        return Cursor(journal.inode, offset)
-
-
 # The next events after a cursor, framed as SSE, and the cursor after them; None: the file is gone.
 _Framed = tuple[bytes, Cursor] | None
 
 
 def _follow(directory: Path, name: str, cursor: Cursor, q: bytes | None) -> _Framed:
-    """The next page after ``cursor``; None once the name stands for another file (or none)."""
+    """The next page after ``cursor``, across seals; None once its file is gone (removed by retention,
+    or replaced)."""
     try:
-        with JournalFile(directory, name) as journal:
-            if journal.inode != cursor.file:
-                return None
-            page = journal.forward(cursor.offset, journal.end(), reader.MAX_LIMIT, q)
-    except FileNotFoundError:
+        page = reader.page(directory, name, cursor, reader.MAX_LIMIT, q)
+    except (FileNotFoundError, ReadError):
         return None
     chunk = b"".join(
         b"id: %s\ndata: %s\n\n" % (str(page.cursor(n)).encode(), line) for n, line in enumerate(page.lines)

@@ -33,6 +33,7 @@ from leitstand.broker.jetstream import Publisher
 from leitstand.config import Config
 from leitstand.server.openapi import OPENAPI
 from leitstand.server.reading import ReadRoutes
+from leitstand.storage import datadir
 from leitstand.storage.journal import Journal, probe, reason
 from leitstand.telemetry.metrics import CONTENT_TYPE, Metrics
 
@@ -115,11 +116,12 @@ class Routes:
         try:
             await loop.run_in_executor(None, probe, self.config.data_dir)
             free = await loop.run_in_executor(None, self.journal.free_bytes)
+            used = await loop.run_in_executor(None, datadir.usage, self.config.data_dir)
         except OSError as exc:
             raise HTTPException(503, f"not ready: data dir {reason(exc)}") from None
         if free < self.config.ready_min_free:
             raise HTTPException(503, "not ready: low disk space")
-        return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "ready", "bytes": {"live": used.live, "sealed": used.sealed, "free": free}})
 
     async def version(self, request: Request) -> Response:
         return JSONResponse({"version": __version__})

@@ -6,6 +6,7 @@ Whoever looks after a crash finds the old file or the new one, never a part of t
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +35,14 @@ def write_atomically(path: Path, data: bytes, *, exclusive: bool = False) -> Non
     sync_dir(path.parent)
 
 
+def fitting(name: str, suffix: str) -> str:
+    """``<name><suffix>``, the name of a file of leitstand's own about ``name``; a digest of ``name``
+    instead where that, or the ``.<that>.tmp`` it is written through, would be too long for the filesystem."""
+    if len(f".{name}{suffix}.tmp") <= NAME_MAX:
+        return name + suffix
+    return hashlib.sha256(name.encode()).hexdigest() + suffix
+
+
 def sync_dir(directory: Path) -> None:
     """Make the names in ``directory`` durable: a new or renamed file is not, until its directory is synced."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -52,10 +61,10 @@ def write_whole(fd: int, data: bytes) -> None:
         raise OSError(errno.EIO, "short write")
 
 
-def read_range(fd: int, start: int, end: int) -> Iterator[bytes]:
-    """The bytes from ``start`` to ``end`` in chunks, so that no file is read into memory whole."""
-    for offset in range(start, end, CHUNK):
-        chunk = os.pread(fd, min(CHUNK, end - offset), offset)
+def read_range(fd: int, start: int, end: int, size: int = CHUNK) -> Iterator[bytes]:
+    """The bytes from ``start`` to ``end`` in chunks of ``size``, so that no file is read into memory whole."""
+    for offset in range(start, end, size):
+        chunk = os.pread(fd, min(size, end - offset), offset)
         if not chunk:
             raise OSError(f"file shrank while being read, at byte {offset}")
         yield chunk

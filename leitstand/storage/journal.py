@@ -29,6 +29,14 @@ Why it is built this way:
   commit, under the lock, so two workers with the same key never both store.
 * **Times.** The first commit of each second notes where it wrote in the file's time index
   (:mod:`leitstand.storage.timeindex`), unsynced; start and a clean stop settle the index.
+* **Sealing.** :meth:`Journal.seal` renames a file to a segment (see
+  :mod:`leitstand.storage.segments`) under the same exclusive lock, after cutting it back to
+  whole requests and rewriting its request log with only the keys, at offset 0: the keys stay
+  known, and no record can name the segment and be taken for an offset into the next file.
+  The file's time index goes with it, renamed to the segment's name (its header still names
+  the segment's inode), so reads by time and cursors keep working in the segment.
+  Every commit checks under the lock that its descriptor is still the file under the name
+  (:meth:`Journal._lock`), so nothing is appended to a sealed, renamed or removed file.
 
 All file I/O runs on a small thread pool, never on the event loop. The journal knows
 file names and bytes; it knows nothing of HTTP or domains, and tells what it does only to
@@ -49,12 +57,15 @@ import stat
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
+from leitstand.storage import segments
 from leitstand.storage.durable import CHUNK, NAME_MAX, read_range, write_whole
 from leitstand.storage.keylog import NO_KEY, RECORD, KeyIndex, RequestLog, key_hash, lines_hash, open_requests_dir
-from leitstand.storage.timeindex import TimeLog, open_times_dir
+from leitstand.storage.timeindex import TimeLog, index_name, open_times_dir
 
 log = logging.getLogger("leitstand.journal")
 
@@ -104,6 +115,9 @@ class Observer:
 
     def opened(self, delta: int) -> None:
         """The number of open journal files changed by ``delta``."""
+
+    def sealed(self, nbytes: int) -> None:
+        """A journal file of ``nbytes`` became a segment."""
 
 
 class Appended(enum.Enum):
@@ -484,13 +498,7 @@ class Journal:
     def _lock(self, f: _File, created: list[_File]) -> _Commit:
         """Open and lock the file, and take its batch; a file that had to be created is added to ``created``."""
         try:
-            if f.fd is None:
-                f.fd, new = self._open_file(f.name)
-                self.observer.opened(1)
-                if new:
-                    created.append(f)
-            commit = _Commit(f, f.fd)
-            fcntl.flock(commit.fd, fcntl.LOCK_EX)
+            commit = _Commit(f, self._locked(f, created))
         except OSError as exc:
             commit = _Commit(f, -1)
             commit.batch = f.take()
@@ -635,6 +643,115 @@ class Journal:
                     self._requests_dir = open_requests_dir(self._dir_fd, create, self.fsync)
         return self._requests_dir
 
+    def _locked(self, f: _File, created: list[_File]) -> int:
+        """Lock the file ``f`` for a commit, opening it if need be (a file that had to be created is
+        added to ``created``); returns its descriptor, which is then the file under the name ``f.name``.
+
+        A descriptor of a file sealed since it was opened (or renamed or removed from outside) is
+        closed and the name opened anew, so nothing is ever appended to a segment: checked under
+        the lock, as a seal renames under it, for the cost of one ``stat`` per commit. The request
+        log is read anew too: what this process read of it may name the old file, and at the new
+        file's length any such record is cut off (a seal has left none, see :meth:`seal`); so is
+        its time index, whose header then names another file.
+        """
+        while True:
+            if f.fd is None:
+                f.fd, new = self._open_file(f.name)
+                f.end = -1
+                self.observer.opened(1)
+                if new:
+                    created.append(f)
+            fd = f.fd
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                if self._names(fd, f.name):
+                    return fd
+            except BaseException:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                raise
+            log.info("file replaced under its name, reopened: file=%s", f.name)
+            _close_all(self._release(f))
+            f.fd = None
+
+    def _names(self, fd: int, name: str) -> bool:
+        """Whether ``name`` names the file open as ``fd``."""
+        try:
+            named = os.stat(name, dir_fd=self._dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        held = os.fstat(fd)
+        return (named.st_ino, named.st_dev) == (held.st_ino, held.st_dev)
+
+    # -- sealing -----------------------------------------------------------------------
+
+    def seal(self, name: str, due: Callable[[int], bool] = lambda fd: True) -> str | None:
+        """Rename the journal file ``name`` to a new segment if it holds any request and ``due`` (given
+        its descriptor) says so; returns the segment's name, or None. Blocks while a commit runs.
+
+        Under the file's exclusive lock, so atomic towards every writer in every process: the file
+        is first cut back to whole requests (:meth:`_recover`), then its request log keeps only
+        the keys, at offset 0 (:meth:`RequestLog.forget_offsets`), synced, and only then the file
+        is renamed and the directory synced. A crash between the steps leaves either the old file
+        with keys that fit any length, or the segment and no file: never a record that names the
+        segment and could cut the next file. Writers see the new name under the lock
+        (:meth:`_lock`) and open a new file; the next file is made by the next append.
+        """
+        f = _File(name)
+        while True:
+            try:
+                fd = os.open(name, _OPEN_FLAGS, dir_fd=self._dir_fd)
+            except FileNotFoundError:
+                return None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                current, regular = self._names(fd, name), stat.S_ISREG(os.fstat(fd).st_mode)
+            except BaseException:
+                os.close(fd)
+                raise
+            if current and regular:
+                break
+            os.close(fd)
+            if not regular:
+                return None  # a FIFO or device planted under the name: no journal file to seal
+            # Otherwise sealed by another process meanwhile: look again.
+        try:
+            requests_dir = self._requests_dir_fd(create=False)
+            size = self._recover(f, fd, os.fstat(fd).st_size, requests_dir)
+            if not size or not due(fd):
+                return None
+            if requests_dir is not None:
+                f.requests.forget_offsets(requests_dir, self.keys, self.fsync)
+            segment = segments.new_name(name, segments.of(self._dir_fd, name), time.time())
+            os.rename(name, segment, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
+            self._seal_times(name, segment)
+            if self.fsync:
+                os.fsync(self._dir_fd)
+        finally:
+            # Closing the descriptor releases the lock.
+            _close_all([fd, *f.requests.close()])
+        log.info("sealed: file=%s segment=%s bytes=%d", name, segment, size)
+        self.observer.sealed(size)
+        return segment
+
+    def _seal_times(self, name: str, segment: str) -> None:
+        """The time index of ``name`` becomes the segment's (its header names the segment's inode).
+
+        A hint, like every index write: if it fails, or a crash comes first, the segment is read
+        by its seal time instead, and the next file under ``name`` starts an index of its own."""
+        try:
+            times_dir = self._times_dir if self._times_dir is not None else open_times_dir(self._dir_fd, create=False)
+            if times_dir is None:
+                return
+            try:
+                os.rename(index_name(name), index_name(segment), src_dir_fd=times_dir, dst_dir_fd=times_dir)
+            finally:
+                if times_dir != self._times_dir:
+                    os.close(times_dir)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.error("time index not kept for the segment: file=%s error=%s", name, exc.strerror)
+
     def _open_file(self, name: str) -> tuple[int, bool]:
         """The file's descriptor, and whether it was created (its name is durable only once the
         directory is synced, which the round does once for all it created)."""
@@ -730,9 +847,24 @@ def repair(directory: Path) -> dict[str, int]:
 
     Safe while a server runs: each file is locked the way a commit locks it.
     """
-    journal = Journal(directory)
-    try:
+    with _beside_servers(Journal(directory)) as journal:
         return journal._open_directory()
+
+
+def seal(directory: Path, names: Iterable[str], *, key_window: float, max_keys: int, fsync: bool = True
+         ) -> dict[str, str | None]:
+    """``leitstand rotate``: seal each journal file of ``names`` that holds a request, as the server
+    does; returns each one's segment (None: it was empty or missing). Safe while servers run."""
+    with _beside_servers(Journal(directory, fsync=fsync, key_window=key_window, max_keys=max_keys)) as journal:
+        journal._dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        return {name: journal.seal(name) for name in names}
+
+
+@contextmanager
+def _beside_servers(journal: Journal) -> Iterator[Journal]:
+    """A journal used for one operator command, without an event loop; its descriptors closed after."""
+    try:
+        yield journal
     finally:
         state = (journal._dir_fd, journal._requests_dir, journal._times_dir)
         _close_all([fd for fd in state if fd is not None and fd >= 0])

@@ -16,6 +16,11 @@ Why it is built this way:
   record's start (setting the cut part aside) and the record goes. So every request is on
   disk whole or not at all, and a retry finds its key exactly when its events are in the
   file. Requests of one line without a key need no record: a line is whole or torn.
+* **Across a seal.** A request log describes the live file under its name. Before the file
+  is sealed into a segment, its log is rewritten with only the keys, each at start = end = 0
+  (:meth:`RequestLog.forget_offsets`), which every length of the next file holds whole: the
+  keys stay known in every process and after a restart, and no offset into the segment is
+  ever taken for one into the next file.
 * **Bounded.** The index holds at most ``max_keys`` keys (the oldest go first: a retry of an
   evicted key stores again) and forgets keys older than the window. A request log is
   rewritten (tmp, fsync, rename, directory fsync) once it doubles, keeping only the keys
@@ -38,7 +43,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable
 
-from leitstand.storage.durable import NAME_MAX, write_whole
+from leitstand.storage.durable import fitting, write_whole
 
 log = logging.getLogger("leitstand.journal")
 
@@ -212,9 +217,30 @@ class RequestLog:
         runs after it."""
         if self.end < self.compact_at or self.fd is None:
             return
+        kept = self._keys(index)
+        self._rewrite(requests_dir, kept, fsync)
+        log.info("request log compacted: file=%s keys=%d", self.name, len(kept))
+
+    def forget_offsets(self, requests_dir: int, index: KeyIndex, fsync: bool) -> None:
+        """Before the journal file is sealed: keep only the keys the index may still need, each at
+        start = end = 0, which every length of the next journal file holds whole.
+
+        The offsets name the file about to become a segment; kept, they would be taken for offsets
+        into the next file under the name, and cut it. The keys stay known, in every process and
+        after a restart, for the rest of their window. Runs under the lock of a journal file that
+        holds only whole requests, so no offset is needed any more."""
+        if self.fd is None:
+            return
+        self._rewrite(requests_dir, [(when, key, lines, 0, 0) for when, key, lines, _, _ in self._keys(index)], fsync)
+
+    def _keys(self, index: KeyIndex) -> list[tuple[float, bytes, bytes, int, int]]:
+        assert self.fd is not None
         now = time.time()
         records = RECORD.iter_unpack(os.pread(self.fd, self.end, 0))
-        kept = [r for r in records if r[1] != NO_KEY and r[0] > now - index.window][-index.max_keys :]
+        return [r for r in records if r[1] != NO_KEY and r[0] > now - index.window][-index.max_keys :]
+
+    def _rewrite(self, requests_dir: int, kept: list[tuple[float, bytes, bytes, int, int]], fsync: bool) -> None:
+        """Replace the log by ``kept``, atomically: tmp, fsync, rename, directory fsync."""
         packed = b"".join(RECORD.pack(*r) for r in kept)
         tmp = f".{self.name}.tmp"
         fd = os.open(tmp, _OPEN_FLAGS | os.O_CREAT | os.O_TRUNC, 0o600, dir_fd=requests_dir)
@@ -233,7 +259,6 @@ class RequestLog:
         self.fd, self.inode, self.end = fd, os.fstat(fd).st_ino, len(packed)
         self.size = self.end
         self.compact_at = max(COMPACT_AT, 2 * len(packed))
-        log.info("request log compacted: file=%s keys=%d", self.name, len(kept))
 
 
 def _take(records: bytes, data_length: int) -> tuple[int, int]:
@@ -267,10 +292,7 @@ def log_name(journal_name: str, suffix: str = SUFFIX) -> str:
     """``<journal name>.log`` (or another side file's ``suffix``); a digest of the journal name
     instead where that name, or the ``.<name>.tmp`` that compaction writes, would be too long
     for the filesystem."""
-    name = journal_name + suffix
-    if len(f".{name}.tmp") <= NAME_MAX:
-        return name
-    return hashlib.sha256(journal_name.encode()).hexdigest() + suffix
+    return fitting(journal_name, suffix)
 
 
 def open_requests_dir(data_dir: int, create: bool, fsync: bool) -> int | None:

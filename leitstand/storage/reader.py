@@ -30,11 +30,12 @@ import contextlib
 import os
 import struct
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections import deque
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from leitstand.storage import datadir, timeindex
+from leitstand.storage import datadir, segments, timeindex
 from leitstand.storage.durable import CHUNK, read_range
 from leitstand.storage.journal import last_line_end
 
@@ -80,15 +81,17 @@ class Cursor:
 
 @dataclass(frozen=True)
 class Page:
-    """Lines as stored (without ``\\n``), the offset just after each, and where to go on."""
+    """Lines as stored (without ``\\n``), the cursor just after each, and where to go on; ``done``:
+    the scan reached the end of the file it read (the next file of the history comes next)."""
 
     lines: list[bytes]
-    ends: list[int]
+    after: list[Cursor]
     next: Cursor
+    done: bool = True
 
     def cursor(self, n: int) -> Cursor:
         """The cursor that goes on after line ``n``."""
-        return Cursor(self.next.file, self.ends[n])
+        return self.after[n]
 
 
 class JournalFile:
@@ -136,24 +139,9 @@ class JournalFile:
 
     def forward(self, start: int, end: int, limit: int, q: bytes | None = None) -> Page:
         """Up to ``limit`` lines (with ``q`` in them) from ``start`` on; ``next`` is where the scan stopped."""
-        lines: list[bytes] = []
-        ends: list[int] = []
         if q is not None and b"\n" in q:
-            return Page(lines, ends, Cursor(self.inode, end))
-        size = 0
-        rest = b""
-        base = start
-        for chunk in read_range(self.fd, start, end):
-            buf = rest + chunk
-            cut = buf.rfind(b"\n") + 1
-            for first, last in _lines(buf, cut, q):
-                lines.append(buf[first:last])
-                ends.append(base + last + 1)
-                size += last - first
-                if len(lines) >= limit or size >= PAGE_BYTES:
-                    return Page(lines, ends, Cursor(self.inode, ends[-1]))
-            rest, base = buf[cut:], base + cut
-        return Page(lines, ends, Cursor(self.inode, end))
+            return Page([], [], Cursor(self.inode, end))
+        return _forward(self.inode, read_range(self.fd, start, end), start, limit, q)
 
     def backward(self, end: int, count: int, floor: int = 0, q: bytes | None = None) -> Page:
         """The last ``count`` lines (with ``q`` in them) that begin at ``floor`` or later, oldest first."""
@@ -165,7 +153,7 @@ class JournalFile:
                 # The newest lines that fit, at least the last one.
                 start = min(_next_line(self.fd, end - PAGE_BYTES, end), last_line_end(self.fd, end, 2))
             page = self.forward(max(start, floor), end, count)
-            return Page(page.lines, page.ends, Cursor(self.inode, end))
+            return Page(page.lines, page.after, Cursor(self.inode, end))
         found: list[tuple[bytes, int]] = []
         size = 0
         top, rest = end, b""
@@ -186,7 +174,7 @@ class JournalFile:
                     break
             rest, top = buf[:skip], bottom
         found.reverse()
-        return Page([line for line, _ in found], [e for _, e in found], Cursor(self.inode, end))
+        return Page([line for line, _ in found], [Cursor(self.inode, e) for _, e in found], Cursor(self.inode, end))
 
     def activity(self, end: int, now: float, known: dict[int, int]) -> tuple[list[int], int]:
         """Lines written in each of the last 60 minutes (the current one last), and in the last 60 s.
@@ -264,45 +252,322 @@ def _next_line(fd: int, offset: int, end: int) -> int:
     return end
 
 
+def _forward(inode: int, chunks: Iterable[bytes], start: int, limit: int, q: bytes | None) -> Page:
+    """Up to ``limit`` lines (with ``q`` in them) of ``chunks``, which begin at ``start`` of the file
+    ``inode`` and end where a line ends; ``next`` is where the scan stopped."""
+    lines: list[bytes] = []
+    after: list[Cursor] = []
+    base = start
+    if q is not None and b"\n" in q:
+        base += sum(len(chunk) for chunk in chunks)
+        return Page(lines, after, Cursor(inode, base))
+    size = 0
+    rest = b""
+    for chunk in chunks:
+        buf = rest + chunk
+        cut = buf.rfind(b"\n") + 1
+        for first, last in _lines(buf, cut, q):
+            lines.append(buf[first:last])
+            after.append(Cursor(inode, base + last + 1))
+            size += last - first
+            if len(lines) >= limit or size >= PAGE_BYTES:
+                return Page(lines, after, after[-1], done=False)
+        rest, base = buf[cut:], base + cut
+    return Page(lines, after, Cursor(inode, base))
+
+
+class Compressed:
+    """A compressed segment: read by decompressing it from its start (zstd and gzip streams cannot be
+    entered in the middle), so its cost grows with the offset read from."""
+
+    def __init__(self, directory: Path, segment: segments.Segment, inode: int) -> None:
+        self.directory = directory
+        self.segment = segment
+        self.name = segment.name
+        self.inode = inode
+
+    def chunks(self, start: int) -> Iterator[bytes]:
+        """The content from ``start`` on; :class:`ReadError` unless a line begins there."""
+        pos, before = 0, b"\n"
+        started = False
+        for chunk in segments.content(self.directory, self.segment):
+            if not started and pos + len(chunk) <= start:
+                pos += len(chunk)
+                before = chunk[-1:] or before
+                continue
+            if not started:
+                cut = start - pos
+                if cut:
+                    before = chunk[cut - 1 : cut]
+                if start and before != b"\n":
+                    raise ReadError("invalid cursor")
+                started, chunk = True, chunk[cut:]
+            yield chunk
+        if not started and (pos < start or (start and before != b"\n")):
+            raise ReadError("invalid cursor")
+
+    def forward(self, start: int, limit: int, q: bytes | None = None) -> Page:
+        return _forward(self.inode, self.chunks(start), start, limit, q)
+
+    def backward(self, count: int, floor: int = 0, q: bytes | None = None) -> Page:
+        """The last ``count`` lines (with ``q`` in them) that begin at ``floor`` or later, oldest first:
+        one pass over the segment, keeping the last ones."""
+        kept: deque[tuple[bytes, Cursor]] = deque(maxlen=max(count, 0))
+        base, rest = floor, b""
+        for chunk in self.chunks(floor):
+            buf = rest + chunk
+            cut = buf.rfind(b"\n") + 1
+            if count > 0 and (q is None or b"\n" not in q):
+                kept.extend((buf[first:last], Cursor(self.inode, base + last + 1)) for first, last in _lines(buf, cut, q))
+            rest, base = buf[cut:], base + cut
+        size = sum(len(line) for line, _ in kept)
+        while size > PAGE_BYTES and len(kept) > 1:
+            size -= len(kept.popleft()[0])
+        return Page([line for line, _ in kept], [c for _, c in kept], Cursor(self.inode, base))
+
+    def end(self) -> int:
+        return sum(len(chunk) for chunk in segments.content(self.directory, self.segment))
+
+    def since(self, when: float, times_dir: int | None) -> int | None:
+        """Where the lines written in the second of ``when`` or later begin; None: it holds none."""
+        if when > self.segment.sealed:
+            return None
+        with timeindex.Times(times_dir, self.segment.stem, self.inode) as times:
+            offset = times.offset(int(when), (int(self.segment.sealed), _PAST_THE_END))
+        return None if offset == _PAST_THE_END else offset
+
+    def close(self) -> None:
+        """Nothing is kept open: a compressed segment is opened for each read."""
+
+
+# The offset that stands for "after every line" where a compressed segment's length is not known.
+_PAST_THE_END = 1 << 62
+_Part = JournalFile | Compressed
+
+
+class History:
+    """What a journal file holds, oldest first: its segments (see :mod:`leitstand.storage.segments`),
+    then the live file, if there is one. Listed so that no seal falls between the listing and
+    the opening of the live file: the live file is opened first, and the listing is taken
+    again if by then the name stands for another file. Raises FileNotFoundError if there is
+    neither."""
+
+    def __init__(self, directory: Path, name: str) -> None:
+        self.directory = directory
+        self.name = name
+        self.parts: list[_Part] = []
+        while True:
+            try:
+                live: JournalFile | None = JournalFile(directory, name)
+            except FileNotFoundError:
+                live = None
+            sealed = segments.of(directory, name)
+            if live is None:
+                if not os.path.lexists(directory / name):
+                    break
+            elif datadir.is_named(live.fd, live.path):
+                break
+            else:
+                live.close()
+        try:
+            for segment in sealed:
+                part = self._open(segment)
+                if part is not None:
+                    self.parts.append(part)
+        except BaseException:
+            self.close()
+            if live is not None:
+                live.close()
+            raise
+        if live is not None:
+            self.parts.append(live)
+        if not self.parts:
+            raise FileNotFoundError(f"no file of {name}")
+
+    def _open(self, segment: segments.Segment) -> _Part | None:
+        """A segment as a part: a plain one is read like the live file, a compressed one by decompressing."""
+        if not segment.codec:
+            try:
+                return JournalFile(self.directory, segment.name)
+            except FileNotFoundError:
+                segment = next((s for s in segments.of(self.directory, self.name) if s.stem == segment.stem), segment)
+        with self._times_dir() as times_dir:
+            inode = timeindex.indexed_inode(times_dir, segment.stem)
+        if inode is None:
+            try:
+                inode = os.stat(self.directory / segment.name, follow_symlinks=False).st_ino
+            except FileNotFoundError:
+                return None  # removed by retention meanwhile
+        return Compressed(self.directory, segment, inode)
+
+    def close(self) -> None:
+        for part in self.parts:
+            part.close()
+
+    def __enter__(self) -> History:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def _times_dir(self) -> Iterator[int | None]:
+        directory = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            times_dir = timeindex.open_times_dir(directory, create=False)
+        finally:
+            os.close(directory)
+        try:
+            yield times_dir
+        finally:
+            if times_dir is not None:
+                os.close(times_dir)
+
+    @property
+    def live(self) -> JournalFile | None:
+        last = self.parts[-1]
+        return last if isinstance(last, JournalFile) and last.name == self.name else None
+
+    def find(self, cursor: Cursor) -> int:
+        """The index of the part ``cursor`` points into."""
+        for index, part in enumerate(self.parts):
+            if part.inode == cursor.file:
+                return index
+        raise ReadError("cursor of another file: the domain's file was replaced or its segment removed, read again without a cursor")
+
+    def end(self) -> Cursor:
+        """The cursor after the last whole line of the last part."""
+        last = self.parts[-1]
+        return Cursor(last.inode, last.end())
+
+    def since(self, when: float, index: int = 0, start: int = 0) -> tuple[int, int]:
+        """The part and offset where the lines written in the second of ``when`` or later begin, at
+        ``index``, ``start`` or later."""
+        with self._times_dir() as times_dir:
+            for at in range(index, len(self.parts)):
+                part = self.parts[at]
+                if isinstance(part, Compressed):
+                    offset = part.since(when, times_dir)
+                else:
+                    end = part.end()
+                    offset = part.since(when, end)
+                    offset = None if offset >= end and at < len(self.parts) - 1 else offset
+                if offset is not None:
+                    return at, max(offset, start) if at == index else offset
+        return len(self.parts) - 1, self.end().offset
+
+    def forward(self, index: int, start: int, limit: int, q: bytes | None = None) -> Page:
+        """Up to ``limit`` lines from ``start`` of part ``index`` on, into the parts after it."""
+        lines: list[bytes] = []
+        after: list[Cursor] = []
+        while True:
+            part = self.parts[index]
+            if isinstance(part, JournalFile):
+                end = part.end()
+                page = part.forward(part.start(Cursor(part.inode, start), end), end, limit - len(lines), q)
+            else:
+                page = part.forward(start, limit - len(lines), q)
+            lines += page.lines
+            after += page.after
+            if not page.done or len(lines) >= limit or index == len(self.parts) - 1:
+                return Page(lines, after, page.next, page.done)
+            index, start = index + 1, 0
+
+    def backward(self, count: int, floor: tuple[int, int] = (0, 0), q: bytes | None = None) -> Page:
+        """The last ``count`` lines (with ``q`` in them) from part ``floor[0]`` at ``floor[1]`` on, oldest first."""
+        lines: list[bytes] = []
+        after: list[Cursor] = []
+        next_cursor = None
+        for index in range(len(self.parts) - 1, floor[0] - 1, -1):
+            part = self.parts[index]
+            low = floor[1] if index == floor[0] else 0
+            if isinstance(part, JournalFile):
+                page = part.backward(part.end(), count - len(lines), low, q)
+            else:
+                page = part.backward(count - len(lines), low, q)
+            next_cursor = next_cursor or page.next
+            lines[:0], after[:0] = page.lines, page.after
+            if len(lines) >= count:
+                break
+        assert next_cursor is not None
+        return Page(lines, after, next_cursor)
+
+
 def page(
     directory: Path, name: str, after: Cursor | None, limit: int, q: bytes | None = None, since: float | None = None
 ) -> Page:
-    """Lines from ``after`` (or the start), from ``since`` on if given."""
-    with JournalFile(directory, name) as journal:
-        end = journal.end()
-        start = 0 if after is None else journal.start(after, end)
+    """Lines from ``after`` (or the start of the oldest segment), from ``since`` on if given, across segments."""
+    if after is not None and since is None:
+        # The common case, following the live file: no listing of the segments.
+        with contextlib.suppress(FileNotFoundError), JournalFile(directory, name) as journal:
+            if journal.inode == after.file:
+                end = journal.end()
+                return journal.forward(journal.start(after, end), end, limit, q)
+    with History(directory, name) as history:
+        index, start = (0, 0) if after is None else (history.find(after), after.offset)
         if since is not None:
-            start = max(start, journal.since(since, end))
-        return journal.forward(start, end, limit, q)
+            index, start = history.since(since, index, start)
+        return history.forward(index, start, limit, q)
 
 
 def tail(directory: Path, name: str, count: int, q: bytes | None = None, since: float | None = None) -> Page:
-    """The last ``count`` lines, from ``since`` on if given; ``next`` follows from the end."""
-    with JournalFile(directory, name) as journal:
-        end = journal.end()
-        floor = 0 if since is None else journal.since(since, end)
-        return journal.backward(end, count, floor, q)
+    """The last ``count`` lines, from ``since`` on if given, from the newest segments where the live file
+    holds fewer; ``next`` follows from the end."""
+    with History(directory, name) as history:
+        floor = (0, 0) if since is None else history.since(since)
+        if count <= 0:
+            return Page([], [], history.end())
+        return history.backward(count, floor, q)
 
 
-def follow(path: Path, offset: int, interval: float = 0.2) -> Iterator[bytes]:
-    """Whole lines appended after ``offset``, as they come; waits for the file if it does not exist yet.
+def start(directory: Path, name: str, after: Cursor | None = None, since: float | None = None) -> Cursor:
+    """Where following begins: after the cursor (checked), at ``since``, or at the end (only new lines)."""
+    with History(directory, name) as history:
+        if after is not None:
+            index = history.find(after)
+            history.forward(index, after.offset, 0)  # refuses an offset that is not where a line begins
+            return after
+        if since is not None:
+            index, offset = history.since(since)
+            return Cursor(history.parts[index].inode, offset)
+        return history.end()
 
-    A file that got shorter or was replaced is followed again from its start.
-    """
-    inode = None
-    while True:
-        try:
-            with JournalFile(path.parent, path.name) as journal:
-                end = journal.end()
-                if end < offset or (inode is not None and journal.inode != inode):
-                    offset = 0
-                inode = journal.inode
-                if end > offset:
-                    yield b"".join(read_range(journal.fd, offset, end))
-                    offset = end
-        except FileNotFoundError:
-            offset, inode = 0, None
-        time.sleep(interval)
+
+def follow(directory: Path, name: str, cursor: Cursor | None, interval: float = 0.2) -> Iterator[bytes]:
+    """Whole lines after ``cursor`` (None: the start of the live file), as they come, across seals; waits
+    for the file if there is none yet. Where the cursor's file is gone or got shorter, the live file
+    is followed again from its start.
+
+    The live file stays open between two reads, so that its inode, which the cursor names, is not
+    given to a new file under the name meanwhile (then the cursor could not tell them apart)."""
+    held: JournalFile | None = None
+    try:
+        while True:
+            try:
+                if cursor is None:
+                    with JournalFile(directory, name) as journal:
+                        cursor = Cursor(journal.inode, 0)
+                found = page(directory, name, cursor, MAX_LIMIT)
+            except FileNotFoundError:
+                cursor = None  # gone: whatever comes under the name next is new
+                time.sleep(interval)
+                continue
+            except ReadError:
+                cursor = None
+                continue
+            if held is not None:
+                held.close()
+                held = None
+            with contextlib.suppress(FileNotFoundError):
+                held = JournalFile(directory, name)
+            if found.lines:
+                yield b"".join(line + b"\n" for line in found.lines)
+            cursor = found.next
+            if found.done:
+                time.sleep(interval)
+    finally:
+        if held is not None:
+            held.close()
 
 
 class Watch:

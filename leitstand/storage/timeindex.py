@@ -22,14 +22,20 @@ Why it is built this way:
   that much earlier, and never skips one. A missing or foreign index (a restore) is rebuilt
   as one record at the file's mtime (which ``leitstand restore``, ``cp -p`` and ``rsync -t``
   keep): every old line counts as written then, and ``since`` after it skips them all.
+* **Segments keep theirs.** A seal renames the index with the file, to
+  ``<segment>.idx`` (the header keeps naming the inode the file had while live, which a cursor
+  into it holds, also after compression made a new file); retention removes it with the
+  segment. A segment without one (a restore) counts every line as written at its seal.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import os
 import struct
 from collections.abc import Sequence
+from pathlib import Path
 
 from leitstand.storage import keylog
 from leitstand.storage.durable import write_whole
@@ -125,6 +131,32 @@ def _last(fd: int) -> tuple[int, int] | None:
         return None
     second, offset = RECORD.unpack(os.pread(fd, RECORD.size, size - RECORD.size))
     return second, offset
+
+
+def indexed_inode(times_dir: int | None, journal_name: str) -> int | None:
+    """The inode the index of ``journal_name`` speaks for, or None if it has none: for a segment
+    (whose index the seal renamed with it), the inode it had as the live file, also once it was
+    compressed into a new file."""
+    if times_dir is None:
+        return None
+    try:
+        fd = os.open(index_name(journal_name), _READ_FLAGS, dir_fd=times_dir)
+    except FileNotFoundError:
+        return None
+    try:
+        header = os.pread(fd, RECORD.size, 0)
+    finally:
+        os.close(fd)
+    if len(header) < RECORD.size:
+        return None
+    second, inode = RECORD.unpack(header)
+    return inode if second == _HEADER else None
+
+
+def forget(data_dir: Path, journal_name: str) -> None:
+    """Remove the index of ``journal_name`` (a segment that retention removed)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(data_dir / keylog.STATE_DIR / TIMES_DIR / index_name(journal_name))
 
 
 class Times(Sequence[tuple[int, int]]):

@@ -44,7 +44,7 @@ from prometheus_client.registry import Collector
 
 from leitstand import __version__
 from leitstand.config import Config, ConfigError
-from leitstand.storage import journal
+from leitstand.storage import datadir, journal, rotation
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 OTHER = "_other"
@@ -60,7 +60,7 @@ _READ_ROUTES = ("/domains", "/events/")
 _BYTES = (256, 1 << 10, 4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20)
 
 
-class Metrics(journal.Observer):
+class Metrics(journal.Observer, rotation.Observer):
     """The figures of one process; the journal reports to it as its observer."""
 
     def __init__(self, config: Config) -> None:
@@ -117,6 +117,22 @@ class Metrics(journal.Observer):
         )
         self._unavailable = errors.labels("unavailable")
         self._failures = {journal.StorageFull: errors.labels("full"), journal.StorageRefused: errors.labels("refused")}
+        self._sealed = Counter("leitstand_segments_sealed", "Live files sealed into segments.", registry=own)
+        self._compressed = Counter(
+            "leitstand_segments_compressed", "Segments compressed in the background.", registry=own
+        )
+        self._compressed_bytes = Counter(
+            "leitstand_segments_compressed_bytes", "Bytes of segments before compression, by stage.", ["stage"],
+            registry=own,
+        )
+        self._removed = Counter(
+            "leitstand_segments_removed", "Segments removed (or moved to the archive dir) by retention, by reason.",
+            ["reason"], registry=own,
+        )
+        self._removed_bytes = Counter(
+            "leitstand_segments_removed_bytes", "Bytes of the segments removed by retention, by reason.", ["reason"],
+            registry=own,
+        )
         self._by_status: dict[tuple[str, int, str], tuple[_Add, _Add]] = {}
         self._by_domain: dict[str, tuple[_Add, _Add]] = {}
         self._other = (_count(self._events.labels(OTHER)), _count(self._bytes.labels(OTHER)))
@@ -191,6 +207,20 @@ class Metrics(journal.Observer):
 
     def opened(self, delta: int) -> None:
         self._open_files.inc(delta)
+
+    def sealed(self, nbytes: int) -> None:
+        self._sealed.inc()
+
+    # -- from housekeeping, on its threads -----------------------------------------------
+
+    def compressed(self, before: int, after: int) -> None:
+        self._compressed.inc()
+        self._compressed_bytes.labels("before").inc(before)
+        self._compressed_bytes.labels("after").inc(after)
+
+    def removed(self, why: str, nbytes: int) -> None:
+        self._removed.labels(why).inc()
+        self._removed_bytes.labels(why).inc(nbytes)
 
 
 class _Labelled:
@@ -284,6 +314,15 @@ class _AtScrape(Collector):
         except OSError:
             return
         yield GaugeMetricFamily("leitstand_data_dir_free_bytes", "Free bytes in the data dir.", value=free)
+        try:
+            used = datadir.usage(self.data_dir)
+        except OSError:
+            return
+        held = GaugeMetricFamily("leitstand_data_dir_bytes", "Bytes in the data dir: live files, sealed segments.",
+                                 labels=["kind"])
+        held.add_metric(["live"], used.live)
+        held.add_metric(["sealed"], used.sealed)
+        yield held
 
 
 def share_between_workers(config: Config) -> None:

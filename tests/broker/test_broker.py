@@ -16,11 +16,12 @@ import nats
 import orjson
 import pytest
 from brokers import Broker, Nats, events_in, leaders, wait_stored
-from conftest import TOKEN, Load, assert_all_acked_stored_once, read_lines, run_cli
+from conftest import TOKEN, Load, assert_all_acked_stored_once, journal_lines, read_lines, run_cli
 from nats.js.api import KeyValueConfig
 
 from leitstand.broker.archiver import ArchiveError, Entry, Lease, LeaseLost, Record
 from leitstand.intake import domains
+from leitstand.storage import segments
 from leitstand.storage.keylog import key_hash
 
 # 253 characters, the longest domain: a subject of five tokens, a shortened file name.
@@ -288,6 +289,29 @@ def test_archivers_killed_with_kill_9_in_a_loop_store_exactly_once_in_order(brok
     found = assert_all_acked_stored_once(data_dir, load.acked)
     assert len(load.acked) > 300 and set(found) == load.acked, f"seed {seed}"
     assert_in_order(data_dir)
+
+
+def test_the_archiver_seals_between_batches_and_rotate_leaves_it_alone(broker: Broker) -> None:
+    broker.single()
+    front = broker.frontend()
+    archiver = broker.archiver(LEITSTAND_ROTATE_BYTES="4KiB")
+    with Load(front.url, ["a.example", "b.example"], clients=4, pad=200) as load:
+        time.sleep(2)
+    wait_stored([archiver.data_dir], load.acked)
+    assert len(segments.every(archiver.data_dir)) >= 2
+    refused = run_cli("rotate", "--data-dir", str(archiver.data_dir))
+    assert refused.returncode == 2 and "leitstand archive is writing this data dir" in refused.stderr
+    # A restart after seals finds the write-ahead record consistent with the new live files.
+    archiver.kill()
+    archiver = broker.archiver(LEITSTAND_ROTATE_BYTES="4KiB")
+    with Load(front.url, ["c.example"], clients=2, pad=200) as more:
+        time.sleep(1)
+    wait_stored([archiver.data_dir], more.acked)
+    for name, lines in journal_lines(archiver.data_dir).items():
+        ids = Counter(orjson.loads(line)["id"] for line in lines)
+        assert not [i for i, n in ids.items() if n > 1], name
+    archiver.stop()
+    assert run_cli("verify", "--data-dir", str(archiver.data_dir)).returncode == 0
 
 
 def wait_purged(url: str, timeout: float = 20) -> None:

@@ -93,7 +93,7 @@ def test_truncated_or_rewritten_file_is_copied_whole(tmp_path: Path) -> None:
     (source / "same.jsonl").write_bytes(b'{"domain":"same","v":2}\n' * 4)
     (source / "longer.jsonl").write_bytes(b'{"domain":"longer","v":2}\n' * 8)
     (_, copied, skipped), rewritten = backup(source, dest)
-    assert sorted(rewritten) == [f"copied whole: {n}.jsonl (truncated or rewritten since the last backup, or missing in "
+    assert sorted(rewritten) == [f"copied whole: {n}.jsonl (sealed, truncated or rewritten since the last backup, or missing in "
                                  "DEST)" for n in ("longer", "same", "short")]
     assert copied == sum((source / f"{n}.jsonl").stat().st_size for n in ("short", "same", "longer"))
     assert skipped == (source / "kept.jsonl").stat().st_size

@@ -35,9 +35,10 @@ def test_stats_figures(data_dir: Path, server: Server) -> None:
 
     # In a pipe: tab-separated columns, whole timestamps, nothing cut.
     piped = run_cli("stats", "--data-dir", str(data_dir)).stdout.splitlines()
-    assert piped[0].split("\t") == ["domain", "events", "bytes", "first", "last"]
+    assert piped[0].split("\t") == ["domain", "events", "bytes", "segments", "first", "last"]
     assert sorted(line.split("\t") for line in piped[1:]) == sorted(
-        [row["domain"], str(row["events"]), str(row["bytes"]), row["first"] or "-", row["last"]] for row in rows.values()
+        [row["domain"], str(row["events"]), str(row["bytes"]), str(row["segments"]), row["first"] or "-", row["last"]]
+        for row in rows.values()
     )
 
     # On a terminal: a table.

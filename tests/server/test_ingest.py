@@ -191,7 +191,11 @@ def test_long_domain_gets_a_shortened_file_inside_the_data_dir(server: Server) -
 
 def test_other_endpoints(server: Server) -> None:
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
-    assert httpx.get(server.url + "/ready").json() == {"status": "ready"}
+    assert server.post("demo", '{"n":1}').status_code == 200
+    ready = httpx.get(server.url + "/ready").json()
+    assert ready["status"] == "ready"
+    assert ready["bytes"]["live"] == (server.data_dir / "demo.jsonl").stat().st_size
+    assert ready["bytes"]["sealed"] == 0 and ready["bytes"]["free"] > 0
     assert httpx.get(server.url + "/version").json() == {"version": "0.1.0"}
     spec = httpx.get(server.url + "/openapi.json").json()
     assert "/ingest/{domain}" in spec["paths"]

@@ -275,7 +275,7 @@ def test_activity_counts_lines_per_minute(tmp_path: Path, monkeypatch: pytest.Mo
 
 def test_follow_picks_up_appends_and_a_replaced_file(tmp_path: Path) -> None:
     write(tmp_path, [b'{"n":1}'])
-    follower = reader.follow(tmp_path / NAME, 0, interval=0.01)
+    follower = reader.follow(tmp_path, NAME, None, interval=0.01)
     assert next(follower) == b'{"n":1}\n'
     with open(tmp_path / NAME, "ab") as f:
         f.write(b'{"n":2}\n{"n":')
