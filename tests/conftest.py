@@ -168,6 +168,14 @@ class Server:
     def output(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def logged(self, text: str, timeout: float = 10.0) -> str:
+        """The output once it holds ``text``: the service writes its request log lines once per
+        pass of its event loop, after the answers, so a line may follow its answer a little."""
+        deadline = time.monotonic() + timeout
+        while text not in (output := self.output()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return output
+
 
 def _group_alive(group: int) -> bool:
     """Whether a process of the process group ``group`` is still running (zombies do not count)."""

@@ -157,7 +157,7 @@ def test_trusted_proxies_name_the_client(make_server: Any) -> None:
     # Another client behind the same proxy is not punished for the attacker.
     assert status(server, "a", TOKEN, **{"X-Forwarded-For": "203.0.113.77"}) == 200
     assert status(server, "a", TOKEN) == 200
-    assert "client=203.0.113.77" in server.output()
+    assert "client=203.0.113.77" in server.logged("client=203.0.113.77")
 
 
 def test_rate_limit_per_token(make_server: Any) -> None:
@@ -273,7 +273,9 @@ def test_sighup_without_a_token_file_stops_nothing(make_server: Any) -> None:
     assert server.proc is not None
     wait_until(lambda: server.output().count(" INFO started ") == 2)
     pids = worker_pids(server.proc.pid)
-    server.signal(signal.SIGHUP)  # the main process and both workers
-    wait_until(lambda: server.output().count("nothing to reload") == 2)
+    # To the main process and both workers; the main process hands it on to each worker too, so
+    # a worker takes it once or twice (two signals pending at once are one).
+    server.signal(signal.SIGHUP)
+    wait_until(lambda: server.output().count("nothing to reload") >= 2)
     assert server.post("a", "{}").status_code == 200
     assert worker_pids(server.proc.pid) == pids and server.proc.poll() is None

@@ -275,7 +275,7 @@ def test_archivers_killed_with_kill_9_in_a_loop_store_exactly_once_in_order(brok
     # Two archivers on one data dir: one writes, the other takes over when it dies.
     archivers = [broker.archiver(), broker.archiver()]
     with Load(front.url, ["k1", "k2", "k3"], clients=16, batches=(1, 3)) as load:
-        for _ in range(10):
+        for _ in range(6):
             deadline = time.monotonic() + 15
             while not any(a.active for a in archivers) and time.monotonic() < deadline:
                 time.sleep(0.05)

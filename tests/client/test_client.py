@@ -236,7 +236,7 @@ def test_an_error_about_the_whole_request_is_raised_after_one_request(
         client.send(domain, [{"id": n} for n in range(1000)])
     assert (raised.value.status, raised.value.reason) == answer
     assert len(raised.value.events) == 1000
-    assert server.output().count("path=/ingest/") == 1
+    assert server.logged("path=/ingest/").count("path=/ingest/") == 1
 
 
 @pytest.mark.parametrize("answer", [(415, "unsupported content-encoding"), (400, "invalid gzip")])

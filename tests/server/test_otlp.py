@@ -80,7 +80,8 @@ def test_the_sdk_sends_logs_that_arrive_as_documented_events(server: Server, app
     assert first["flags"] == context.trace_flags and first["domain"] == "checkout-service"
     assert first["time"].endswith("Z") and len(first["time"]) == len("2026-12-03T15:04:23.123456789Z")
     assert "trace_id" not in stored[1]
-    assert "method=POST path=/v1/logs status=200 domain=checkout-service events=1" in server.output()
+    line = "method=POST path=/v1/logs status=200 domain=checkout-service events=1"
+    assert line in server.logged(line)
 
 
 def test_json_bodies_as_the_otlp_specification_writes_them(server: Server) -> None:

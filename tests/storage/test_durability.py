@@ -34,7 +34,7 @@ def test_kill_9_at_random_moments(make_server) -> None:  # type: ignore[no-untyp
     server: Server = make_server()
     server.start()
     with Load(server.url, ["k1", "k2", "k3"], clients=32, batches=(3,)) as load:
-        crash_repeatedly(server, rng, 15, (0.2, 0.8))
+        crash_repeatedly(server, rng, 10, (0.2, 0.8))
         load.wait_acked(350)
     server.stop()
     assert len(load.acked) > 300, f"seed {seed}"
