@@ -217,7 +217,8 @@ class ReadRoutes:
 
 
 # The next events after a cursor, framed as SSE, and the cursor after them; None: the file is gone.
-_Framed = tuple[bytes, Cursor] | None
+# The framed events, the cursor after them, and whether more may follow at once (a full page).
+_Framed = tuple[bytes, Cursor, bool] | None
 
 
 def _follow(directory: Path, name: str, cursor: Cursor, q: bytes | None) -> _Framed:
@@ -230,7 +231,7 @@ def _follow(directory: Path, name: str, cursor: Cursor, q: bytes | None) -> _Fra
     chunk = b"".join(
         b"id: %s\ndata: %s\n\n" % (str(page.cursor(n)).encode(), line) for n, line in enumerate(page.lines)
     )
-    return chunk, page.next
+    return chunk, page.next, not page.done or len(page.lines) >= reader.MAX_LIMIT
 
 
 class _EventStream(Response):
@@ -277,13 +278,17 @@ class _EventStream(Response):
             framed = await self.routes.follow(self.name, self.cursor, self.q)
             if framed is None:
                 return  # replaced or removed: the client comes back and is told why
-            chunk, after = framed
+            chunk, after, more = framed
+            self.cursor = after
             if chunk:
                 if not await _race(send(_body(chunk)), gone, stopping):
                     return
-                self.cursor, quiet = after, 0.0
-                continue  # there may be more
-            self.cursor = after
+                quiet = 0.0
+                if more:
+                    continue
+            # Up to date: wait for the next change (set already if the file grew since the read),
+            # so that the streams of a busy file read together, a few times a second, not each on
+            # its own after every write.
             waited = await _wait(changed, gone, stopping, HEARTBEAT - quiet)
             quiet += waited
             if quiet >= HEARTBEAT:
@@ -293,14 +298,14 @@ class _EventStream(Response):
 
 
 def _stale(future: asyncio.Future[_Framed]) -> bool:
-    """Whether a shared read is no answer for a stream that asks now: it failed, or found nothing
-    new back then (the file may have grown since)."""
+    """Whether a shared read is no answer for a stream that asks now: it failed, or it read up to
+    the end back then (the file may have grown since, and the change that said so is past)."""
     if not future.done():
         return False
     if future.cancelled() or future.exception() is not None:
         return True
     framed = future.result()
-    return framed is not None and not framed[0]
+    return framed is not None and not framed[2]
 
 
 def _body(chunk: bytes) -> dict[str, Any]:
