@@ -19,7 +19,17 @@ import httpx
 import orjson
 import pytest
 
-from conftest import ROOT, TOKEN, Load, Server, crash_repeatedly, journal_lines, partial_batches, run_cli
+from conftest import (
+    ROOT,
+    TOKEN,
+    Load,
+    Server,
+    crash_repeatedly,
+    journal_lines,
+    partial_batches,
+    require_root,
+    run_cli,
+)
 from leitstand.cli.verify import verify as verify_reports
 from leitstand.intake import domains
 from leitstand.storage import datadir, segments
@@ -328,6 +338,7 @@ def test_compressed_segments_are_read_by_the_standard_tools_and_verify_checks_th
 def test_a_full_disk_during_compression_leaves_the_segment_uncompressed_and_logs_one_line(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    require_root("mounts a small tmpfs to fill it up")
     mount = tmp_path / "tmpfs"
     mount.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
