@@ -50,10 +50,14 @@ class Grant:
     otlp_domain: str | None = None
 
     def may_write(self, domain: str) -> bool:
-        return "write" in self.access and self.domains.match(domain)
+        return self.writes and self.domains.match(domain)
 
     def may_read(self, domain: str) -> bool:
-        return "read" in self.access and self.domains.match(domain)
+        return self.reads and self.domains.match(domain)
+
+    @property
+    def writes(self) -> bool:
+        return "write" in self.access
 
     @property
     def reads(self) -> bool:

@@ -189,11 +189,7 @@ def token_from_env(domain: str | None = None, environ: Mapping[str, str] | None 
         return None
     tokens = auth.read_tokens(Path(path))
     normal = domains.normalize(domain) if domain is not None else None
-    fitting = [
-        token
-        for token, grant in tokens
-        if "write" in grant.access and (normal is None or grant.may_write(normal))
-    ]
+    fitting = [token for token, grant in tokens if (grant.writes if normal is None else grant.may_write(normal))]
     return fitting[0] if fitting else tokens[0][0]
 
 

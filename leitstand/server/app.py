@@ -490,7 +490,7 @@ class Leitstand:
         grant = self._authenticate(headers, address)
         if isinstance(grant, Response):
             return grant
-        if "write" not in grant.access:
+        if not grant.writes:
             return _text(403, "forbidden")
         if self.rate is not None and (wait := self.rate.take(grant)):
             return _too_many(wait)
