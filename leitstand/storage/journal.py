@@ -888,17 +888,20 @@ def last_line_end(fd: int, size: int, count: int = 1) -> int:
 
 # Descriptors beyond the journal's own: sockets, the request logs' directory, the pool's, the runtime's.
 _SPARE_DESCRIPTORS = 1024
+# What one open journal file may hold: its data, its request log and its time index.
+_DESCRIPTORS_PER_FILE = 3
 
 
 def _allow_open_files(wanted: int) -> int:
     """How many journal files may be kept open: ``wanted``, with the process's descriptor limit
-    raised to fit them (each may hold two: its data and its request log), up to the hard limit.
+    raised to fit them (each may hold three: its data, its request log and its time index), up
+    to the hard limit.
 
     Below what is needed, fewer are kept open (logged once), and the least recently used are
     closed sooner: slower with very many domains, never wrong.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    need = 2 * wanted + _SPARE_DESCRIPTORS
+    need = _DESCRIPTORS_PER_FILE * wanted + _SPARE_DESCRIPTORS
     if soft != resource.RLIM_INFINITY and soft < need:
         raised = need if hard == resource.RLIM_INFINITY else min(need, hard)
         try:
@@ -907,7 +910,7 @@ def _allow_open_files(wanted: int) -> int:
         except (ValueError, OSError):
             pass
     if soft != resource.RLIM_INFINITY and soft < need:
-        fits = max(1, (soft - _SPARE_DESCRIPTORS) // 2)
+        fits = max(1, (soft - _SPARE_DESCRIPTORS) // _DESCRIPTORS_PER_FILE)
         log.warning(
             "only %d open files allowed (ulimit -n): keeping %d journal files open instead of %d; "
             "raise the limit (LimitNOFILE= in systemd, ulimit -n) for many domains",
