@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import itertools
 import logging
@@ -232,6 +233,7 @@ class Leitstand:
                     **self.config.describe(),
                 }
                 log.info("started", extra=details)
+                _freeze_startup_heap()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 # uvicorn has stopped accepting and finished every request by now.
@@ -596,3 +598,12 @@ async def _read_body(receive: Receive, limit: int) -> bytes | None:
             return None
         chunks.append(chunk)
     return b"".join(chunks) if size <= limit else None
+
+
+def _freeze_startup_heap() -> None:
+    """Hide what imports and startup made from the cyclic garbage collector: it lives as long as
+    the process, and each full collection scanned it again, a pause of 20 to 40 ms every few
+    thousand requests that every request in flight waited out (the p99 at 64 connections)."""
+    gc.collect()
+    gc.freeze()
+
