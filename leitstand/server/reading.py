@@ -184,6 +184,8 @@ class ReadRoutes:
         if shared is None or _stale(shared[1]) or shared[0] != cursor:
             future: asyncio.Future[_Framed] = asyncio.ensure_future(self._run(_follow, self.data_dir, name, cursor, q))
             shared = self._pages[key] = (cursor, future)
+        if shared[1].done():
+            return shared[1].result()
         return await asyncio.shield(shared[1])
 
     @contextlib.contextmanager
@@ -250,30 +252,49 @@ class _EventStream(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         routes = self.routes
+        task = asyncio.current_task()
+        assert task is not None
         gone: asyncio.Future[Any] = asyncio.ensure_future(_disconnected(receive))
         stopping: asyncio.Future[Any] = asyncio.ensure_future(routes.stopping.wait())
+        streaming = True
+
+        def cut(_: asyncio.Future[Any]) -> None:
+            # A client that left, or a stop, ends the stream wherever it waits (a send to a stalled
+            # client, the next change): one callback each instead of a race around every await.
+            if streaming:
+                task.cancel()
+
+        gone.add_done_callback(cut)
+        stopping.add_done_callback(cut)
         routes.metrics.streams(1)
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            # Comment first: the answer (and nginx's) starts at once, before any event.
-            await _race(send(_body(b": leitstand\nretry: %d\n\n" % RETRY_MS)), gone, stopping)
-            with routes.following(self.name, self.q):
-                async with routes.watch.watching(self.name) as watched:
-                    await self._events(send, watched, gone, stopping)
+            try:
+                await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+                # Comment first: the answer (and nginx's) starts at once, before any event.
+                await send(_body(b": leitstand\nretry: %d\n\n" % RETRY_MS))
+                with routes.following(self.name, self.q):
+                    async with routes.watch.watching(self.name) as watched:
+                        await self._events(send, watched, (gone, stopping))
+            except asyncio.CancelledError:
+                if not (gone.done() or stopping.done()):
+                    raise
+                task.uncancel()
+            streaming = False
             if not gone.done():
                 # Also at a stop: a client that stalls this last write is cut off after a second.
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(send({"type": "http.response.body", "body": b"", "more_body": False}), 1.0)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(1.0):
+                        await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
+            streaming = False
             routes.metrics.streams(-1)
             gone.cancel()
             stopping.cancel()
 
-    async def _events(
-        self, send: Send, watched: Any, gone: asyncio.Future[Any], stopping: asyncio.Future[Any]
-    ) -> None:
+    async def _events(self, send: Send, watched: Any, stops: tuple[asyncio.Future[Any], ...]) -> None:
         quiet = 0.0
-        while not gone.done() and not stopping.done():
+        loop = asyncio.get_running_loop()
+        while not any(stop.done() for stop in stops):
             changed = watched.event
             framed = await self.routes.follow(self.name, self.cursor, self.q)
             if framed is None:
@@ -281,19 +302,20 @@ class _EventStream(Response):
             chunk, after, more = framed
             self.cursor = after
             if chunk:
-                if not await _race(send(_body(chunk)), gone, stopping):
-                    return
+                await send(_body(chunk))
                 quiet = 0.0
                 if more:
                     continue
             # Up to date: wait for the next change (set already if the file grew since the read),
             # so that the streams of a busy file read together, a few times a second, not each on
             # its own after every write.
-            waited = await _wait(changed, gone, stopping, HEARTBEAT - quiet)
-            quiet += waited
+            started = loop.time()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(HEARTBEAT - quiet):
+                    await changed.wait()
+            quiet += loop.time() - started
             if quiet >= HEARTBEAT:
-                if not await _race(send(_body(b": heartbeat\n\n")), gone, stopping):
-                    return
+                await send(_body(b": heartbeat\n\n"))
                 quiet = 0.0
 
 
@@ -315,30 +337,6 @@ def _body(chunk: bytes) -> dict[str, Any]:
 async def _disconnected(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
-
-
-async def _race(sending: Any, *stops: asyncio.Future[Any]) -> bool:
-    """Send, unless one of ``stops`` comes first (a stalled client at shutdown); whether it was sent."""
-    task = asyncio.ensure_future(sending)
-    await asyncio.wait([task, *stops], return_when=asyncio.FIRST_COMPLETED)
-    if task.done():
-        return task.exception() is None
-    task.cancel()
-    return False
-
-
-async def _wait(
-    changed: asyncio.Event, gone: asyncio.Future[Any], stopping: asyncio.Future[Any], timeout: float
-) -> float:
-    """Wait for a change, a stop or ``timeout``; how long it took."""
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    waiter: asyncio.Future[Any] = asyncio.ensure_future(changed.wait())
-    try:
-        await asyncio.wait([waiter, gone, stopping], timeout=max(timeout, 0.0), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        waiter.cancel()
-    return loop.time() - started
 
 
 def _domain_of(journal: JournalFile) -> str | None:
