@@ -416,11 +416,9 @@ class Leitstand:
         if isinstance(read, Response):
             return read
         body, nbytes = read
-        content_type = headers.content_type
-        ndjson: bool | None = None
-        if content_type is not None:
-            media_type = content_type.split(b";", 1)[0].strip().lower()
-            ndjson = True if media_type in _NDJSON_TYPES else None if media_type in _EITHER_TYPES else False
+        media_type = _media_type(headers)
+        # Without a Content-Type, as with the labels senders put on either, the body tells.
+        ndjson = None if media_type is None or media_type in _EITHER_TYPES else media_type in _NDJSON_TYPES
         try:
             stamp = self._stamp()
             lines, count = events.encode(body, domain, ndjson=ndjson, limits=self.config.limits, stamp=stamp)
@@ -488,7 +486,7 @@ class Leitstand:
     async def _otlp(self, headers: _Headers, receive: Receive, path: str, address: str) -> Response:
         """``POST /v1/logs``: store the records of an ``ExportLogsServiceRequest``. OTLP's clients retry
         429, 502, 503 and 504 only, so everything that may pass (a full disk too) is 503 with ``Retry-After``."""
-        content_type = _otlp_type(headers)
+        content_type = _media_type(headers)
         grant = self._authenticate(headers, address)
         if isinstance(grant, Response):
             return grant
@@ -560,13 +558,15 @@ def _not_stored(exc: Exception, only_503: bool) -> Response:
     return _text(503, "storage unavailable", _RETRY_AFTER)
 
 
-def _otlp_type(headers: _Headers) -> bytes:
-    return (headers.content_type or b"").split(b";", 1)[0].strip().lower()
+def _media_type(headers: _Headers) -> bytes | None:
+    """The media type of ``Content-Type``, lowercased and without parameters; None without the header."""
+    content_type = headers.content_type
+    return None if content_type is None else content_type.split(b";", 1)[0].strip().lower()
 
 
 def _otlp_answer(response: Response, headers: _Headers) -> None:
     """An OTLP answer is in the encoding of its request; a refusal carries a ``google.rpc.Status``."""
-    json = _otlp_type(headers) == otlp.JSON
+    json = _media_type(headers) == otlp.JSON
     if response.status != 200:
         response.body = otlp.failure(json, response.status, response.reason)
     response.content_type = otlp.JSON if json else otlp.PROTOBUF

@@ -19,15 +19,15 @@ def _status(description: str) -> dict[str, Any]:
     }
 
 
+# OTLP's two encodings; an answer comes in the encoding of its request.
+_OTLP_CONTENT = {
+    "application/x-protobuf": {"schema": {"type": "string", "format": "binary"}},
+    "application/json": {"schema": {"type": "object"}},
+}
+
+
 def _otlp(description: str) -> dict[str, Any]:
-    """An OTLP answer: in the encoding of the request."""
-    return {
-        "description": description,
-        "content": {
-            "application/x-protobuf": {"schema": {"type": "string", "format": "binary"}},
-            "application/json": {"schema": {"type": "object"}},
-        },
-    }
+    return {"description": description, "content": _OTLP_CONTENT}
 
 
 _EVENT = {"type": "object", "additionalProperties": True}
@@ -139,10 +139,7 @@ OPENAPI: dict[str, Any] = {
                 "requestBody": {
                     "required": True,
                     "description": "An ExportLogsServiceRequest, in protobuf or OTLP's JSON; Content-Encoding gzip or zstd",
-                    "content": {
-                        "application/x-protobuf": {"schema": {"type": "string", "format": "binary"}},
-                        "application/json": {"schema": {"type": "object"}},
-                    },
+                    "content": _OTLP_CONTENT,
                 },
                 "responses": {
                     "200": _otlp("ExportLogsServiceResponse: stored; partial_success counts refused records"),

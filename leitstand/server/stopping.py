@@ -51,13 +51,14 @@ class Stopping:
             previous = signal.getsignal(signum)
             if not callable(previous):
                 continue
-            server = getattr(previous, "__self__", None)
+            owner = getattr(previous, "__self__", None)
+            server = owner if isinstance(owner, Server) else None
 
             def stop(
                 number: int,
                 frame: FrameType | None,
                 previous: Callable[..., Any] = previous,
-                server: Server | None = server if isinstance(server, Server) else None,
+                server: Server | None = server,
             ) -> None:
                 previous(number, frame)
                 loop.call_soon_threadsafe(self._begin, server)
