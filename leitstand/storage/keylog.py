@@ -31,6 +31,7 @@ Nothing here knows HTTP; keys are bytes.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import errno
 import hashlib
@@ -52,6 +53,10 @@ REQUESTS_DIR = "requests"
 SUFFIX = ".log"
 # time (float seconds), hash of name and key, hash of the stored lines, where the lines start and end.
 RECORD = struct.Struct("<d16s16sQQ")
+# What compaction looks at: the time and the key hash at the start of a record.
+_WHEN_KEY = struct.Struct("<d16s")
+# A record up to its offsets: what is kept of it when the offsets go.
+_NO_OFFSETS = struct.calcsize("<d16s16s")
 # The key and lines hash of a request without a key.
 NO_KEY = bytes(16)
 _OPEN_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
@@ -217,9 +222,9 @@ class RequestLog:
         runs after it."""
         if self.end < self.compact_at or self.fd is None:
             return
-        kept = self._keys(index)
+        kept = self._kept(index, RECORD.size)
         self._rewrite(requests_dir, kept, fsync)
-        log.info("request log compacted: file=%s keys=%d", self.name, len(kept))
+        log.info("request log compacted: file=%s keys=%d", self.name, len(kept) // RECORD.size)
 
     def forget_offsets(self, requests_dir: int, index: KeyIndex, fsync: bool) -> None:
         """Before the journal file is sealed: keep only the keys the index may still need, each at
@@ -231,17 +236,34 @@ class RequestLog:
         holds only whole requests, so no offset is needed any more."""
         if self.fd is None:
             return
-        self._rewrite(requests_dir, [(when, key, lines, 0, 0) for when, key, lines, _, _ in self._keys(index)], fsync)
+        self._rewrite(requests_dir, self._kept(index, _NO_OFFSETS), fsync)
 
-    def _keys(self, index: KeyIndex) -> list[tuple[float, bytes, bytes, int, int]]:
+    def _kept(self, index: KeyIndex, keep: int) -> bytes:
+        """The records the index may still need (with a key, inside the window, the newest
+        ``max_keys``), in order, each cut to its first ``keep`` bytes and padded with zeros.
+
+        Read from the newest back, without a tuple per record: a log about to be compacted
+        holds twice the keys the index keeps, and a list of them all cost the commit thread
+        tens of MiB and the event loop its GIL for as long."""
         assert self.fd is not None
-        now = time.time()
-        records = RECORD.iter_unpack(os.pread(self.fd, self.end, 0))
-        return [r for r in records if r[1] != NO_KEY and r[0] > now - index.window][-index.max_keys :]
+        records = os.pread(self.fd, self.end, 0)
+        horizon = time.time() - index.window
+        starts = array.array("Q")
+        for start in range((len(records) // RECORD.size - 1) * RECORD.size, -1, -RECORD.size):
+            if len(starts) == index.max_keys:
+                break
+            when, key = _WHEN_KEY.unpack_from(records, start)
+            if key != NO_KEY and when > horizon:
+                starts.append(start)
+        padding = bytes(RECORD.size - keep)
+        kept = bytearray()
+        for start in reversed(starts):
+            kept += records[start : start + keep]
+            kept += padding
+        return bytes(kept)
 
-    def _rewrite(self, requests_dir: int, kept: list[tuple[float, bytes, bytes, int, int]], fsync: bool) -> None:
-        """Replace the log by ``kept``, atomically: tmp, fsync, rename, directory fsync."""
-        packed = b"".join(RECORD.pack(*r) for r in kept)
+    def _rewrite(self, requests_dir: int, packed: bytes, fsync: bool) -> None:
+        """Replace the log by the records ``packed``, atomically: tmp, fsync, rename, directory fsync."""
         tmp = f".{self.name}.tmp"
         fd = os.open(tmp, _OPEN_FLAGS | os.O_CREAT | os.O_TRUNC, 0o600, dir_fd=requests_dir)
         try:

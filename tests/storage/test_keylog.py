@@ -16,7 +16,7 @@ from storage.test_journal import opened, run
 
 from leitstand.storage import keylog
 from leitstand.storage.journal import Appended, Journal, StorageFull, StorageUnavailable
-from leitstand.storage.keylog import RECORD, key_hash, lines_hash
+from leitstand.storage.keylog import NO_KEY, RECORD, key_hash, lines_hash
 
 REQUESTS = Path(".leitstand") / "requests"
 
@@ -182,6 +182,38 @@ def test_expired_keys_are_dropped_at_compaction(tmp_path: Path, monkeypatch: pyt
         await journal.close()
 
     run(main())
+
+
+def test_compaction_keeps_the_newest_keyed_records_in_the_window_whole_and_in_order(tmp_path: Path) -> None:
+    """Record by record: keyed and unkeyed requests mixed, some keys expired; a seal keeps the same
+    records with their offsets zeroed."""
+    now = time.time()
+    written = [
+        (now - 7200 if n % 5 == 0 else now - 60 + n, NO_KEY if n % 3 == 0 else key_hash("a.jsonl", b"k%d" % n),
+         NO_KEY if n % 3 == 0 else lines_hash(b"%d\n" % n), 10 * n, 10 * n + 10)
+        for n in range(1, 40)
+    ]
+    wanted = [r for r in written if r[1] != NO_KEY and r[0] > now - 3600][-7:]
+    assert len(wanted) == 7 and wanted[0] != written[0]  # the bound cuts some in the window too
+    directory = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for rewrite, expected in (
+            ("compact", wanted),
+            ("forget_offsets", [(when, key, lines, 0, 0) for when, key, lines, _, _ in wanted]),
+        ):
+            log = keylog.RequestLog("a.jsonl")
+            packed = b"".join(RECORD.pack(*r) for r in written)
+            log.write(directory, packed, fsync=False)
+            log.committed(len(packed))
+            log.compact_at = 0
+            getattr(log, rewrite)(directory, keylog.KeyIndex(3600, 7), False)
+            assert list(RECORD.iter_unpack((tmp_path / "a.jsonl.log").read_bytes())) == expected
+            assert (log.end, log.size) == (7 * RECORD.size, 7 * RECORD.size)
+            for fd in log.close():
+                os.close(fd)
+            (tmp_path / "a.jsonl.log").unlink()
+    finally:
+        os.close(directory)
 
 
 def test_appends_without_a_key_make_no_request_log_and_no_extra_sync(
