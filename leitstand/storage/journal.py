@@ -498,12 +498,14 @@ class Journal:
     def _lock(self, f: _File, created: list[_File]) -> _Commit:
         """Open and lock the file, and take its batch; a file that had to be created is added to ``created``."""
         try:
-            commit = _Commit(f, self._locked(f, created))
+            fd, size = self._locked(f, created)
         except OSError as exc:
             commit = _Commit(f, -1)
             commit.batch = f.take()
             commit.fail("open", exc)
             return commit
+        commit = _Commit(f, fd)
+        commit.size = size
         # Taken only now that the lock is held: appends that came in while another worker
         # held it join this commit instead of waiting for the next one.
         commit.batch = f.take()
@@ -532,7 +534,6 @@ class Journal:
         records it needs (not yet synced)."""
         f, batch = commit.file, commit.batch
         try:
-            commit.size = os.fstat(commit.fd).st_size
             if requests_dir is not None or commit.size != f.end:
                 # Someone else appended (another worker), or this is the first look.
                 commit.size = self._recover(f, commit.fd, commit.size, requests_dir)
@@ -643,9 +644,10 @@ class Journal:
                     self._requests_dir = open_requests_dir(self._dir_fd, create, self.fsync)
         return self._requests_dir
 
-    def _locked(self, f: _File, created: list[_File]) -> int:
+    def _locked(self, f: _File, created: list[_File]) -> tuple[int, int]:
         """Lock the file ``f`` for a commit, opening it if need be (a file that had to be created is
-        added to ``created``); returns its descriptor, which is then the file under the name ``f.name``.
+        added to ``created``); returns its descriptor, which is then the file under the name ``f.name``,
+        and the file's length.
 
         A descriptor of a file sealed since it was opened (or renamed or removed from outside) is
         closed and the name opened anew, so nothing is ever appended to a segment: checked under
@@ -664,8 +666,9 @@ class Journal:
             fd = f.fd
             fcntl.flock(fd, fcntl.LOCK_EX)
             try:
-                if self._names(fd, f.name):
-                    return fd
+                held = self._held(fd, f.name)
+                if held is not None:
+                    return fd, held.st_size
             except BaseException:
                 fcntl.flock(fd, fcntl.LOCK_UN)
                 raise
@@ -673,14 +676,16 @@ class Journal:
             _close_all(self._release(f))
             f.fd = None
 
-    def _names(self, fd: int, name: str) -> bool:
-        """Whether ``name`` names the file open as ``fd``."""
+    def _held(self, fd: int, name: str) -> os.stat_result | None:
+        """The status of the file open as ``fd`` if ``name`` names it, else None: one ``fstat`` for
+        the check and the length a commit starts from, as every system call of a round's files is
+        a hand-back of the GIL the event loop may keep for a while."""
         try:
             named = os.stat(name, dir_fd=self._dir_fd, follow_symlinks=False)
         except FileNotFoundError:
-            return False
+            return None
         held = os.fstat(fd)
-        return (named.st_ino, named.st_dev) == (held.st_ino, held.st_dev)
+        return held if (named.st_ino, named.st_dev) == (held.st_ino, held.st_dev) else None
 
     # -- sealing -----------------------------------------------------------------------
 
@@ -704,7 +709,7 @@ class Journal:
                 return None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
-                current, regular = self._names(fd, name), stat.S_ISREG(os.fstat(fd).st_mode)
+                current, regular = self._held(fd, name) is not None, stat.S_ISREG(os.fstat(fd).st_mode)
             except BaseException:
                 os.close(fd)
                 raise
