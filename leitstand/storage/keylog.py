@@ -243,8 +243,8 @@ class RequestLog:
         ``max_keys``), in order, each cut to its first ``keep`` bytes and padded with zeros.
 
         Read from the newest back, without a tuple per record: a log about to be compacted
-        holds twice the keys the index keeps, and a list of them all cost the commit thread
-        tens of MiB and the event loop its GIL for as long."""
+        holds twice the keys the index keeps, and a tuple for each of them cost tens of MiB
+        and held the GIL, which the event loop needs, for up to 190 ms."""
         assert self.fd is not None
         records = os.pread(self.fd, self.end, 0)
         horizon = time.time() - index.window
