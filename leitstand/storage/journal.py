@@ -709,11 +709,12 @@ class Journal:
                 return None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
-                current, regular = self._held(fd, name) is not None, stat.S_ISREG(os.fstat(fd).st_mode)
+                held = self._held(fd, name)
+                regular = stat.S_ISREG((held or os.fstat(fd)).st_mode)
             except BaseException:
                 os.close(fd)
                 raise
-            if current and regular:
+            if held is not None and regular:
                 break
             os.close(fd)
             if not regular:
@@ -721,7 +722,7 @@ class Journal:
             # Otherwise sealed by another process meanwhile: look again.
         try:
             requests_dir = self._requests_dir_fd(create=False)
-            size = self._recover(f, fd, os.fstat(fd).st_size, requests_dir)
+            size = self._recover(f, fd, held.st_size, requests_dir)
             if not size or not due(fd):
                 return None
             if requests_dir is not None:
