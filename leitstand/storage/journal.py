@@ -337,10 +337,16 @@ class Journal:
             log.error("time index dir not usable, since= reads whole files: error=%s", exc.strerror)
         for name in sorted(names):
             f = _File(name)
-            fd = os.open(name, _OPEN_FLAGS, dir_fd=self._dir_fd)
+            try:
+                fd = os.open(name, _OPEN_FLAGS, dir_fd=self._dir_fd)
+            except FileNotFoundError:
+                continue  # sealed by another process since the listing, which cut it back to whole requests
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
-                size = os.fstat(fd).st_size
+                held = self._held(fd, name)
+                if held is None:
+                    continue  # the same, between the open and the lock: a segment now, never written to
+                size = held.st_size
                 good = self._recover(f, fd, size, requests_dir)
                 if size - good:
                     repaired[name] = size - good

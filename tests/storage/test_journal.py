@@ -10,10 +10,12 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from leitstand.storage import datadir
+from leitstand.storage import journal as journal_module
 from leitstand.storage.journal import Appended, Journal, StorageFull, StorageRefused, StorageUnavailable
 from leitstand.storage.keylog import RECORD
 
@@ -119,6 +121,53 @@ def test_torn_tails_are_repaired_at_open(tmp_path: Path) -> None:
     assert (tmp_path / "c.jsonl").read_bytes() == b"fine\n"
     torn = {p.name.split(".torn-")[0]: p.read_bytes() for p in tmp_path.glob("*.torn-*")}
     assert torn == {"a.jsonl": b"frag", "b.jsonl": b"no newline at all"}
+
+
+@pytest.mark.parametrize("moment", ["before the open", "between the open and the lock"])
+def test_a_file_sealed_by_another_process_while_the_journal_opens_is_left_to_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, moment: str
+) -> None:
+    """A worker that starts while another one (or ``leitstand rotate``) seals a file it has just
+    listed starts all the same, and writes nothing for the segment that the name now is."""
+    (tmp_path / "a.jsonl").write_bytes(b"1\nfrag")
+    (tmp_path / "b.jsonl").write_bytes(b"whole\n")
+    sealed: dict[str, str | None] = {}
+    sealing: list[bool] = []
+
+    def seal_b_once() -> None:
+        if not sealing:
+            sealing.append(True)
+            sealed.update(journal_module.seal(tmp_path, ["b.jsonl"], key_window=60, max_keys=10))
+
+    real_open, real_flock = os.open, fcntl.flock
+
+    def opening(path: Any, *args: Any, **kw: Any) -> int:
+        if moment == "before the open" and path == "b.jsonl":
+            seal_b_once()
+        return real_open(path, *args, **kw)
+
+    def locking(fd: int, operation: int) -> None:
+        if moment == "between the open and the lock" and operation == fcntl.LOCK_EX and not sealing:
+            if os.fstat(fd).st_ino == (tmp_path / "b.jsonl").stat().st_ino:
+                seal_b_once()
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(os, "open", opening)
+    monkeypatch.setattr(fcntl, "flock", locking)
+
+    async def main() -> int:
+        journal = Journal(tmp_path)
+        repaired = await journal.open()
+        await journal.close()
+        return repaired
+
+    assert run(main()) == 1
+    segment = sealed["b.jsonl"]
+    assert segment is not None
+    assert (tmp_path / segment).read_bytes() == b"whole\n"
+    assert not (tmp_path / "b.jsonl").exists()
+    assert not (tmp_path / ".leitstand" / "times" / "b.jsonl.idx").exists()
+    assert (tmp_path / "a.jsonl").read_bytes() == b"1\n"
 
 
 def test_tail_torn_by_another_writer_is_repaired_before_appending(tmp_path: Path) -> None:
