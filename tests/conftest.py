@@ -178,13 +178,15 @@ class Server:
 
 
 def _group_alive(group: int) -> bool:
-    """Whether a process of the process group ``group`` is still running (zombies do not count)."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    """Whether a thread of a process of the process group ``group`` is still running (zombies do not
+    count). Threads, not processes: a killed worker's first thread is a zombie at once, while its
+    journal thread finishes an fsync and holds every descriptor of the process, the port too."""
+    for stat in Path("/proc").glob("[0-9]*/task/[0-9]*/stat"):
         try:
             state, _, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
         except (OSError, ValueError):
             continue
-        if int(pgrp) == group and state != "Z":
+        if int(pgrp) == group and state not in ("Z", "X"):
             return True
     return False
 
