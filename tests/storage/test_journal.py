@@ -104,18 +104,20 @@ def test_open_files_are_bounded(tmp_path: Path) -> None:
     assert len(os.listdir(f"/proc/{os.getpid()}/fd")) < 50
 
 
+async def repaired_at_open(directory: Path) -> int:
+    """How many torn tails a journal opened on ``directory`` repairs, as a starting server does."""
+    journal = Journal(directory)
+    repaired = await journal.open()
+    await journal.close()
+    return repaired
+
+
 def test_torn_tails_are_repaired_at_open(tmp_path: Path) -> None:
     (tmp_path / "a.jsonl").write_bytes(b"1\n2\nfrag")
     (tmp_path / "b.jsonl").write_bytes(b"no newline at all")
     (tmp_path / "c.jsonl").write_bytes(b"fine\n")
 
-    async def count() -> int:
-        journal = Journal(tmp_path)
-        repaired = await journal.open()
-        await journal.close()
-        return repaired
-
-    assert run(count()) == 2
+    assert run(repaired_at_open(tmp_path)) == 2
     assert (tmp_path / "a.jsonl").read_bytes() == b"1\n2\n"
     assert (tmp_path / "b.jsonl").read_bytes() == b""
     assert (tmp_path / "c.jsonl").read_bytes() == b"fine\n"
@@ -155,13 +157,7 @@ def test_a_file_sealed_by_another_process_while_the_journal_opens_is_left_to_it(
     monkeypatch.setattr(os, "open", opening)
     monkeypatch.setattr(fcntl, "flock", locking)
 
-    async def main() -> int:
-        journal = Journal(tmp_path)
-        repaired = await journal.open()
-        await journal.close()
-        return repaired
-
-    assert run(main()) == 1
+    assert run(repaired_at_open(tmp_path)) == 1
     segment = sealed["b.jsonl"]
     assert segment is not None
     assert (tmp_path / segment).read_bytes() == b"whole\n"
