@@ -6,7 +6,7 @@ Two scenarios on the shared harness (``harness.py``), Markdown to stdout, progre
   so that the cost can be seen not to grow with the file); ``GET /events/{domain}?tail=N``
   for N = 1, 100 and 1000, many times over one kept-alive connection, median and p99. The
   tail is found by seeking from the end, so both files should answer alike.
-* ``streams``: single-event ingest at 64 connections (wrk), one worker, fresh server per run,
+* ``streams``: single-event ingest at 64 connections (wrk), one worker (``--workers``), fresh server per run,
   with no stream open, with 100 streams following the very domain wrk writes (every event
   goes out 100 times), and with 100 streams open on 100 other, quiet domains. The three
   alternate within one run. The readers run in a process of their own and count what they
@@ -115,7 +115,7 @@ uvloop.run(main())
 
 def streams_run(variant: str, args: argparse.Namespace, session: Path) -> dict[str, float]:
     script = harness.wrk_script(harness.BODIES["single"][1], session)
-    with harness.serve(harness.LEITSTAND, 1, session) as server:
+    with harness.serve(harness.LEITSTAND, args.workers, session) as server:
         base = server.url.rsplit("/ingest/", 1)[0]
         port = int(base.rsplit(":", 1)[1])
         quiet = [f"quiet-{n}.example" for n in range(args.streams)]
@@ -184,7 +184,8 @@ def streams_scenario(args: argparse.Namespace, session: Path) -> str:
             f"{statistics.median(rates) / base - 1:+.1%}",
             "yes" if all(r["valid"] for r in runs[variant]) else "**no**",
         ])
-    return (f"Single events, 64 connections, 1 worker, {args.repeat} runs per variant alternating, "
+    return (f"Single events, 64 connections, {args.workers} worker{'s' if args.workers > 1 else ''}, "
+            f"{args.repeat} runs per variant alternating, "
             f"{args.duration:g} s each after {args.warmup:g} s warmup; the readers (uvloop, counting events "
             "as they arrive) run in their own process on the same two cores.\n\n" + harness.table(rows))
 
@@ -194,6 +195,7 @@ def main() -> None:
     parser.add_argument("scenario", choices=("tail", "streams", "all"))
     parser.add_argument("--requests", type=int, default=200, help="tail requests per row (default 200)")
     parser.add_argument("--streams", type=int, default=100, help="open streams (default 100)")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes for streams (default 1)")
     harness.add_run_flags(parser, duration=8.0, warmup=2.0, repeat=3)
     args = parser.parse_args()
     harness.ensure_tools()
