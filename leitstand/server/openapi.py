@@ -239,7 +239,8 @@ OPENAPI: dict[str, Any] = {
                 "summary": "Server-Sent Events: each new event as id (its cursor) and data (its stored line)",
                 "description": (
                     "Starts at the end (only new events), after a cursor (Last-Event-ID or after=) or at since. "
-                    "A comment every 15 s keeps the connection open; the answer ends when the service stops."
+                    "A comment every 15 s keeps the connection open; the answer ends when the service stops. "
+                    "With Accept-Encoding: deflate, the stream comes compressed (Content-Encoding: deflate)."
                 ),
                 "security": [{"xAuth": []}, {"bearer": []}],
                 "parameters": [

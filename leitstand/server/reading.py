@@ -3,7 +3,8 @@
 It only translates between HTTP and :mod:`leitstand.storage.reader`: parameters are checked
 here (a bad one is ``400`` with a one-line reason), every file is read on a small thread pool
 of its own, so that reads never hold up the event loop that acknowledges ingests, and lines
-go out as stored, joined into JSON or Server-Sent Events without being parsed again.
+go out as stored, joined into JSON or Server-Sent Events without being parsed again (a stream
+deflated, once per page for all its readers that accept it: :mod:`leitstand.server.deflate`).
 
 A stream follows the file on disk, not a queue in this process, so it sees what every worker
 appended: one ``stat`` per followed file and :data:`POLL` seconds tells its followers that it
@@ -22,7 +23,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import orjson
 from starlette.exceptions import HTTPException
@@ -34,6 +35,7 @@ from starlette.types import Receive, Scope, Send
 from leitstand.access.auth import Grant
 from leitstand.intake import domains
 from leitstand.intake.events import rfc3339
+from leitstand.server.deflate import Deflate, Identity, Piece, accepts_deflate, piece
 from leitstand.storage import datadir, reader, segments
 from leitstand.storage.reader import Cursor, JournalFile, ReadError
 from leitstand.telemetry.metrics import Metrics
@@ -64,10 +66,10 @@ class ReadRoutes:
         self._pool = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="reader")
         # Lines per minute that is over, per file (name, inode): minute -> count.
         self._minutes: dict[tuple[str, int], dict[int, int]] = {}
-        # The page last read per followed file and filter: streams at the same cursor (all that keep
-        # up) share one read and one framing, and only send it each.
-        self._pages: dict[tuple[str, bytes | None], tuple[Cursor, asyncio.Future[_Framed]]] = {}
-        self._followers: Counter[tuple[str, bytes | None]] = Counter()
+        # The page last read per followed file, filter and encoding: streams at the same cursor (all
+        # that keep up) share one read, one framing and one compression, and only send it each.
+        self._pages: dict[_Key, tuple[Cursor, asyncio.Future[_Framed]]] = {}
+        self._followers: Counter[_Key] = Counter()
         self.routes = [
             Route("/domains", self.domains, methods=["GET"]),
             Route("/events/{domain}", self.events, methods=["GET"]),
@@ -173,25 +175,24 @@ class ReadRoutes:
             raise HTTPException(404, "unknown domain") from None
         except ReadError as exc:
             raise HTTPException(400, str(exc)) from None
-        return _EventStream(self, name, start, q)
+        deflate = accepts_deflate(request.headers.get("accept-encoding", ""))
+        return _EventStream(self, _Key(name, q, deflate), start)
 
     # -- access --------------------------------------------------------------------------
 
-    async def follow(self, name: str, cursor: Cursor, q: bytes | None) -> _Framed:
+    async def follow(self, key: _Key, cursor: Cursor) -> _Framed:
         """The events after ``cursor``, read once for every stream that asks at the same time."""
-        key = (name, q)
         shared = self._pages.get(key)
         if shared is None or _stale(shared[1]) or shared[0] != cursor:
-            future: asyncio.Future[_Framed] = asyncio.ensure_future(self._run(_follow, self.data_dir, name, cursor, q))
+            future: asyncio.Future[_Framed] = asyncio.ensure_future(self._run(_follow, self.data_dir, key, cursor))
             shared = self._pages[key] = (cursor, future)
         if shared[1].done():
             return shared[1].result()
         return await asyncio.shield(shared[1])
 
     @contextlib.contextmanager
-    def following(self, name: str, q: bytes | None) -> Iterator[None]:
-        """One stream more of ``name`` with ``q``; once the last is gone, so is their page."""
-        key = (name, q)
+    def following(self, key: _Key) -> Iterator[None]:
+        """One stream more of a file, filter and encoding; once the last is gone, so is their page."""
         self._followers[key] += 1
         try:
             yield
@@ -218,22 +219,35 @@ class ReadRoutes:
         return domain
 
 
-# The next events after a cursor, framed as SSE, and the cursor after them; None: the file is gone.
-# The framed events, the cursor after them, and whether more may follow at once (a full page).
-_Framed = tuple[bytes, Cursor, bool] | None
+class _Key(NamedTuple):
+    """What streams share a page by."""
+
+    name: str  # the journal file's
+    q: bytes | None
+    deflate: bool
 
 
-def _follow(directory: Path, name: str, cursor: Cursor, q: bytes | None) -> _Framed:
+# The next events after a cursor, framed as SSE and encoded, the cursor after them, and whether
+# more may follow at once (a full page); None: the file is gone.
+_Framed = tuple[Piece, Cursor, bool] | None
+# The comments a stream sends (first, and when quiet), as they are and deflated: (first, heartbeat).
+_COMMENTS = {
+    deflate: (piece(b": leitstand\nretry: %d\n\n" % RETRY_MS, deflate), piece(b": heartbeat\n\n", deflate))
+    for deflate in (False, True)
+}
+
+
+def _follow(directory: Path, key: _Key, cursor: Cursor) -> _Framed:
     """The next page after ``cursor``, across seals; None once its file is gone (removed by retention,
     or replaced)."""
     try:
-        page = reader.page(directory, name, cursor, reader.MAX_LIMIT, q)
+        page = reader.page(directory, key.name, cursor, reader.MAX_LIMIT, key.q)
     except (FileNotFoundError, ReadError):
         return None
     chunk = b"".join(
         b"id: %s\ndata: %s\n\n" % (str(page.cursor(n)).encode(), line) for n, line in enumerate(page.lines)
     )
-    return chunk, page.next, not page.done or len(page.lines) >= reader.MAX_LIMIT
+    return piece(chunk, key.deflate), page.next, not page.done or len(page.lines) >= reader.MAX_LIMIT
 
 
 class _EventStream(Response):
@@ -241,14 +255,17 @@ class _EventStream(Response):
 
     media_type = "text/event-stream"
 
-    def __init__(self, routes: ReadRoutes, name: str, start: Cursor, q: bytes | None) -> None:
+    def __init__(self, routes: ReadRoutes, key: _Key, start: Cursor) -> None:
         self.routes = routes
-        self.name = name
+        self.key = key
         self.cursor = start
-        self.q = q
+        self.coding = Deflate() if key.deflate else Identity()
         self.status_code = 200
         self.background = None
-        self.init_headers({"cache-control": "no-cache", "x-accel-buffering": "no"})
+        headers = {"cache-control": "no-cache", "x-accel-buffering": "no", "vary": "accept-encoding"}
+        if self.coding.encoding is not None:
+            headers["content-encoding"] = self.coding.encoding
+        self.init_headers(headers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         routes = self.routes
@@ -271,9 +288,9 @@ class _EventStream(Response):
             try:
                 await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
                 # Comment first: the answer (and nginx's) starts at once, before any event.
-                await send(_body(b": leitstand\nretry: %d\n\n" % RETRY_MS))
-                with routes.following(self.name, self.q):
-                    async with routes.watch.watching(self.name) as watched:
+                await send(self._body(_COMMENTS[self.key.deflate][0]))
+                with routes.following(self.key):
+                    async with routes.watch.watching(self.key.name) as watched:
                         await self._events(send, watched, (gone, stopping))
             except asyncio.CancelledError:
                 if not (gone.done() or stopping.done()):
@@ -284,7 +301,7 @@ class _EventStream(Response):
                 # Also at a stop: a client that stalls this last write is cut off after a second.
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(1.0):
-                        await send({"type": "http.response.body", "body": b"", "more_body": False})
+                        await send({"type": "http.response.body", "body": self.coding.end(), "more_body": False})
         finally:
             streaming = False
             routes.metrics.streams(-1)
@@ -296,13 +313,13 @@ class _EventStream(Response):
         loop = asyncio.get_running_loop()
         while not any(stop.done() for stop in stops):
             changed = watched.event
-            framed = await self.routes.follow(self.name, self.cursor, self.q)
+            framed = await self.routes.follow(self.key, self.cursor)
             if framed is None:
                 return  # replaced or removed: the client comes back and is told why
             chunk, after, more = framed
             self.cursor = after
-            if chunk:
-                await send(_body(chunk))
+            if chunk.plain:
+                await send(self._body(chunk))
                 quiet = 0.0
                 if more:
                     continue
@@ -315,8 +332,12 @@ class _EventStream(Response):
                     await changed.wait()
             quiet += loop.time() - started
             if quiet >= HEARTBEAT:
-                await send(_body(b": heartbeat\n\n"))
+                await send(self._body(_COMMENTS[self.key.deflate][1]))
                 quiet = 0.0
+
+
+    def _body(self, p: Piece) -> dict[str, Any]:
+        return {"type": "http.response.body", "body": self.coding.send(p), "more_body": True}
 
 
 def _stale(future: asyncio.Future[_Framed]) -> bool:
@@ -328,10 +349,6 @@ def _stale(future: asyncio.Future[_Framed]) -> bool:
         return True
     framed = future.result()
     return framed is not None and not framed[2]
-
-
-def _body(chunk: bytes) -> dict[str, Any]:
-    return {"type": "http.response.body", "body": chunk, "more_body": True}
 
 
 async def _disconnected(receive: Receive) -> None:

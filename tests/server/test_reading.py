@@ -8,6 +8,7 @@ import signal
 import socket
 import threading
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +31,16 @@ def events(response: httpx.Response) -> list[Any]:
 
 
 class Stream:
-    """An SSE client on its own thread; its events (id, data) arrive on ``events``."""
+    """An SSE client on its own thread; its events (id, data) arrive on ``events``.
+
+    httpx asks for deflate by default, as browsers and ``curl --compressed`` do; the answer is
+    decoded here from the raw bytes, so that ``complete`` can tell whether it ended as a whole
+    zlib stream (its trailer checked) or was cut off."""
 
     def __init__(self, url: str, headers: dict[str, str] | None = None, **params: str) -> None:
         self.events: queue.Queue[tuple[str, bytes]] = queue.Queue()
-        self.raw = b""
+        self.text = b""
+        self.complete = False
         self.status = 0
         self.headers: httpx.Headers | None = None
         self.ended = threading.Event()
@@ -48,15 +54,18 @@ class Stream:
             with httpx.stream("GET", url, headers=headers, params=params, timeout=httpx.Timeout(10, read=None)) as r:
                 self.status, self.headers = r.status_code, r.headers
                 self.opened.set()
+                decoder = zlib.decompressobj() if r.headers.get("content-encoding") == "deflate" else None
                 block = b""
-                for chunk in r.iter_raw():
-                    self.raw += chunk
+                for raw in r.iter_raw():
+                    chunk = raw if decoder is None else decoder.decompress(raw)
+                    self.text += chunk
                     block += chunk
                     while b"\n\n" in block:
                         event, block = block.split(b"\n\n", 1)
                         fields = dict(line.split(b": ", 1) for line in event.split(b"\n") if b": " in line)
                         if b"data" in fields:
                             self.events.put((fields[b"id"].decode(), fields[b"data"]))
+                self.complete = decoder is None or (decoder.eof and not decoder.unused_data)
         except httpx.HTTPError:
             pass
         finally:
@@ -213,13 +222,17 @@ def test_received_field(make_server: Any) -> None:
 def test_stream_delivers_within_a_second_from_any_worker_and_resumes(make_server: Any) -> None:
     server = make_server(command="serve", workers=2).start()
     assert server.post("app", '{"n":0}').status_code == 200
-    # Several streams, likely spread over both workers; each must see every event.
-    streams = [Stream(server.url + "/events/app/stream") for _ in range(4)]
-    for stream in streams:
+    # Several streams, likely spread over both workers; each must see every event. Two ask for
+    # deflate (httpx's default), two for the stream as it is.
+    plain = {**READ, "Accept-Encoding": "identity"}
+    streams = [Stream(server.url + "/events/app/stream", headers) for headers in (None, plain, None, plain)]
+    for stream, encoding in zip(streams, ("deflate", None, "deflate", None), strict=True):
         assert stream.status == 200 and stream.headers is not None
         assert stream.headers["content-type"].startswith("text/event-stream")
         assert stream.headers["x-accel-buffering"] == "no"
         assert stream.headers["cache-control"] == "no-cache"
+        assert stream.headers.get("content-encoding") == encoding
+        assert stream.headers["vary"] == "accept-encoding"
     time.sleep(0.5)
     # New connections, so that both workers take some of the posts.
     for n in range(1, 6):
@@ -230,7 +243,7 @@ def test_stream_delivers_within_a_second_from_any_worker_and_resumes(make_server
             ((cursor, data),) = stream.take(1, timeout=5)
             assert time.monotonic() - acknowledged < 1.0, "an event took more than a second to reach a stream"
             assert orjson.loads(data)["n"] == n
-    assert b"retry: " in streams[0].raw and b"data: " in streams[0].raw
+    assert all(b"retry: " in stream.text and b"data: " in stream.text for stream in streams)
     # Resume with Last-Event-ID (or after=) from the second event's id: no gap, no repeat.
     assert server.post("app", '[{"n":6},{"n":7}]').status_code == 200
     got = streams[0].take(2)
@@ -295,6 +308,8 @@ def test_sigterm_with_open_streams_exits_fast_and_completes_ingests(make_server:
     assert time.monotonic() - started < 5.0, "the process took more than 5 s to exit with open streams"
     assert code in CLEAN_EXIT, server.output()
     assert all(stream.ended.wait(2) for stream in streams)
+    # The deflated ones ended as whole zlib streams: their last block and checksum came.
+    assert all(stream.complete for stream in streams)
     lines = (server.data_dir / "app.jsonl").read_bytes().splitlines()
     assert orjson.loads(lines[-1])["n"] == "in flight"
 
@@ -334,11 +349,13 @@ def _rss(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
+@pytest.mark.parametrize("deflate", [False, True], ids=["identity", "deflate"])
 def test_heartbeats_keep_a_quiet_stream_open_and_a_stop_ends_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, deflate: bool
 ) -> None:
     """In process, with the heartbeat at 0.2 s instead of 15 s: comments while nothing happens, then
-    the end of the answer as soon as the process is told to stop."""
+    the end of the answer as soon as the process is told to stop; deflated, each body decodes as
+    it comes, and the last one ends the zlib stream with the checksum of all of them."""
     import asyncio
 
     from leitstand.config import Config
@@ -356,7 +373,9 @@ def test_heartbeats_keep_a_quiet_stream_open_and_a_stop_ends_it(
         stopping = asyncio.Event()
         metrics = Metrics(Config(tokens=TOKEN, data_dir=data))
         routes = reading.ReadRoutes(data, metrics, lambda r: None, stopping)  # type: ignore[arg-type,return-value]
-        stream = reading._EventStream(routes, "app.jsonl", Cursor((data / "app.jsonl").stat().st_ino, 8), None)
+        stream = reading._EventStream(
+            routes, reading._Key("app.jsonl", None, deflate), Cursor((data / "app.jsonl").stat().st_ino, 8)
+        )
         never = asyncio.Event()
 
         async def receive() -> dict[str, Any]:
@@ -377,7 +396,13 @@ def test_heartbeats_keep_a_quiet_stream_open_and_a_stop_ends_it(
     took = asyncio.run(main())
     bodies = [m.get("body", b"") for m in sent if m["type"] == "http.response.body"]
     assert sent[0]["status"] == 200
+    assert (dict(sent[0]["headers"]).get(b"content-encoding"), sent[-1]["more_body"]) == (
+        b"deflate" if deflate else None, False)
+    if deflate:
+        decoder = zlib.decompressobj()
+        bodies = [decoder.decompress(body) for body in bodies]
+        assert decoder.eof and not decoder.unused_data
     assert bodies[0] == b": leitstand\nretry: 2000\n\n"
     assert 3 <= bodies.count(b": heartbeat\n\n") <= 5
-    assert sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
+    assert bodies[-1] == b""
     assert took < 0.5
