@@ -241,9 +241,21 @@ def rss_mib(pid: int) -> float:
 # -- the load ------------------------------------------------------------------------
 
 
-def wrk_script(body: bytes, directory: Path, domains: int = 1, keyed: bool = False) -> Path:
+# A single event like ``event(0)`` whose values differ from request to request (wrk's Lua fills
+# them in), for what depends on how alike the events are: how well a stream compresses.
+VARIED_EVENT = (
+    "string.format('{\"ts\":\"2026-11-28T07:%02d:%02d.%03dZ\",\"level\":\"%s\",\"service\":\"checkout\","
+    "\"host\":\"web-%02d\",\"msg\":\"%s\",\"order_id\":\"A-%d\",\"amount_cents\":%d,\"currency\":\"EUR\","
+    "\"user\":{\"id\":%d,\"country\":\"DE\",\"plan\":\"pro\"}}', math.random(0, 59), math.random(0, 59), "
+    "math.random(0, 999), levels[math.random(#levels)], math.random(1, 40), messages[math.random(#messages)], "
+    "math.random(100000, 999999), math.random(100, 99999), math.random(1, 999999))"
+)
+
+
+def wrk_script(body: bytes, directory: Path, domains: int = 1, keyed: bool = False, varied: bool = False) -> Path:
     """wrk's Lua script: POST ``body``; with several ``domains``, each request to one drawn at random;
-    ``keyed``: each request with an Idempotency-Key of its own."""
+    ``keyed``: each request with an Idempotency-Key of its own; ``varied``: instead of ``body``, a
+    single event with values drawn for each request (:data:`VARIED_EVENT`)."""
     path = directory / "post.lua"
     lines = [
         'wrk.method = "POST"',
@@ -251,11 +263,20 @@ def wrk_script(body: bytes, directory: Path, domains: int = 1, keyed: bool = Fal
         'wrk.headers["Content-Type"] = "application/json"',
         f'wrk.headers["X-Auth"] = "{TOKEN}"',
     ]
-    if domains > 1 or keyed:
-        # Each wrk thread runs its own copy of the script: a random prefix keeps their keys apart.
+    if varied or domains > 1 or keyed:
+        # Each wrk thread runs its own copy of the script: seeded apart, their draws (events, keys) differ.
+        lines.append("math.randomseed(os.time() + tonumber(tostring({}):sub(8), 16))")
+    if varied:
+        lines += [
+            'local levels = {"info", "info", "info", "warn", "error", "debug"}',
+            'local messages = {"order placed", "payment captured", "cart updated", "login", "search", '
+            '"timeout calling inventory"}',
+            f"request = function() return wrk.format(nil, nil, nil, {VARIED_EVENT}) end",
+        ]
+    elif domains > 1 or keyed:
+        # A random prefix per thread keeps their keys apart.
         spread = f'"/ingest/d" .. math.random({domains}) .. ".{DOMAIN}"' if domains > 1 else "nil"
         lines += [
-            "math.randomseed(os.time() + tonumber(tostring({}):sub(8), 16))",
             'local prefix = string.format("%08x", math.random(0, 0x7fffffff))',
             "local n = 0",
             "request = function()",

@@ -8,8 +8,9 @@ Two scenarios on the shared harness (``harness.py``), Markdown to stdout, progre
   tail is found by seeking from the end, so both files should answer alike.
 * ``streams``: single-event ingest at 64 connections (wrk), one worker (``--workers``), fresh server per run,
   with no stream open, with 100 streams following the very domain wrk writes (every event
-  goes out 100 times), and with 100 streams open on 100 other, quiet domains. The three
-  alternate within one run. The readers run in a process of their own and count what they
+  goes out 100 times), as they are and deflated (``Accept-Encoding: deflate``, as browsers
+  ask), and with 100 streams open on 100 other, quiet domains. The four alternate within one
+  run. The readers run in a process of their own and count what they
   get: a run only counts if every stream got every event acknowledged while it was open.
 """
 
@@ -85,18 +86,35 @@ def tail_scenario(args: argparse.Namespace, session: Path) -> str:
 # -- streams -----------------------------------------------------------------------------
 
 READERS = '''
-import asyncio, json, signal, sys, uvloop
+import asyncio, json, signal, sys, zlib, httptools, uvloop
 host, port, token, count = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-domains = sys.argv[5].split(",")
+domains, encoding = sys.argv[5].split(","), sys.argv[6]
 MARK = b"\\ndata: "
 class Reader(asyncio.Protocol):
     # Counts events as they arrive and keeps nothing else: the readers share two cores with the
-    # server and wrk, so they copy no byte the kernel has not already copied.
+    # server and wrk, so they copy no byte the kernel has not already copied. Only a deflated
+    # stream is taken apart (httptools, in C) and inflated, as a browser would.
     def __init__(self, domain):
-        self.domain, self.got, self.tail = domain, 0, b""
+        self.domain, self.got, self.tail, self.encoding, self.wire = domain, 0, b"", None, 0
+        self.parser = httptools.HttpResponseParser(self) if encoding == "deflate" else None
+        self.inflate = None
     def connection_made(self, transport):
-        transport.write(f"GET /events/{self.domain}/stream HTTP/1.1\\r\\nHost: x\\r\\nX-Auth: {token}\\r\\n\\r\\n".encode())
+        transport.write(f"GET /events/{self.domain}/stream HTTP/1.1\\r\\nHost: x\\r\\nX-Auth: {token}\\r\\n"
+                        f"Accept-Encoding: {encoding}\\r\\n\\r\\n".encode())
     def data_received(self, data):
+        self.wire += len(data)
+        if self.parser is not None:
+            self.parser.feed_data(data)
+            return
+        if self.encoding is None:  # the head: sent as it is, unless it says otherwise
+            self.encoding = "other" if b"\\r\\ncontent-encoding:" in data.lower() else "identity"
+        self.count(data)
+    def on_header(self, name, value):
+        if name.lower() == b"content-encoding":
+            self.encoding, self.inflate = value.decode(), zlib.decompressobj()
+    def on_body(self, data):
+        self.count(self.inflate.decompress(data) if self.inflate is not None else data)
+    def count(self, data):
         # A mark cut in two by the reads lies whole in the joint of the last bytes and the first.
         self.got += data.count(MARK) + (self.tail + data[: len(MARK) - 1]).count(MARK)
         self.tail = (self.tail + data[-(len(MARK) - 1) :])[-(len(MARK) - 1) :]
@@ -108,27 +126,29 @@ async def main():
                for n in range(count)]
     print("open", flush=True)
     await stop.wait()
-    print(json.dumps([r.got for r in readers]), flush=True)
+    print(json.dumps({"got": [r.got for r in readers], "wire": sum(r.wire for r in readers),
+                      "encodings": sorted({r.encoding for r in readers})}), flush=True)
 uvloop.run(main())
 '''
 
 
 def streams_run(variant: str, args: argparse.Namespace, session: Path) -> dict[str, float]:
-    script = harness.wrk_script(harness.BODIES["single"][1], session)
+    script = harness.wrk_script(harness.BODIES["single"][1], session, varied=True)
     with harness.serve(harness.LEITSTAND, args.workers, session) as server:
         base = server.url.rsplit("/ingest/", 1)[0]
         port = int(base.rsplit(":", 1)[1])
         quiet = [f"quiet-{n}.example" for n in range(args.streams)]
         readers = None
         if variant != "none":
-            domains = [harness.DOMAIN] if variant == "following" else quiet
+            following = variant != "quiet"
+            domains = [harness.DOMAIN] if following else quiet
             if variant == "quiet":
                 with httpx.Client(headers={"X-Auth": harness.TOKEN}) as client:
                     for domain in quiet:
                         assert client.post(f"{base}/ingest/{domain}", content=b"{}").status_code == 200
             readers = subprocess.Popen(
                 [sys.executable, "-c", READERS, "127.0.0.1", str(port), harness.TOKEN, str(args.streams),
-                 ",".join(domains)],
+                 ",".join(domains), "deflate" if variant == "deflated" else "identity"],
                 stdout=subprocess.PIPE, text=True,
             )
             assert readers.stdout is not None and readers.stdout.readline().strip() == "open"
@@ -140,17 +160,19 @@ def streams_run(variant: str, args: argparse.Namespace, session: Path) -> dict[s
         cpu, reading = harness.cpu_seconds(server.pid) - cpu, _cpu_of(readers) - reading
         time.sleep(2.0)  # the streams catch up
         written = harness.count_lines(server.data_dir) - lines_before
-        delivered = None
+        delivered, wire = None, 0.0
         if readers is not None:
             readers.send_signal(signal.SIGTERM)
             out, _ = readers.communicate(30)
-            got = json.loads(out.strip().splitlines()[-1])
-            delivered = min(got) if variant == "following" else 0
+            report = json.loads(out.strip().splitlines()[-1])
+            encoded = report["encodings"] == (["deflate"] if variant == "deflated" else ["identity"])
+            delivered = min(report["got"]) if following and encoded else 0
+            wire = report["wire"] / max(sum(report["got"]), 1)
         server.stop()
     valid = load.non2xx == 0 and load.socket_errors == 0 and (delivered is None or variant == "quiet"
                                                                or delivered >= written)
     return {"rps": load.rps, "p99": load.p99_ms, "cpu": cpu / max(load.requests, 1) * 1e6,
-            "readers": reading / args.duration,
+            "readers": reading / args.duration, "wire": wire,
             "valid": float(valid), "delivered": float(delivered or 0), "written": float(written)}
 
 
@@ -159,7 +181,7 @@ def _cpu_of(readers: subprocess.Popen[str] | None) -> float:
 
 
 def streams_scenario(args: argparse.Namespace, session: Path) -> str:
-    variants = ("none", "following", "quiet")
+    variants = ("none", "following", "deflated", "quiet")
     runs: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
     for rep in range(args.repeat):
         for variant in variants:
@@ -169,10 +191,10 @@ def streams_scenario(args: argparse.Namespace, session: Path) -> str:
                   f"delivered {run['delivered']:.0f}/{run['written']:.0f}{'' if run['valid'] else ' INVALID'}",
                   file=sys.stderr)
     base = statistics.median(r["rps"] for r in runs["none"])
-    rows = [["streams", "single events/s (range)", "p99 ms", "server CPU µs/req", "readers' CPU", "vs none",
-             "valid"], ["---"] * 7]
+    rows = [["streams", "single events/s (range)", "p99 ms", "server CPU µs/req", "readers' CPU",
+             "bytes per event and stream", "vs none", "valid"], ["---"] * 8]
     names = {"none": "none", "following": f"{args.streams} following the written domain",
-             "quiet": f"{args.streams} on quiet domains"}
+             "deflated": f"{args.streams} following it, deflated", "quiet": f"{args.streams} on quiet domains"}
     for variant in variants:
         rates = [r["rps"] for r in runs[variant]]
         rows.append([
@@ -181,13 +203,17 @@ def streams_scenario(args: argparse.Namespace, session: Path) -> str:
             f"{statistics.median(r['p99'] for r in runs[variant]):.2f}",
             f"{statistics.median(r['cpu'] for r in runs[variant]):.0f}",
             f"{statistics.median(r['readers'] for r in runs[variant]):.0%} of a core",
+            f"{statistics.median(r['wire'] for r in runs[variant]):.0f}" if variant in ("following", "deflated") else "—",
             f"{statistics.median(rates) / base - 1:+.1%}",
             "yes" if all(r["valid"] for r in runs[variant]) else "**no**",
         ])
     return (f"Single events, 64 connections, {args.workers} worker{'s' if args.workers > 1 else ''}, "
             f"{args.repeat} runs per variant alternating, "
-            f"{args.duration:g} s each after {args.warmup:g} s warmup; the readers (uvloop, counting events "
-            "as they arrive) run in their own process on the same two cores.\n\n" + harness.table(rows))
+            f"{args.duration:g} s each after {args.warmup:g} s warmup; events with values drawn per request "
+            "(`harness.VARIED_EVENT`, about 250 bytes as an SSE frame); the readers (uvloop and httptools, "
+            "counting events as they arrive, inflating the deflated streams) run in their own process on the "
+            "same two cores. Bytes per event and stream: what the readers received, framing included.\n\n"
+            + harness.table(rows))
 
 
 def main() -> None:
