@@ -468,7 +468,9 @@ def report(
     if spread:
         parts.append(
             "## Many domains\n\nSingle events, 1 worker, 64 connections, each request to one of N domains drawn at "
-            f"random; leitstand and the old design alternating, {args.repeat} run(s) each, medians.\n\n"
+            "random, every one of which got an event before the warmup (so that the figures are those of active "
+            "domains, not of their files being made); leitstand and the old design alternating, "
+            f"{args.repeat} run(s) each, medians.\n\n"
             + spread_markdown(spread)
         )
     if soaked is not None:
