@@ -272,8 +272,10 @@ def wrk_script(body: bytes, directory: Path, domains: int = 1, keyed: bool = Fal
     if varied:
         lines += [
             'local levels = {"info", "info", "info", "warn", "error", "debug"}',
-            'local messages = {"order placed", "payment captured", "cart updated", "login", "search", '
-            '"timeout calling inventory"}',
+            (
+                'local messages = {"order placed", "payment captured", "cart updated", "login", "search", '
+                '"timeout calling inventory"}'
+            ),
             f"request = function() return wrk.format(nil, nil, nil, {VARIED_EVENT}) end",
         ]
     elif domains > 1 or keyed:

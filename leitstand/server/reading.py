@@ -335,7 +335,6 @@ class _EventStream(Response):
                 await send(self._body(_COMMENTS[self.key.deflate][1]))
                 quiet = 0.0
 
-
     def _body(self, p: Piece) -> dict[str, Any]:
         return {"type": "http.response.body", "body": self.coding.send(p), "more_body": True}
 
