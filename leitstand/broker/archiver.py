@@ -114,8 +114,9 @@ class Record:
             if size == entry.offset + entry.length:
                 written[name] = entry.seq
             elif entry.offset <= size < entry.offset + entry.length:
-                self._cut(name, entry.offset)
-                log.warning("unfinished batch cut back: file=%s bytes=%d", name, size - entry.offset)
+                if size > entry.offset:  # else nothing landed: the file may not even exist yet
+                    self._cut(name, entry.offset)
+                    log.warning("unfinished batch cut back: file=%s bytes=%d", name, size - entry.offset)
                 written[name] = entry.done
             else:
                 raise ArchiveError(
@@ -294,39 +295,40 @@ class Archiver:
             os.close(lock)
 
     async def _copy(self, js: JetStreamContext, lease: Lease) -> None:
-        loop = asyncio.get_running_loop()
+        """Recover and copy until stopped; whatever fails (the broker, the disk) is recovered from
+        anew, never the end of the process: the messages wait in the stream."""
         while not self.stop.is_set():
             lease.check()
             try:
-                created = str((await js.stream_info(self.settings.stream)).created)
-                written = await loop.run_in_executor(None, self.record.recover, created)
-                journal = Journal(
-                    self.config.data_dir, fsync=self.config.fsync, file_mode=self.config.file_mode, syncfs=self.config.syncfs
-                )
-                await journal.open()
-            except jetstream.NATS_ERRORS as exc:
-                log.warning("broker unavailable, retrying: %s", exc)
-                await asyncio.sleep(_RETRY)
-                continue
-            sub = None
-            # Segments are compressed and expired in the background; files are sealed between batches.
-            housekeeper = Housekeeper(journal, self.config.rotation)
-            housekeeper.start(rotate=False)
-            try:
-                sub = await self._subscribe(js, lease)
-                while not self.stop.is_set():
-                    written = await self._batch(js, sub, journal, lease, created, written)
-                    if not written:
-                        await loop.run_in_executor(None, self._rotate, housekeeper, created)
+                await self._attempt(js, lease)
             except (JournalError, OSError, *jetstream.NATS_ERRORS) as exc:
                 log.warning("batch not finished, recovering: %s", exc)
                 await asyncio.sleep(_RETRY)
-            finally:
-                await housekeeper.stop()
-                await journal.close()
-                if sub is not None:
-                    with contextlib.suppress(*jetstream.NATS_ERRORS):
-                        await sub.unsubscribe()
+
+    async def _attempt(self, js: JetStreamContext, lease: Lease) -> None:
+        loop = asyncio.get_running_loop()
+        created = str((await js.stream_info(self.settings.stream)).created)
+        written = await loop.run_in_executor(None, self.record.recover, created)
+        journal = Journal(
+            self.config.data_dir, fsync=self.config.fsync, file_mode=self.config.file_mode, syncfs=self.config.syncfs
+        )
+        # Segments are compressed and expired in the background; files are sealed between batches.
+        housekeeper = Housekeeper(journal, self.config.rotation)
+        sub = None
+        try:
+            await journal.open()
+            housekeeper.start(rotate=False)
+            sub = await self._subscribe(js, lease)
+            while not self.stop.is_set():
+                written = await self._batch(js, sub, journal, lease, created, written)
+                if not written:
+                    await loop.run_in_executor(None, self._rotate, housekeeper, created)
+        finally:
+            await housekeeper.stop()
+            await journal.close()
+            if sub is not None:
+                with contextlib.suppress(*jetstream.NATS_ERRORS):
+                    await sub.unsubscribe()
 
     def _rotate(self, housekeeper: Housekeeper, created: str) -> None:
         """Seal the files that are due, at most once a second, while no batch is in flight. The record

@@ -16,7 +16,15 @@ import nats
 import orjson
 import pytest
 from brokers import Broker, Nats, events_in, leaders, wait_stored
-from conftest import TOKEN, Load, assert_all_acked_stored_once, journal_lines, read_lines, run_cli
+from conftest import (
+    TOKEN,
+    Load,
+    assert_all_acked_stored_once,
+    journal_lines,
+    read_lines,
+    refusing_new_files,
+    run_cli,
+)
 from nats.js.api import KeyValueConfig
 
 from leitstand.broker.archiver import ArchiveError, Entry, Lease, LeaseLost, Record
@@ -284,11 +292,27 @@ def test_archivers_killed_with_kill_9_in_a_loop_store_exactly_once_in_order(brok
             victim.kill()
             victim.spawn()
         load.wait_acked(350, timeout=60)
+    for archiver in archivers:
+        assert archiver.proc is not None and archiver.proc.poll() is None, f"seed {seed}: {archiver.output()}"
     data_dir = archivers[0].data_dir
     wait_stored([data_dir], load.acked, timeout=60)
     found = assert_all_acked_stored_once(data_dir, load.acked)
     assert len(load.acked) > 300 and set(found) == load.acked, f"seed {seed}"
     assert_in_order(data_dir)
+
+
+def test_an_archiver_that_cannot_make_a_new_file_tries_again_until_it_can(broker: Broker) -> None:
+    """The record names the new file before the journal makes it; a recovery must not trip over it."""
+    broker.single()
+    front = broker.frontend()
+    archiver = broker.archiver()
+    assert post(front.url, "a.example", {"id": "old"}).status_code == 200
+    wait_stored([archiver.data_dir], {"old"})
+    with refusing_new_files(archiver.data_dir):
+        assert post(front.url, "b.example", {"id": "new"}).status_code == 200
+        archiver.wait_for("batch not finished, recovering", count=3)
+    wait_stored([archiver.data_dir], {"old", "new"})
+    assert archiver.proc is not None and archiver.proc.poll() is None
 
 
 def test_the_archiver_seals_between_batches_and_rotate_leaves_it_alone(broker: Broker) -> None:
@@ -461,6 +485,10 @@ def test_recovery_cuts_an_unfinished_batch_and_refuses_a_foreign_write(tmp_path:
         assert "b.jsonl is 4 bytes but the archiver left it at 0 to 2" in str(exc)
     else:
         raise AssertionError("a file longer than the archiver left it went unnoticed")
+    # Killed after the record, before the journal made a new file of the batch: nothing to cut.
+    record.write("s1", {"a.jsonl": Entry(9, 12, 8, 2), "new.jsonl": Entry(0, 11, 0, 3)})
+    assert record.recover("s1") == {"a.jsonl": 9, "new.jsonl": 0}
+    assert not (data / "new.jsonl").exists()
 
 
 def test_check_config_hides_the_credentials_in_a_nats_url(tmp_path: Path) -> None:
