@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -149,9 +150,10 @@ class Broker:
         self.processes.append(server)
         return server.start()
 
-    def archiver(self, data_dir: Path | None = None, **extra: str) -> Archiver:
+    def archiver(self, data_dir: Path | None = None, preexec: Callable[[], None] | None = None,
+                 **extra: str) -> Archiver:
         archiver = Archiver(data_dir or self.tmp / "data", self.tmp / f"archiver-{len(self.processes)}.log",
-                            env=self.env(**extra))
+                            env=self.env(**extra), preexec=preexec)
         self.processes.append(archiver)
         return archiver.start()
 

@@ -19,9 +19,10 @@ Why it is built this way (the Betriebshandbuch tells the same story for operator
   file gets its messages in stream order.
 * **One active archiver.** A lease in a JetStream key-value bucket with a TTL, renewed by
   compare-and-set; the holder stops writing a quarter TTL before its lease could expire,
-  and each term reads through a consumer of its own (the former holder's is deleted), so a
-  stalled former holder can neither write nor take messages. On one machine the data dir
-  lock ``.leitstand/archive/lock`` stands behind the lease.
+  and each term, and each new try within it, reads through a new consumer (every other one
+  is deleted), so a stalled former holder can neither write nor take messages, and a batch
+  that failed comes back first. On one machine the data dir lock
+  ``.leitstand/archive/lock`` stands behind the lease.
 * **Rotation.** The archiver seals files by the same settings as the server, but only
   between batches, with the record emptied first (its lengths name the files before the
   seal); compression and retention run in the background as in the server. ``leitstand
@@ -343,12 +344,13 @@ class Archiver:
             housekeeper.rotate(due)
 
     async def _subscribe(self, js: JetStreamContext, lease: Lease) -> JetStreamContext.PullSubscription:
-        """A consumer of this term's own, after deleting every other one (a former holder's)."""
+        """A new consumer, after deleting every other one: a former holder's, and this term's own from
+        an attempt that failed. Messages that one delivered but nobody wrote would come back only
+        after its ack wait, behind later ones, and the cumulative ack of those would cover them."""
         name = f"{_CONSUMER}-{lease.revision}"
         for info in await js.consumers_info(self.settings.stream):
-            if info.name != name:
-                with contextlib.suppress(nats.js.errors.NotFoundError):
-                    await js.delete_consumer(self.settings.stream, info.name)
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                await js.delete_consumer(self.settings.stream, info.name)
         lease.check()
         await js.add_consumer(
             self.settings.stream,

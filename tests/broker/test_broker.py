@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import resource
 import threading
 import time
 from collections import Counter
@@ -313,6 +314,33 @@ def test_an_archiver_that_cannot_make_a_new_file_tries_again_until_it_can(broker
         archiver.wait_for("batch not finished, recovering", count=3)
     wait_stored([archiver.data_dir], {"old", "new"})
     assert archiver.proc is not None and archiver.proc.poll() is None
+
+
+def limit_file_size() -> None:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 10, 16 << 10))
+
+
+def test_a_batch_that_failed_to_write_comes_back_before_anything_after_it(broker: Broker) -> None:
+    """An append that fails (here: a file size limit) leaves its messages delivered but not written;
+    the next attempt must get them again, not the messages after them, whose cumulative ack and
+    purge would take the unwritten ones along."""
+    broker.single()
+    front = broker.frontend()
+    # A long lease: the tries after the failure fall within one renewal, under one lease revision.
+    lease = "20"
+    limited = broker.archiver(preexec=limit_file_size, LEITSTAND_ARCHIVE_LEASE=lease)
+    assert post(front.url, "a.example", {"id": "small"}).status_code == 200
+    wait_stored([limited.data_dir], {"small"})
+    assert post(front.url, "a.example", {"id": "big", "pad": "x" * (20 << 10)}).status_code == 200
+    limited.wait_for("batch not finished, recovering")
+    assert post(front.url, "a.example", {"id": "after"}).status_code == 200
+    # Tried again and again with the big one first: nothing after it is written or purged.
+    limited.wait_for("batch not finished, recovering", count=3, timeout=20)
+    assert events_in(limited.data_dir) == ["small"]
+    assert limited.stop() == 0
+    archiver = broker.archiver(LEITSTAND_ARCHIVE_LEASE=lease)
+    wait_stored([archiver.data_dir], {"small", "big", "after"})
+    assert events_in(archiver.data_dir) == ["small", "big", "after"]
 
 
 def test_the_archiver_seals_between_batches_and_rotate_leaves_it_alone(broker: Broker) -> None:
