@@ -17,6 +17,11 @@ Why it is built this way (the Betriebshandbuch tells the same story for operator
   carries forward what landed.
 * **Order.** One consumer, one batch at a time, files of one batch written in parallel: a
   file gets its messages in stream order.
+* **No gap.** A delivery can be lost on the way (a connection or a node dies under it), and
+  the consumer moves past it; the cumulative ack of what comes next would take it along. So
+  each try knows the sequence the next message must have (the stream's first at its start:
+  everything before was written and purged), and a message after a gap ends the try; the
+  next one reads through a new consumer, from the stream's first message on.
 * **One active archiver.** A lease in a JetStream key-value bucket with a TTL, renewed by
   compare-and-set; the holder stops writing a quarter TTL before its lease could expire,
   and each term, and each new try within it, reads through a new consumer (every other one
@@ -76,6 +81,11 @@ class ArchiveError(Exception):
 
 class LeaseLost(Exception):
     """This archiver may no longer write."""
+
+
+class Gap(Exception):
+    """A message was delivered but never arrived (a connection or a consumer leader was lost on the
+    way): the consumer has moved past it, so only a new one brings it back."""
 
 
 @dataclass(frozen=True)
@@ -227,6 +237,8 @@ class Archiver:
         self.record = Record(config.data_dir)
         self.stop = asyncio.Event()
         self._next_rotation = 0.0
+        # The stream sequence the next message must have (set by each attempt).
+        self._next_seq = 0
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -302,14 +314,19 @@ class Archiver:
             lease.check()
             try:
                 await self._attempt(js, lease)
-            except (JournalError, OSError, *jetstream.NATS_ERRORS) as exc:
+            except (Gap, JournalError, OSError, *jetstream.NATS_ERRORS) as exc:
                 log.warning("batch not finished, recovering: %s", exc)
                 await asyncio.sleep(_RETRY)
 
     async def _attempt(self, js: JetStreamContext, lease: Lease) -> None:
         loop = asyncio.get_running_loop()
-        created = str((await js.stream_info(self.settings.stream)).created)
+        info = await js.stream_info(self.settings.stream)
+        created = str(info.created)
         written = await loop.run_in_executor(None, self.record.recover, created)
+        # Everything before the stream's first message was written and purged; a new consumer
+        # starts there, and every message after it must come, one sequence after the other.
+        assert info.state is not None
+        self._next_seq = info.state.first_seq if info.state.messages else info.state.last_seq + 1
         journal = Journal(
             self.config.data_dir, fsync=self.config.fsync, file_mode=self.config.file_mode, syncfs=self.config.syncfs
         )
@@ -330,6 +347,15 @@ class Archiver:
             if sub is not None:
                 with contextlib.suppress(*jetstream.NATS_ERRORS):
                     await sub.unsubscribe()
+
+    async def _skip_to(self, js: JetStreamContext, seq: int) -> None:
+        """Raise :class:`Gap` if a message before ``seq`` is still in the stream: acking ``seq`` would
+        ack it too (the ack is cumulative). Messages that are gone (a limit of the operator's, or
+        deleted by hand) are skipped."""
+        first = await js.get_msg(self.settings.stream, self._next_seq, subject=jetstream.SUBJECTS, next=True)
+        if first.seq is not None and first.seq < seq:
+            raise Gap(f"message {first.seq} was delivered but did not arrive (next came {seq})")
+        log.warning("messages %d to %d are gone from the stream: skipped", self._next_seq, seq - 1)
 
     def _rotate(self, housekeeper: Housekeeper, created: str) -> None:
         """Seal the files that are due, at most once a second, while no batch is in flight. The record
@@ -377,7 +403,7 @@ class Archiver:
         """Fetch, write ahead, append, sync, ack, purge; returns what is written but still in the stream."""
         try:
             messages = await sub.fetch(_BATCH, timeout=1)
-        except nats.errors.TimeoutError:
+        except TimeoutError:  # nats.errors.TimeoutError, or asyncio's own from inside fetch
             return written
         if not messages:
             return written
@@ -386,6 +412,11 @@ class Archiver:
         last: dict[str, int] = {}
         for message in messages:
             seq = message.metadata.sequence.stream
+            if seq > self._next_seq:
+                await self._skip_to(js, seq)
+            if seq < self._next_seq:
+                continue  # delivered again after it was handled
+            self._next_seq = seq + 1
             domain = jetstream.domain_of(message.subject)
             if domains.normalize(domain) != domain or not message.data.endswith(b"\n"):
                 log.error("message %d on %s is no batch of journal lines: acked, not written", seq, message.subject)

@@ -10,6 +10,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -341,6 +342,61 @@ def test_a_batch_that_failed_to_write_comes_back_before_anything_after_it(broker
     archiver = broker.archiver(LEITSTAND_ARCHIVE_LEASE=lease)
     wait_stored([archiver.data_dir], {"small", "big", "after"})
     assert events_in(archiver.data_dir) == ["small", "big", "after"]
+
+
+def test_the_archiver_fetches_a_lost_delivery_again_and_skips_a_deleted_message(broker: Broker) -> None:
+    """A delivery lost on the way (a node or a connection dies under it) moves the consumer past
+    the message. Here another client takes the delivery, while the archiver is paused; the cumulative
+    ack of what comes next would cover the missing message, so the archiver must notice the gap.
+    A message an operator deleted from the stream is no such gap."""
+    node = broker.single()
+    front = broker.frontend()
+    # A long lease: the pauses do not cost the term (a new term would read anew anyway).
+    archiver = broker.archiver(LEITSTAND_ARCHIVE_LEASE="30")
+    assert post(front.url, "a.example", {"id": "e1"}).status_code == 200
+    wait_stored([archiver.data_dir], {"e1"})
+
+    async def take_one() -> bytes:
+        nc = await nats.connect(node.url)
+        try:
+            js = nc.jetstream()
+            (consumer,) = await js.consumers_info("LEITSTAND")
+            sub = await js.pull_subscribe_bind(consumer.name, "LEITSTAND")
+            (message,) = await sub.fetch(1, timeout=5)
+            return message.data
+        finally:
+            await nc.close()
+
+    async def delete_last() -> None:
+        nc = await nats.connect(node.url)
+        try:
+            js = nc.jetstream()
+            await js.delete_msg("LEITSTAND", (await js.stream_info("LEITSTAND")).state.last_seq)
+        finally:
+            await nc.close()
+
+    @contextmanager
+    def paused() -> Iterator[None]:
+        archiver.pause()
+        try:
+            time.sleep(1.5)  # its pull request expires
+            yield
+        finally:
+            archiver.resume()
+
+    with paused():
+        assert post(front.url, "a.example", {"id": "e2"}).status_code == 200
+        assert b'"e2"' in asyncio.run(take_one())
+        assert post(front.url, "a.example", {"id": "e3"}).status_code == 200
+    wait_stored([archiver.data_dir], {"e1", "e2", "e3"})
+    assert "was delivered but did not arrive" in archiver.output()
+    with paused():
+        assert post(front.url, "a.example", {"id": "deleted"}).status_code == 200
+        asyncio.run(delete_last())
+        assert post(front.url, "a.example", {"id": "e4"}).status_code == 200
+    wait_stored([archiver.data_dir], {"e4"})
+    assert events_in(archiver.data_dir) == ["e1", "e2", "e3", "e4"]
+    assert "gone from the stream: skipped" in archiver.output()
 
 
 def test_the_archiver_seals_between_batches_and_rotate_leaves_it_alone(broker: Broker) -> None:
