@@ -206,7 +206,8 @@ def wait_stored(data_dirs: list[Path], ids: set[str], timeout: float = 30) -> No
         if not missing:
             return
         time.sleep(0.1)
-    raise AssertionError(f"{len(missing)} of {len(ids)} events not archived in {timeout}s")
+    raise AssertionError(f"{len(missing)} of {len(ids)} events not archived in {timeout}s, "
+                         f"among them {sorted(missing)[:5]}")
 
 
 def events_in(data_dir: Path) -> list[Any]:
