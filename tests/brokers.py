@@ -8,13 +8,16 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
+import nats
 import orjson
 from conftest import Server, free_port, journal_lines
+from nats.js import JetStreamContext
 
 NATS_SERVER = Path(sys.executable).parent / "nats-server"
 LEASE = "2"
@@ -150,7 +153,7 @@ class Broker:
         self.processes.append(server)
         return server.start()
 
-    def archiver(self, data_dir: Path | None = None, preexec: Callable[[], None] | None = None,
+    def archiver(self, data_dir: Path | None = None, *, preexec: Callable[[], None] | None = None,
                  **extra: str) -> Archiver:
         archiver = Archiver(data_dir or self.tmp / "data", self.tmp / f"archiver-{len(self.processes)}.log",
                             env=self.env(**extra), preexec=preexec)
@@ -164,11 +167,19 @@ class Broker:
             node.kill()
 
 
+@asynccontextmanager
+async def jetstream(url: str) -> AsyncIterator[JetStreamContext]:
+    """A JetStream client of its own on ``url``, closed at the end: what a test looks at or changes in the broker with."""
+    nc = await nats.connect(url)
+    try:
+        yield nc.jetstream()
+    finally:
+        await nc.close()
+
+
 def leaders(nodes: list[Nats], streams: tuple[str, ...], timeout: float = 30) -> dict[str, str]:
     """The name of the node that leads each of ``streams``, once each has a leader."""
     import asyncio
-
-    import nats
 
     async def ask() -> dict[str, str]:
         nc = await nats.connect(servers=[n.url for n in nodes if n.proc and n.proc.poll() is None])

@@ -14,10 +14,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import nats
 import orjson
 import pytest
-from brokers import Broker, Nats, events_in, leaders, wait_stored
+from brokers import Broker, Nats, events_in, jetstream, leaders, wait_stored
 from conftest import (
     TOKEN,
     Load,
@@ -139,10 +138,9 @@ def test_a_retried_idempotency_key_is_stored_once(broker: Broker) -> None:
 
 async def forget(node: Nats, domain: str, key: str) -> None:
     """Delete a key's claim from the key bucket, as its TTL would."""
-    nc = await nats.connect(node.url)
-    keys = await nc.jetstream().key_value("LEITSTAND_KEYS")
-    await keys.delete(key_hash(domain, key.encode()).hex())
-    await nc.close()
+    async with jetstream(node.url) as js:
+        keys = await js.key_value("LEITSTAND_KEYS")
+        await keys.delete(key_hash(domain, key.encode()).hex())
 
 
 def test_concurrent_requests_with_one_key_store_one_body_once(broker: Broker) -> None:
@@ -170,15 +168,12 @@ def test_a_key_is_forgotten_after_the_window_and_an_older_stream_is_updated(brok
     node = broker.single()
 
     async def stream_as_an_older_leitstand_made_it() -> None:
-        nc = await nats.connect(node.url)
-        await nc.jetstream().add_stream(name="LEITSTAND", subjects=["leitstand.ingest.>"], storage="file")
-        await nc.close()
+        async with jetstream(node.url) as js:
+            await js.add_stream(name="LEITSTAND", subjects=["leitstand.ingest.>"], storage="file")
 
     async def windows() -> tuple[float | None, float | None]:
-        nc = await nats.connect(node.url)
-        js = nc.jetstream()
-        stream, keys = await js.stream_info("LEITSTAND"), await js.stream_info("KV_LEITSTAND_KEYS")
-        await nc.close()
+        async with jetstream(node.url) as js:
+            stream, keys = await js.stream_info("LEITSTAND"), await js.stream_info("KV_LEITSTAND_KEYS")
         return stream.config.duplicate_window, keys.config.max_age
 
     asyncio.run(stream_as_an_older_leitstand_made_it())
@@ -218,9 +213,8 @@ def test_a_front_end_refuses_to_start_on_a_stream_it_cannot_use(broker: Broker, 
     node = broker.single()
 
     async def make_other_stream() -> None:
-        nc = await nats.connect(node.url)
-        await nc.jetstream().add_stream(name="LEITSTAND", subjects=["other.>"])
-        await nc.close()
+        async with jetstream(node.url) as js:
+            await js.add_stream(name="LEITSTAND", subjects=["other.>"])
 
     asyncio.run(make_other_stream())
     try:
@@ -357,23 +351,15 @@ def test_the_archiver_fetches_a_lost_delivery_again_and_skips_a_deleted_message(
     wait_stored([archiver.data_dir], {"e1"})
 
     async def take_one() -> bytes:
-        nc = await nats.connect(node.url)
-        try:
-            js = nc.jetstream()
+        async with jetstream(node.url) as js:
             (consumer,) = await js.consumers_info("LEITSTAND")
             sub = await js.pull_subscribe_bind(consumer.name, "LEITSTAND")
             (message,) = await sub.fetch(1, timeout=5)
             return message.data
-        finally:
-            await nc.close()
 
     async def delete_last() -> None:
-        nc = await nats.connect(node.url)
-        try:
-            js = nc.jetstream()
+        async with jetstream(node.url) as js:
             await js.delete_msg("LEITSTAND", (await js.stream_info("LEITSTAND")).state.last_seq)
-        finally:
-            await nc.close()
 
     @contextmanager
     def paused() -> Iterator[None]:
@@ -426,11 +412,8 @@ def wait_purged(url: str, timeout: float = 20) -> None:
     """Until the archiver has acked and purged every message of the stream."""
 
     async def left() -> int:
-        nc = await nats.connect(url)
-        try:
-            return int((await nc.jetstream().stream_info("LEITSTAND")).state.messages)
-        finally:
-            await nc.close()
+        async with jetstream(url) as js:
+            return int((await js.stream_info("LEITSTAND")).state.messages)
 
     deadline = time.monotonic() + timeout
     while asyncio.run(left()):
@@ -527,22 +510,20 @@ def test_a_holder_stops_writing_before_a_standby_can_get_the_lease(broker: Broke
     node = broker.single()
 
     async def race() -> tuple[float, float]:
-        nc = await nats.connect(node.url)
-        js = nc.jetstream()
-        kv = await js.create_key_value(KeyValueConfig(bucket="LEASE_TEST", history=1, ttl=2.0))
-        holder, standby = Lease(kv, 2.0), Lease(kv, 2.0)
-        assert await holder.acquire(asyncio.Event())
-        holder.check()
-        stopped = None
-        contender = asyncio.create_task(standby.acquire(asyncio.Event()))
-        while not contender.done():
-            try:
-                holder.check()
-            except LeaseLost:
-                stopped = stopped or time.monotonic()
-            await asyncio.sleep(0.01)
-        taken = time.monotonic()
-        await nc.close()
+        async with jetstream(node.url) as js:
+            kv = await js.create_key_value(KeyValueConfig(bucket="LEASE_TEST", history=1, ttl=2.0))
+            holder, standby = Lease(kv, 2.0), Lease(kv, 2.0)
+            assert await holder.acquire(asyncio.Event())
+            holder.check()
+            stopped = None
+            contender = asyncio.create_task(standby.acquire(asyncio.Event()))
+            while not contender.done():
+                try:
+                    holder.check()
+                except LeaseLost:
+                    stopped = stopped or time.monotonic()
+                await asyncio.sleep(0.01)
+            taken = time.monotonic()
         assert stopped is not None
         return stopped, taken
 
