@@ -50,7 +50,6 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import nats.errors
 import nats.js.errors
 import orjson
 from nats.js import JetStreamContext
