@@ -244,9 +244,7 @@ def _follow(directory: Path, key: _Key, cursor: Cursor) -> _Framed:
         page = reader.page(directory, key.name, cursor, reader.MAX_LIMIT, key.q)
     except (FileNotFoundError, ReadError):
         return None
-    chunk = b"".join(
-        b"id: %s\ndata: %s\n\n" % (str(page.cursor(n)).encode(), line) for n, line in enumerate(page.lines)
-    )
+    chunk = b"".join(map(b"id: %s\ndata: %s\n\n".__mod__, zip(page.ids(), page.lines)))
     return piece(chunk, key.deflate), page.next, not page.done or len(page.lines) >= reader.MAX_LIMIT
 
 

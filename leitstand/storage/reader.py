@@ -27,6 +27,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import itertools
 import os
 import struct
 import time
@@ -81,17 +82,34 @@ class Cursor:
 
 @dataclass(frozen=True)
 class Page:
-    """Lines as stored (without ``\\n``), the cursor just after each, and where to go on; ``done``:
-    the scan reached the end of the file it read (the next file of the history comes next)."""
+    """Lines as stored (without ``\\n``), the file (inode) and offset just after each, and where to
+    go on; ``done``: the scan reached the end of the file it read (the next file of the history
+    comes next)."""
 
     lines: list[bytes]
-    after: list[Cursor]
+    files: list[int]
+    ends: list[int]
     next: Cursor
     done: bool = True
 
     def cursor(self, n: int) -> Cursor:
         """The cursor that goes on after line ``n``."""
-        return self.after[n]
+        return Cursor(self.files[n], self.ends[n])
+
+    def ids(self) -> list[bytes]:
+        """The cursor after each line as text, all in one go: a stream sends one with every event,
+        and one :class:`Cursor` and one base64 call per line cost more than reading the line.
+        Each cursor is packed with two zero bytes more, so that it fills whole base64 groups
+        and one encoding serves them all; its first 22 characters are the cursor's own."""
+        count = len(self.lines)
+        packed = struct.pack("<" + "QQxx" * count, *itertools.chain.from_iterable(zip(self.files, self.ends)))
+        text = base64.urlsafe_b64encode(packed)
+        version = CURSOR_VERSION.encode()
+        return [version + text[at : at + 22] for at in range(0, 24 * count, 24)]
+
+
+def _empty(inode: int, end: int) -> Page:
+    return Page([], [], [], Cursor(inode, end))
 
 
 class JournalFile:
@@ -140,20 +158,20 @@ class JournalFile:
     def forward(self, start: int, end: int, limit: int, q: bytes | None = None) -> Page:
         """Up to ``limit`` lines (with ``q`` in them) from ``start`` on; ``next`` is where the scan stopped."""
         if q is not None and b"\n" in q:
-            return Page([], [], Cursor(self.inode, end))
+            return _empty(self.inode, end)
         return _forward(self.inode, read_range(self.fd, start, end), start, limit, q)
 
     def backward(self, end: int, count: int, floor: int = 0, q: bytes | None = None) -> Page:
         """The last ``count`` lines (with ``q`` in them) that begin at ``floor`` or later, oldest first."""
         if count <= 0 or (q is not None and b"\n" in q):
-            return Page([], [], Cursor(self.inode, end))
+            return _empty(self.inode, end)
         if q is None:
             start = max(floor, last_line_end(self.fd, end, count + 1))
             if end - start > PAGE_BYTES:
                 # The newest lines that fit, at least the last one.
                 start = min(_next_line(self.fd, end - PAGE_BYTES, end), last_line_end(self.fd, end, 2))
             page = self.forward(max(start, floor), end, count)
-            return Page(page.lines, page.after, Cursor(self.inode, end))
+            return Page(page.lines, page.files, page.ends, Cursor(self.inode, end))
         found: list[tuple[bytes, int]] = []
         size = 0
         top, rest = end, b""
@@ -174,7 +192,7 @@ class JournalFile:
                     break
             rest, top = buf[:skip], bottom
         found.reverse()
-        return Page([line for line, _ in found], [Cursor(self.inode, e) for _, e in found], Cursor(self.inode, end))
+        return Page([line for line, _ in found], [self.inode] * len(found), [e for _, e in found], Cursor(self.inode, end))
 
     def activity(self, end: int, now: float, known: dict[int, int]) -> tuple[list[int], int]:
         """Lines written in each of the last 60 minutes (the current one last), and in the last 60 s.
@@ -255,25 +273,37 @@ def _next_line(fd: int, offset: int, end: int) -> int:
 def _forward(inode: int, chunks: Iterable[bytes], start: int, limit: int, q: bytes | None) -> Page:
     """Up to ``limit`` lines (with ``q`` in them) of ``chunks``, which begin at ``start`` of the file
     ``inode`` and end where a line ends; ``next`` is where the scan stopped."""
-    lines: list[bytes] = []
-    after: list[Cursor] = []
-    base = start
     if q is not None and b"\n" in q:
-        base += sum(len(chunk) for chunk in chunks)
-        return Page(lines, after, Cursor(inode, base))
+        return _empty(inode, start + sum(len(chunk) for chunk in chunks))
+    lines: list[bytes] = []
+    ends: list[int] = []
     size = 0
-    rest = b""
+    base, rest = start, b""
     for chunk in chunks:
         buf = rest + chunk
         cut = buf.rfind(b"\n") + 1
-        for first, last in _lines(buf, cut, q):
-            lines.append(buf[first:last])
-            after.append(Cursor(inode, base + last + 1))
-            size += last - first
-            if len(lines) >= limit or size >= PAGE_BYTES:
-                return Page(lines, after, after[-1], done=False)
+        if q is None:
+            # Every stream reads this way: split in C, not line by line.
+            found = buf.split(b"\n")
+            found.pop()  # what follows the last \n
+            found_ends = list(itertools.accumulate([len(line) + 1 for line in found], initial=base))[1:]
+        else:
+            spans = list(_lines(buf, cut, q))
+            found = [buf[first:last] for first, last in spans]
+            found_ends = [base + last + 1 for _, last in spans]
+        take = min(len(found), limit - len(lines))
+        if size + sum(map(len, found[:take])) >= PAGE_BYTES:
+            # The line that reaches the bound is the last one taken.
+            totals = itertools.accumulate(map(len, found), initial=size)
+            take = next(n for n, total in enumerate(totals) if total >= PAGE_BYTES)
+        lines += found[:take]
+        ends += found_ends[:take]
+        size += sum(map(len, found[:take]))
+        if len(lines) >= limit or size >= PAGE_BYTES:
+            # (No line at all for a limit of 0, which only checks that a line begins at ``start``.)
+            return Page(lines, [inode] * len(lines), ends, Cursor(inode, ends[-1] if ends else base), done=False)
         rest, base = buf[cut:], base + cut
-    return Page(lines, after, Cursor(inode, base))
+    return Page(lines, [inode] * len(lines), ends, Cursor(inode, base))
 
 
 class Compressed:
@@ -312,18 +342,18 @@ class Compressed:
     def backward(self, count: int, floor: int = 0, q: bytes | None = None) -> Page:
         """The last ``count`` lines (with ``q`` in them) that begin at ``floor`` or later, oldest first:
         one pass over the segment, keeping the last ones."""
-        kept: deque[tuple[bytes, Cursor]] = deque(maxlen=max(count, 0))
+        kept: deque[tuple[bytes, int]] = deque(maxlen=max(count, 0))
         base, rest = floor, b""
         for chunk in self.chunks(floor):
             buf = rest + chunk
             cut = buf.rfind(b"\n") + 1
             if count > 0 and (q is None or b"\n" not in q):
-                kept.extend((buf[first:last], Cursor(self.inode, base + last + 1)) for first, last in _lines(buf, cut, q))
+                kept.extend((buf[first:last], base + last + 1) for first, last in _lines(buf, cut, q))
             rest, base = buf[cut:], base + cut
         size = sum(len(line) for line, _ in kept)
         while size > PAGE_BYTES and len(kept) > 1:
             size -= len(kept.popleft()[0])
-        return Page([line for line, _ in kept], [c for _, c in kept], Cursor(self.inode, base))
+        return Page([line for line, _ in kept], [self.inode] * len(kept), [e for _, e in kept], Cursor(self.inode, base))
 
     def end(self) -> int:
         return sum(len(chunk) for chunk in segments.content(self.directory, self.segment))
@@ -459,7 +489,8 @@ class History:
     def forward(self, index: int, start: int, limit: int, q: bytes | None = None) -> Page:
         """Up to ``limit`` lines from ``start`` of part ``index`` on, into the parts after it."""
         lines: list[bytes] = []
-        after: list[Cursor] = []
+        files: list[int] = []
+        ends: list[int] = []
         while True:
             part = self.parts[index]
             if isinstance(part, JournalFile):
@@ -468,15 +499,17 @@ class History:
             else:
                 page = part.forward(start, limit - len(lines), q)
             lines += page.lines
-            after += page.after
+            files += page.files
+            ends += page.ends
             if not page.done or len(lines) >= limit or index == len(self.parts) - 1:
-                return Page(lines, after, page.next, page.done)
+                return Page(lines, files, ends, page.next, page.done)
             index, start = index + 1, 0
 
     def backward(self, count: int, floor: tuple[int, int] = (0, 0), q: bytes | None = None) -> Page:
         """The last ``count`` lines (with ``q`` in them) from part ``floor[0]`` at ``floor[1]`` on, oldest first."""
         lines: list[bytes] = []
-        after: list[Cursor] = []
+        files: list[int] = []
+        ends: list[int] = []
         next_cursor = None
         for index in range(len(self.parts) - 1, floor[0] - 1, -1):
             part = self.parts[index]
@@ -486,11 +519,11 @@ class History:
             else:
                 page = part.backward(count - len(lines), low, q)
             next_cursor = next_cursor or page.next
-            lines[:0], after[:0] = page.lines, page.after
+            lines[:0], files[:0], ends[:0] = page.lines, page.files, page.ends
             if len(lines) >= count:
                 break
         assert next_cursor is not None
-        return Page(lines, after, next_cursor)
+        return Page(lines, files, ends, next_cursor)
 
 
 def page(
@@ -516,7 +549,8 @@ def tail(directory: Path, name: str, count: int, q: bytes | None = None, since: 
     with History(directory, name) as history:
         floor = (0, 0) if since is None else history.since(since)
         if count <= 0:
-            return Page([], [], history.end())
+            end = history.end()
+            return _empty(end.file, end.offset)
         return history.backward(count, floor, q)
 
 

@@ -295,8 +295,50 @@ def test_many_random_pages_against_a_plain_split(tmp_path: Path) -> None:
         for _ in range(300):
             start_line = rng.randrange(len(lines) + 1)
             start = 0 if start_line == 0 else ends[start_line - 1]
-            limit = rng.choice([1, 3, 50, 1000])
+            limit = rng.choice([0, 1, 3, 50, 1000])
             q = rng.choice([None, b"needle", b'"n":1', b"zzz"])
             page = journal.forward(start, journal.end(), limit, q)
-            expected = [line for line in lines[start_line:] if q is None or q in line][:limit]
+            found = [(line, end) for line, end in zip(lines, ends, strict=True)][start_line:]
+            expected = [line for line, _ in found if q is None or q in line][:limit]
             assert page.lines == expected
+            assert page.ends == [end for line, end in found if q is None or q in line][:limit]
+            assert page.files == [journal.inode] * len(expected)
+            assert page.ids() == [str(page.cursor(n)).encode() for n in range(len(expected))]
+            if limit == 0:  # checks the start only
+                assert page.next == Cursor(journal.inode, start)
+
+
+@pytest.mark.parametrize("limit", [1, 2, 1000])
+def test_a_page_ends_with_the_line_that_reaches_its_byte_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, limit: int
+) -> None:
+    """At most ``limit`` lines and PAGE_BYTES, but always at least one line, however long."""
+    monkeypatch.setattr(reader, "PAGE_BYTES", 1000)
+    lines = lines_of(300, seed=5)
+    write(tmp_path, lines)
+    for q in (None, b"needle"):
+        wanted = [line for line in lines if q is None or q in line]
+        expected: list[list[bytes]] = []
+        while wanted:
+            sizes = list(itertools.accumulate(len(line) for line in wanted[:limit]))
+            take = next((n + 1 for n, size in enumerate(sizes) if size >= 1000), len(sizes))
+            expected.append(wanted[:take])
+            wanted = wanted[take:]
+        pages: list[list[bytes]] = []
+        after = None
+        while (page := reader.page(tmp_path, NAME, after, limit, q)).lines:
+            pages.append(page.lines)
+            after = page.next
+        assert pages == expected
+
+
+def test_the_ids_of_a_page_are_its_cursors_as_text() -> None:
+    """Encoded all at once, they must be exactly what each cursor says on its own, at any size."""
+    rng = random.Random(11)
+    values = [0, 1, 255, 256, 2**16, 2**32 - 1, 2**32, 2**63, 2**64 - 1] + [rng.randrange(2**64) for _ in range(500)]
+    files = [rng.choice(values) for _ in values]
+    page = reader.Page([b"x"] * len(values), files, values, Cursor(0, 0))
+    ids = page.ids()
+    assert ids == [str(Cursor(file, end)).encode() for file, end in zip(files, values, strict=True)]
+    assert all(Cursor.parse(text.decode()) == page.cursor(n) for n, text in enumerate(ids))
+    assert reader.Page([], [], [], Cursor(0, 0)).ids() == []
