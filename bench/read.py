@@ -9,9 +9,11 @@ Two scenarios on the shared harness (``harness.py``), Markdown to stdout, progre
 * ``streams``: single-event ingest at 64 connections (wrk), one worker (``--workers``), fresh server per run,
   with no stream open, with 100 streams following the very domain wrk writes (every event
   goes out 100 times), as they are and deflated (``Accept-Encoding: deflate``, as browsers
-  ask), and with 100 streams open on 100 other, quiet domains. The four alternate within one
-  run. The readers run in a process of their own and count what they
-  get: a run only counts if every stream got every event acknowledged while it was open.
+  ask), and with 100 streams open on 100 other, quiet domains. Each round runs the four
+  once, in turning order, and the cost of streams is each round's rate against its own run
+  without them (the host's load drifts between rounds). The readers run in a process of their
+  own and count what they get: a run only counts if every stream got every event acknowledged
+  while it was open.
 """
 
 from __future__ import annotations
@@ -194,19 +196,21 @@ def streams_scenario(args: argparse.Namespace, session: Path) -> str:
     variants = ("none", "following", "deflated", "quiet")
     runs: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
     for rep in range(args.repeat):
-        for variant in variants:
+        # The order turns with each round, so that none of them always runs first, or after another.
+        for variant in variants[rep % len(variants) :] + variants[: rep % len(variants)]:
             run = streams_run(variant, args, session)
             runs[variant].append(run)
             print(f"rep {rep + 1} {variant:9} {run['rps']:8.0f} req/s p99 {run['p99']:6.2f} ms "
                   f"delivered {run['delivered']:.0f}/{run['written']:.0f}{'' if run['valid'] else ' INVALID'}",
                   file=sys.stderr)
-    base = statistics.median(r["rps"] for r in runs["none"])
     rows = [["streams", "single events/s (range)", "p99 ms", "server CPU µs/req", "readers' CPU",
-             "bytes per event and stream", "vs none", "valid"], ["---"] * 8]
+             "bytes per event and stream", "vs none (range)", "valid"], ["---"] * 8]
     names = {"none": "none", "following": f"{args.streams} following the written domain",
              "deflated": f"{args.streams} following it, deflated", "quiet": f"{args.streams} on quiet domains"}
     for variant in variants:
         rates = [r["rps"] for r in runs[variant]]
+        # Against the run without streams of the same round: the host's load drifts between rounds.
+        costs = [run["rps"] / none["rps"] - 1 for run, none in zip(runs[variant], runs["none"], strict=True)]
         rows.append([
             names[variant],
             f"{statistics.median(rates):,.0f} ({min(rates):,.0f}–{max(rates):,.0f})",
@@ -214,15 +218,16 @@ def streams_scenario(args: argparse.Namespace, session: Path) -> str:
             f"{statistics.median(r['cpu'] for r in runs[variant]):.0f}",
             f"{statistics.median(r['readers'] for r in runs[variant]):.0%} of a core",
             f"{statistics.median(r['wire'] for r in runs[variant]):.0f}" if variant in ("following", "deflated") else "—",
-            f"{statistics.median(rates) / base - 1:+.1%}",
+            f"{statistics.median(costs):+.1%} ({min(costs):+.1%} to {max(costs):+.1%})" if variant != "none" else "—",
             "yes" if all(r["valid"] for r in runs[variant]) else "**no**",
         ])
     return (f"Single events, 64 connections, {args.workers} worker{'s' if args.workers > 1 else ''}, "
-            f"{args.repeat} runs per variant alternating, "
+            f"{args.repeat} rounds of one run per variant, in turning order, "
             f"{args.duration:g} s each after {args.warmup:g} s warmup; events with values drawn per request "
             "(`harness.VARIED_EVENT`, about 250 bytes as an SSE frame); the readers (uvloop and httptools, "
             "counting events as they arrive, inflating the deflated streams) run in their own process on the "
-            "same two cores. Bytes per event and stream: what the readers received, framing included.\n\n"
+            "same two cores. Bytes per event and stream: what the readers received, framing included. "
+            "Vs none: the median of each round's rate against the same round's run without streams.\n\n"
             + harness.table(rows))
 
 
