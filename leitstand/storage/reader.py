@@ -155,11 +155,11 @@ class JournalFile:
         with self._times() as times:
             return min(end, times.offset(int(when), (int(os.fstat(self.fd).st_mtime), end)))
 
-    def forward(self, start: int, end: int, limit: int, q: bytes | None = None) -> Page:
+    def forward(self, start: int, end: int, limit: int, q: bytes | None = None, size: int | None = None) -> Page:
         """Up to ``limit`` lines (with ``q`` in them) from ``start`` on; ``next`` is where the scan stopped."""
         if q is not None and b"\n" in q:
             return _empty(self.inode, end)
-        return _forward(self.inode, read_range(self.fd, start, end), start, limit, q)
+        return _forward(self.inode, read_range(self.fd, start, end), start, limit, q, size)
 
     def backward(self, end: int, count: int, floor: int = 0, q: bytes | None = None) -> Page:
         """The last ``count`` lines (with ``q`` in them) that begin at ``floor`` or later, oldest first."""
@@ -270,14 +270,18 @@ def _next_line(fd: int, offset: int, end: int) -> int:
     return end
 
 
-def _forward(inode: int, chunks: Iterable[bytes], start: int, limit: int, q: bytes | None) -> Page:
-    """Up to ``limit`` lines (with ``q`` in them) of ``chunks``, which begin at ``start`` of the file
-    ``inode`` and end where a line ends; ``next`` is where the scan stopped."""
+def _forward(
+    inode: int, chunks: Iterable[bytes], start: int, limit: int, q: bytes | None, size: int | None = None
+) -> Page:
+    """Up to ``limit`` lines (with ``q`` in them) and ``size`` bytes (:data:`PAGE_BYTES` if None) of
+    ``chunks``, which begin at ``start`` of the file ``inode`` and end where a line ends; ``next``
+    is where the scan stopped."""
+    bound = PAGE_BYTES if size is None else size
     if q is not None and b"\n" in q:
         return _empty(inode, start + sum(len(chunk) for chunk in chunks))
     lines: list[bytes] = []
     ends: list[int] = []
-    size = 0
+    taken = 0
     base, rest = start, b""
     for chunk in chunks:
         buf = rest + chunk
@@ -292,14 +296,14 @@ def _forward(inode: int, chunks: Iterable[bytes], start: int, limit: int, q: byt
             found = [buf[first:last] for first, last in spans]
             found_ends = [base + last + 1 for _, last in spans]
         take = min(len(found), limit - len(lines))
-        if size + sum(map(len, found[:take])) >= PAGE_BYTES:
+        if taken + sum(map(len, found[:take])) >= bound:
             # The line that reaches the bound is the last one taken.
-            totals = itertools.accumulate(map(len, found), initial=size)
-            take = next(n for n, total in enumerate(totals) if total >= PAGE_BYTES)
+            totals = itertools.accumulate(map(len, found), initial=taken)
+            take = next(n for n, total in enumerate(totals) if total >= bound)
         lines += found[:take]
         ends += found_ends[:take]
-        size += sum(map(len, found[:take]))
-        if len(lines) >= limit or size >= PAGE_BYTES:
+        taken += sum(map(len, found[:take]))
+        if len(lines) >= limit or taken >= bound:
             # (No line at all for a limit of 0, which only checks that a line begins at ``start``.)
             return Page(lines, [inode] * len(lines), ends, Cursor(inode, ends[-1] if ends else base), done=False)
         rest, base = buf[cut:], base + cut
@@ -336,8 +340,8 @@ class Compressed:
         if not started and (pos < start or (start and before != b"\n")):
             raise ReadError("invalid cursor")
 
-    def forward(self, start: int, limit: int, q: bytes | None = None) -> Page:
-        return _forward(self.inode, self.chunks(start), start, limit, q)
+    def forward(self, start: int, limit: int, q: bytes | None = None, size: int | None = None) -> Page:
+        return _forward(self.inode, self.chunks(start), start, limit, q, size)
 
     def backward(self, count: int, floor: int = 0, q: bytes | None = None) -> Page:
         """The last ``count`` lines (with ``q`` in them) that begin at ``floor`` or later, oldest first:
@@ -487,7 +491,9 @@ class History:
         return len(self.parts) - 1, self.end().offset
 
     def forward(self, index: int, start: int, limit: int, q: bytes | None = None) -> Page:
-        """Up to ``limit`` lines from ``start`` of part ``index`` on, into the parts after it."""
+        """Up to ``limit`` lines from ``start`` of part ``index`` on, into the parts after it; the
+        bytes of the parts before count against the page's bound."""
+        room = PAGE_BYTES
         lines: list[bytes] = []
         files: list[int] = []
         ends: list[int] = []
@@ -495,12 +501,13 @@ class History:
             part = self.parts[index]
             if isinstance(part, JournalFile):
                 end = part.end()
-                page = part.forward(part.start(Cursor(part.inode, start), end), end, limit - len(lines), q)
+                page = part.forward(part.start(Cursor(part.inode, start), end), end, limit - len(lines), q, room)
             else:
-                page = part.forward(start, limit - len(lines), q)
+                page = part.forward(start, limit - len(lines), q, room)
             lines += page.lines
             files += page.files
             ends += page.ends
+            room -= sum(map(len, page.lines))
             if not page.done or len(lines) >= limit or index == len(self.parts) - 1:
                 return Page(lines, files, ends, page.next, page.done)
             index, start = index + 1, 0

@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from leitstand.storage import journal as journal_module
-from leitstand.storage import reader, timeindex
+from leitstand.storage import reader, segments, timeindex
 from leitstand.storage.journal import Journal
 from leitstand.storage.keylog import RECORD
 from leitstand.storage.reader import Cursor, ReadError
@@ -312,16 +312,20 @@ def test_many_random_pages_against_a_plain_split(tmp_path: Path) -> None:
 def test_a_page_ends_with_the_line_that_reaches_its_byte_bound(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, limit: int
 ) -> None:
-    """At most ``limit`` lines and PAGE_BYTES, but always at least one line, however long."""
-    monkeypatch.setattr(reader, "PAGE_BYTES", 1000)
+    """At most ``limit`` lines and PAGE_BYTES, but always at least one line, however long; over a
+    sealed segment and the live file alike."""
+    size = 1000
+    monkeypatch.setattr(reader, "PAGE_BYTES", size)
     lines = lines_of(300, seed=5)
-    write(tmp_path, lines)
+    write(tmp_path, lines[:150])
+    os.rename(tmp_path / NAME, tmp_path / segments.new_name(NAME, [], time.time()))
+    write(tmp_path, lines[150:])
     for q in (None, b"needle"):
         wanted = [line for line in lines if q is None or q in line]
         expected: list[list[bytes]] = []
         while wanted:
             sizes = list(itertools.accumulate(len(line) for line in wanted[:limit]))
-            take = next((n + 1 for n, size in enumerate(sizes) if size >= 1000), len(sizes))
+            take = next((n + 1 for n, total in enumerate(sizes) if total >= size), len(sizes))
             expected.append(wanted[:take])
             wanted = wanted[take:]
         pages: list[list[bytes]] = []
