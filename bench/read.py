@@ -1,11 +1,13 @@
-"""The read side: how fast a tail answers on a 1 GiB file, and what open streams cost ingest.
+"""The read side: a tail on a 1 GiB file, what a stream's page costs, and what open streams cost ingest.
 
-Two scenarios on the shared harness (``harness.py``), Markdown to stdout, progress to stderr:
+Three scenarios on the shared harness (``harness.py``), Markdown to stdout, progress to stderr:
 
 * ``tail``: a server whose data dir holds one 1 GiB journal file (and a 1 MiB one beside it,
   so that the cost can be seen not to grow with the file); ``GET /events/{domain}?tail=N``
   for N = 1, 100 and 1000, many times over one kept-alive connection, median and p99. The
   tail is found by seeking from the end, so both files should answer alike.
+* ``pages``: what a stream's page costs the read pool per event (read, cursor texts, SSE framing,
+  deflate), in this process, without a server.
 * ``streams``: single-event ingest at 64 connections (wrk), one worker (``--workers``), fresh server per run,
   with no stream open, with 100 streams following the very domain wrk writes (every event
   goes out 100 times), as they are and deflated (``Accept-Encoding: deflate``, as browsers
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shlex
 import signal
 import statistics
@@ -28,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import timeit
 from pathlib import Path
 
 import httpx
@@ -83,6 +87,56 @@ def tail_scenario(args: argparse.Namespace, session: Path) -> str:
                 print(f"{domain} tail={count}: median {statistics.median(took):.2f} ms", file=sys.stderr)
     return (f"`GET /events/{{domain}}?tail=N` over HTTP (one kept-alive connection, {args.requests} requests "
             f"per row after 20 to warm up), files in the page cache.\n\n" + harness.table(rows))
+
+
+# -- pages -------------------------------------------------------------------------------
+
+
+def varied_line(rng: random.Random, n: int) -> bytes:
+    """An event like wrk's ``harness.VARIED_EVENT``, as stored."""
+    return json.dumps({
+        "ts": f"2026-11-28T07:{rng.randrange(60):02d}:{rng.randrange(60):02d}.{rng.randrange(1000):03d}Z",
+        "level": rng.choice(["info", "warn", "error"]), "service": "checkout", "host": f"web-{rng.randrange(1, 41):02d}",
+        "msg": rng.choice(["order placed", "payment declined", "cart updated"]), "order_id": f"A-{n}",
+        "amount_cents": rng.randrange(100, 99999), "currency": "EUR",
+        "user": {"id": rng.randrange(1, 999999), "country": "DE", "plan": "pro"}, "domain": "bench.example",
+    }, separators=(",", ":")).encode()
+
+
+def pages_scenario(args: argparse.Namespace, session: Path) -> str:
+    """What a stream's page of 1,000 events costs the read pool, per event, step by step; the cursor
+    texts both ways, all at once (``Page.ids``) and one ``str(Cursor)`` per event (as before it)."""
+    from leitstand.server.deflate import piece
+    from leitstand.storage import reader
+
+    rng = random.Random(1)
+    name = "bench.example.jsonl"
+    (session / name).write_bytes(b"".join(varied_line(rng, n) + b"\n" for n in range(100_000)))
+    start = reader.Cursor(os.stat(session / name).st_ino, 0)
+    first = reader.page(session, name, start, reader.MAX_LIMIT)
+    framed = b"".join(map(b"id: %s\ndata: %s\n\n".__mod__, zip(first.ids(), first.lines)))
+
+    def read_all() -> None:
+        cursor = start
+        while (page := reader.page(session, name, cursor, reader.MAX_LIMIT)).lines:
+            cursor = page.next
+
+    steps = {
+        "read 100 pages (`reader.page`)": (read_all, 100_000),
+        "cursor texts, all at once (`Page.ids`)": (first.ids, 1000),
+        "cursor texts, one `str(Cursor)` each": (lambda: [str(first.cursor(n)).encode() for n in range(1000)], 1000),
+        "frame as SSE, cursor texts included": (
+            lambda: b"".join(map(b"id: %s\ndata: %s\n\n".__mod__, zip(first.ids(), first.lines))), 1000),
+        "deflate the framed page (`deflate.piece`)": (lambda: piece(framed, True), 1000),
+    }
+    rows = [["step", "µs per event (best of 5)"], ["---"] * 2]
+    for step, (call, events) in steps.items():
+        best = min(timeit.repeat(call, number=max(1, 20_000 // events), repeat=5)) / max(1, 20_000 // events)
+        rows.append([step, f"{best / events * 1e6:.3f}"])
+        print(f"{step}: {best / events * 1e6:.3f} µs per event", file=sys.stderr)
+    return (f"A stream's page, step by step, in this process (no server): 100,000 events like "
+            f"`harness.VARIED_EVENT` in the page cache, pages of {reader.MAX_LIMIT:,}; the framed page "
+            f"deflates from {len(framed):,} to {len(piece(framed, True).data):,} bytes.\n\n" + harness.table(rows))
 
 
 # -- streams -----------------------------------------------------------------------------
@@ -233,7 +287,7 @@ def streams_scenario(args: argparse.Namespace, session: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("scenario", choices=("tail", "streams", "all"))
+    parser.add_argument("scenario", choices=("tail", "pages", "streams", "all"))
     parser.add_argument("--requests", type=int, default=200, help="tail requests per row (default 200)")
     parser.add_argument("--streams", type=int, default=100, help="open streams (default 100)")
     parser.add_argument("--workers", type=int, default=1, help="worker processes for streams (default 1)")
@@ -244,6 +298,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="leitstand-read-") as tmp:
         if args.scenario in ("tail", "all"):
             parts.append(tail_scenario(args, Path(tmp)))
+        if args.scenario in ("pages", "all"):
+            parts.append(pages_scenario(args, Path(tmp)))
         if args.scenario in ("streams", "all"):
             parts.append(streams_scenario(args, Path(tmp)))
     print(f"    {shlex.join(['.venv/bin/python', *sys.argv])}\n")
