@@ -96,7 +96,8 @@ def varied_line(rng: random.Random, n: int) -> bytes:
     """An event like wrk's ``harness.VARIED_EVENT``, as stored."""
     return json.dumps({
         "ts": f"2026-11-28T07:{rng.randrange(60):02d}:{rng.randrange(60):02d}.{rng.randrange(1000):03d}Z",
-        "level": rng.choice(["info", "warn", "error"]), "service": "checkout", "host": f"web-{rng.randrange(1, 41):02d}",
+        "level": rng.choice(["info", "warn", "error"]), "service": "checkout",
+        "host": f"web-{rng.randrange(1, 41):02d}",
         "msg": rng.choice(["order placed", "payment declined", "cart updated"]), "order_id": f"A-{n}",
         "amount_cents": rng.randrange(100, 99999), "currency": "EUR",
         "user": {"id": rng.randrange(1, 999999), "country": "DE", "plan": "pro"}, "domain": "bench.example",

@@ -192,7 +192,8 @@ class JournalFile:
                     break
             rest, top = buf[:skip], bottom
         found.reverse()
-        return Page([line for line, _ in found], [self.inode] * len(found), [e for _, e in found], Cursor(self.inode, end))
+        lines, ends = [line for line, _ in found], [e for _, e in found]
+        return Page(lines, [self.inode] * len(found), ends, Cursor(self.inode, end))
 
     def activity(self, end: int, now: float, known: dict[int, int]) -> tuple[list[int], int]:
         """Lines written in each of the last 60 minutes (the current one last), and in the last 60 s.
@@ -357,7 +358,8 @@ class Compressed:
         size = sum(len(line) for line, _ in kept)
         while size > PAGE_BYTES and len(kept) > 1:
             size -= len(kept.popleft()[0])
-        return Page([line for line, _ in kept], [self.inode] * len(kept), [e for _, e in kept], Cursor(self.inode, base))
+        lines, ends = [line for line, _ in kept], [e for _, e in kept]
+        return Page(lines, [self.inode] * len(kept), ends, Cursor(self.inode, base))
 
     def end(self) -> int:
         return sum(len(chunk) for chunk in segments.content(self.directory, self.segment))
