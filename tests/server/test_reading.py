@@ -326,7 +326,7 @@ def test_a_stalled_reader_holds_no_backlog_and_catches_up_from_disk(make_server:
     time.sleep(0.5)
     assert server.proc is not None
     rss_before = _rss(server.proc.pid)
-    for n in range(120):  # about 60 MB; random hex, so that deflated it is still 30 MB
+    for _ in range(120):  # about 60 MB; random hex, so that deflated it is still 30 MB
         batch = orjson.dumps([{"n": n, "pad": random.randbytes(500).hex()} for n in range(500)])
         assert server.post("app", batch).status_code == 200
     time.sleep(1.0)

@@ -298,7 +298,7 @@ def test_many_random_pages_against_a_plain_split(tmp_path: Path) -> None:
             limit = rng.choice([0, 1, 3, 50, 1000])
             q = rng.choice([None, b"needle", b'"n":1', b"zzz"])
             page = journal.forward(start, journal.end(), limit, q)
-            found = [(line, end) for line, end in zip(lines, ends, strict=True)][start_line:]
+            found = list(zip(lines, ends, strict=True))[start_line:]
             expected = [line for line, _ in found if q is None or q in line][:limit]
             assert page.lines == expected
             assert page.ends == [end for line, end in found if q is None or q in line][:limit]
