@@ -492,10 +492,10 @@ class History:
                     return at, max(offset, start) if at == index else offset
         return len(self.parts) - 1, self.end().offset
 
-    def forward(self, index: int, start: int, limit: int, q: bytes | None = None) -> Page:
+    def forward(self, index: int, start: int, limit: int, q: bytes | None = None, size: int | None = None) -> Page:
         """Up to ``limit`` lines from ``start`` of part ``index`` on, into the parts after it; the
         bytes of the parts before count against the page's bound."""
-        room = PAGE_BYTES
+        room = PAGE_BYTES if size is None else size
         lines: list[bytes] = []
         files: list[int] = []
         ends: list[int] = []
@@ -536,20 +536,27 @@ class History:
 
 
 def page(
-    directory: Path, name: str, after: Cursor | None, limit: int, q: bytes | None = None, since: float | None = None
+    directory: Path,
+    name: str,
+    after: Cursor | None,
+    limit: int,
+    q: bytes | None = None,
+    since: float | None = None,
+    size: int | None = None,
 ) -> Page:
-    """Lines from ``after`` (or the start of the oldest segment), from ``since`` on if given, across segments."""
+    """Lines from ``after`` (or the start of the oldest segment), from ``since`` on if given, across
+    segments; at most ``limit`` lines and ``size`` bytes of them (:data:`PAGE_BYTES` if None)."""
     if after is not None and since is None:
         # The common case, following the live file: no listing of the segments.
         with contextlib.suppress(FileNotFoundError), JournalFile(directory, name) as journal:
             if journal.inode == after.file:
                 end = journal.end()
-                return journal.forward(journal.start(after, end), end, limit, q)
+                return journal.forward(journal.start(after, end), end, limit, q, size)
     with History(directory, name) as history:
         index, start = (0, 0) if after is None else (history.find(after), after.offset)
         if since is not None:
             index, start = history.since(since, index, start)
-        return history.forward(index, start, limit, q)
+        return history.forward(index, start, limit, q, size)
 
 
 def tail(directory: Path, name: str, count: int, q: bytes | None = None, since: float | None = None) -> Page:
@@ -654,14 +661,18 @@ class Watch:
 
 
 class _Watched:
-    __slots__ = ("event", "followers", "stamp", "task")
+    """A followed file: ``event`` is set at its next change, ``changes`` counts those so far."""
+
+    __slots__ = ("changes", "event", "followers", "stamp", "task")
 
     def __init__(self) -> None:
         self.event = asyncio.Event()
+        self.changes = 0
         self.followers = 0
         self.stamp: tuple[int, ...] | None = None
         self.task: asyncio.Task[None] | None = None
 
     def changed(self) -> None:
         event, self.event = self.event, asyncio.Event()
+        self.changes += 1
         event.set()

@@ -309,13 +309,15 @@ def test_many_random_pages_against_a_plain_split(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("limit", [1, 2, 1000])
+@pytest.mark.parametrize("bound", ["PAGE_BYTES", "size"])
 def test_a_page_ends_with_the_line_that_reaches_its_byte_bound(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, limit: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, limit: int, bound: str
 ) -> None:
-    """At most ``limit`` lines and PAGE_BYTES, but always at least one line, however long; over a
-    sealed segment and the live file alike."""
+    """At most ``limit`` lines and PAGE_BYTES (or the ``size`` asked for), always at least one
+    line, however long; counted over a sealed segment and the live file together."""
     size = 1000
-    monkeypatch.setattr(reader, "PAGE_BYTES", size)
+    if bound == "PAGE_BYTES":
+        monkeypatch.setattr(reader, "PAGE_BYTES", size)
     lines = lines_of(300, seed=5)
     write(tmp_path, lines[:150])
     os.rename(tmp_path / NAME, tmp_path / segments.new_name(NAME, [], time.time()))
@@ -330,7 +332,8 @@ def test_a_page_ends_with_the_line_that_reaches_its_byte_bound(
             wanted = wanted[take:]
         pages: list[list[bytes]] = []
         after = None
-        while (page := reader.page(tmp_path, NAME, after, limit, q)).lines:
+        asked = {"size": size} if bound == "size" else {}
+        while (page := reader.page(tmp_path, NAME, after, limit, q, **asked)).lines:
             pages.append(page.lines)
             after = page.next
         assert pages == expected
