@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import datetime
 import os
+import random
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -40,8 +41,17 @@ from leitstand.storage import datadir, reader, segments
 from leitstand.storage.reader import Cursor, JournalFile, ReadError
 from leitstand.telemetry.metrics import Metrics
 
-# How often a followed file is looked at; a new event reaches its streams within this and a read.
+# How often a followed file is looked at; a new event reaches its streams within this, SPREAD
+# and a read.
 POLL = 0.25
+# Every page costs each stream a turn of the loop, a send and a wake-up of its reader, so a busy
+# file goes out in few, large pages: at most FOLLOW_EVENTS, and FOLLOW_BYTES before compression
+# (deflate sends about a seventh; 256 KiB is about 1,000 events of 250 bytes). The streams of one
+# change start at times spread over SPREAD seconds, so that their sends do not hold up ingest in
+# one burst.
+FOLLOW_EVENTS = 8000
+FOLLOW_BYTES = {False: 256 << 10, True: 2 << 20}
+SPREAD = 0.1
 HEARTBEAT = 15.0
 RETRY_MS = 2000
 DEFAULT_LIMIT = 100
@@ -68,7 +78,7 @@ class ReadRoutes:
         self._minutes: dict[tuple[str, int], dict[int, int]] = {}
         # The page last read per followed file, filter and encoding: streams at the same cursor (all
         # that keep up) share one read, one framing and one compression, and only send it each.
-        self._pages: dict[_Key, tuple[Cursor, asyncio.Future[_Framed]]] = {}
+        self._pages: dict[_Key, _Shared] = {}
         self._followers: Counter[_Key] = Counter()
         self.routes = [
             Route("/domains", self.domains, methods=["GET"]),
@@ -180,15 +190,16 @@ class ReadRoutes:
 
     # -- access --------------------------------------------------------------------------
 
-    async def follow(self, key: _Key, cursor: Cursor) -> _Framed:
-        """The events after ``cursor``, read once for every stream that asks at the same time."""
+    async def follow(self, key: _Key, cursor: Cursor, changes: int) -> _Framed:
+        """The events after ``cursor``, read once for every stream at that cursor that asks after the
+        same number of ``changes`` of the file (or fewer)."""
         shared = self._pages.get(key)
-        if shared is None or _stale(shared[1]) or shared[0] != cursor:
+        if shared is None or shared.cursor != cursor or _stale(shared, changes):
             future: asyncio.Future[_Framed] = asyncio.ensure_future(self._run(_follow, self.data_dir, key, cursor))
-            shared = self._pages[key] = (cursor, future)
-        if shared[1].done():
-            return shared[1].result()
-        return await asyncio.shield(shared[1])
+            shared = self._pages[key] = _Shared(cursor, changes, future)
+        if shared.future.done():
+            return shared.future.result()
+        return await asyncio.shield(shared.future)
 
     @contextlib.contextmanager
     def following(self, key: _Key) -> Iterator[None]:
@@ -227,6 +238,14 @@ class _Key(NamedTuple):
     deflate: bool
 
 
+class _Shared(NamedTuple):
+    """A page read for the streams at ``cursor``, begun once the file had had ``changes``."""
+
+    cursor: Cursor
+    changes: int
+    future: asyncio.Future[_Framed]
+
+
 # The next events after a cursor, framed as SSE and encoded, the cursor after them, and whether
 # more may follow at once (a full page); None: the file is gone.
 _Framed = tuple[Piece, Cursor, bool] | None
@@ -241,11 +260,11 @@ def _follow(directory: Path, key: _Key, cursor: Cursor) -> _Framed:
     """The next page after ``cursor``, across seals; None once its file is gone (removed by retention,
     or replaced)."""
     try:
-        page = reader.page(directory, key.name, cursor, reader.MAX_LIMIT, key.q)
+        page = reader.page(directory, key.name, cursor, FOLLOW_EVENTS, key.q, size=FOLLOW_BYTES[key.deflate])
     except (FileNotFoundError, ReadError):
         return None
     chunk = b"".join(map(b"id: %s\ndata: %s\n\n".__mod__, zip(page.ids(), page.lines)))
-    return piece(chunk, key.deflate), page.next, not page.done or len(page.lines) >= reader.MAX_LIMIT
+    return piece(chunk, key.deflate), page.next, not page.done or len(page.lines) >= FOLLOW_EVENTS
 
 
 class _EventStream(Response):
@@ -258,6 +277,7 @@ class _EventStream(Response):
         self.key = key
         self.cursor = start
         self.coding = Deflate() if key.deflate else Identity()
+        self.delay = random.random() * SPREAD  # this stream's place in the spread after a change
         self.status_code = 200
         self.background = None
         headers = {"cache-control": "no-cache", "x-accel-buffering": "no", "vary": "accept-encoding"}
@@ -310,8 +330,9 @@ class _EventStream(Response):
         quiet = 0.0
         loop = asyncio.get_running_loop()
         while not any(stop.done() for stop in stops):
-            changed = watched.event
-            framed = await self.routes.follow(self.key, self.cursor)
+            # The next change, and how many came before it: a read begun now sees them all.
+            changed, changes = watched.event, watched.changes
+            framed = await self.routes.follow(self.key, self.cursor, changes)
             if framed is None:
                 return  # replaced or removed: the client comes back and is told why
             chunk, after, more = framed
@@ -328,6 +349,7 @@ class _EventStream(Response):
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(HEARTBEAT - quiet):
                     await changed.wait()
+                    await asyncio.sleep(self.delay)
             quiet += loop.time() - started
             if quiet >= HEARTBEAT:
                 await send(self._body(_COMMENTS[self.key.deflate][1]))
@@ -337,15 +359,16 @@ class _EventStream(Response):
         return {"type": "http.response.body", "body": self.coding.send(p), "more_body": True}
 
 
-def _stale(future: asyncio.Future[_Framed]) -> bool:
-    """Whether a shared read is no answer for a stream that asks now: it failed, or it read up to
-    the end back then (the file may have grown since, and the change that said so is past)."""
+def _stale(shared: _Shared, changes: int) -> bool:
+    """Whether a shared read is no answer for a stream that has seen ``changes`` of the file: it
+    failed, or it read up to the end before the last of those changes."""
+    future = shared.future
     if not future.done():
         return False
     if future.cancelled() or future.exception() is not None:
         return True
     framed = future.result()
-    return framed is not None and not framed[2]
+    return framed is not None and not framed[2] and shared.changes < changes
 
 
 async def _disconnected(receive: Receive) -> None:

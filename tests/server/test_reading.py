@@ -439,3 +439,72 @@ def test_heartbeats_keep_a_quiet_stream_open_and_a_stop_ends_it(
     assert 3 <= bodies.count(b": heartbeat\n\n") <= 5
     assert bodies[-1] == b""
     assert took < 0.5
+
+
+def test_the_streams_of_one_change_share_one_read_and_send_spread_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In process: 20 streams of one file, each waiting its own part of SPREAD after a change. The
+    change is read once for all of them, however late each one asks, and their sends do not all
+    go out at once."""
+    import asyncio
+
+    from leitstand.config import Config
+    from leitstand.server import reading
+    from leitstand.storage.reader import Cursor
+    from leitstand.telemetry.metrics import Metrics
+
+    monkeypatch.setattr(reading, "POLL", 0.05)
+    reads: list[Cursor] = []
+    follow = reading._follow
+
+    def counted(directory: Path, key: Any, cursor: Cursor) -> Any:
+        reads.append(cursor)
+        return follow(directory, key, cursor)
+
+    monkeypatch.setattr(reading, "_follow", counted)
+    data = tmp_path / "data"
+    data.mkdir()
+    path = data / "app.jsonl"
+    path.write_bytes(b'{"n":0}\n')
+    start = Cursor(path.stat().st_ino, 8)
+    got: dict[int, list[tuple[float, bytes]]] = {n: [] for n in range(20)}
+
+    def append(lines: bytes) -> None:
+        with open(path, "ab") as f:  # one write: one change of the file
+            f.write(lines)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        stopping = asyncio.Event()
+        metrics = Metrics(Config(tokens=TOKEN, data_dir=data))
+        routes = reading.ReadRoutes(data, metrics, lambda r: None, stopping)  # type: ignore[arg-type,return-value]
+        never = asyncio.Event()
+
+        async def receive() -> dict[str, Any]:
+            await never.wait()
+            return {"type": "http.disconnect"}
+
+        def sender(n: int) -> Any:
+            async def send(message: dict[str, Any]) -> None:
+                if b"data: " in message.get("body", b""):
+                    got[n].append((loop.time(), message["body"]))
+
+            return send
+
+        streams = [reading._EventStream(routes, reading._Key(path.name, None, False), start) for _ in got]
+        tasks = [asyncio.ensure_future(s({"type": "http"}, receive, sender(n))) for n, s in enumerate(streams)]
+        await asyncio.sleep(0.5)
+        assert not any(got.values())
+        before = len(reads)
+        await asyncio.to_thread(append, b"".join(b'{"n":%d}\n' % n for n in range(1, 11)))
+        await asyncio.sleep(1.0)
+        assert len(reads) - before == 1, f"{len(reads) - before} reads for one change of the file"
+        stopping.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 2)
+        routes.close()
+
+    asyncio.run(main())
+    assert all(len(sends) == 1 and sends[0][1].count(b"data: ") == 10 for sends in got.values()), got
+    times = sorted(sends[0][0] for sends in got.values())
+    assert times[-1] - times[0] > 0.03, "the streams of a change sent all at once"
