@@ -52,6 +52,9 @@ POLL = 0.25
 FOLLOW_EVENTS = 8000
 FOLLOW_BYTES = {False: 256 << 10, True: 2 << 20}
 SPREAD = 0.1
+# Pages kept per followed file, filter and encoding: spread out, the streams of one change are at
+# several pages of it at once, and each page is read for all of them.
+SHARED_PAGES = 8
 HEARTBEAT = 15.0
 RETRY_MS = 2000
 DEFAULT_LIMIT = 100
@@ -76,9 +79,9 @@ class ReadRoutes:
         self._pool = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="reader")
         # Lines per minute that is over, per file (name, inode): minute -> count.
         self._minutes: dict[tuple[str, int], dict[int, int]] = {}
-        # The page last read per followed file, filter and encoding: streams at the same cursor (all
-        # that keep up) share one read, one framing and one compression, and only send it each.
-        self._pages: dict[_Key, _Shared] = {}
+        # The pages last read per followed file, filter and encoding, by cursor: streams at the same
+        # cursor (all that keep up) share one read, one framing and one compression, and only send it each.
+        self._pages: dict[_Key, dict[Cursor, _Shared]] = {}
         self._followers: Counter[_Key] = Counter()
         self.routes = [
             Route("/domains", self.domains, methods=["GET"]),
@@ -193,10 +196,14 @@ class ReadRoutes:
     async def follow(self, key: _Key, cursor: Cursor, changes: int) -> _Framed:
         """The events after ``cursor``, read once for every stream at that cursor that asks after the
         same number of ``changes`` of the file (or fewer)."""
-        shared = self._pages.get(key)
-        if shared is None or shared.cursor != cursor or _stale(shared, changes):
+        pages = self._pages.setdefault(key, {})
+        shared = pages.get(cursor)
+        if shared is None or _stale(shared, changes):
             future: asyncio.Future[_Framed] = asyncio.ensure_future(self._run(_follow, self.data_dir, key, cursor))
-            shared = self._pages[key] = _Shared(cursor, changes, future)
+            pages.pop(cursor, None)
+            shared = pages[cursor] = _Shared(changes, future)
+            if len(pages) > SHARED_PAGES:
+                del pages[next(iter(pages))]  # the oldest
         if shared.future.done():
             return shared.future.result()
         return await asyncio.shield(shared.future)
@@ -239,9 +246,8 @@ class _Key(NamedTuple):
 
 
 class _Shared(NamedTuple):
-    """A page read for the streams at ``cursor``, begun once the file had had ``changes``."""
+    """A page read for the streams at a cursor, begun once the file had had ``changes``."""
 
-    cursor: Cursor
     changes: int
     future: asyncio.Future[_Framed]
 

@@ -441,12 +441,13 @@ def test_heartbeats_keep_a_quiet_stream_open_and_a_stop_ends_it(
     assert took < 0.5
 
 
+@pytest.mark.parametrize("events", [10, 2500])
 def test_the_streams_of_one_change_share_one_read_and_send_spread_out(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, events: int
 ) -> None:
-    """In process: 20 streams of one file, each waiting its own part of SPREAD after a change. The
-    change is read once for all of them, however late each one asks, and their sends do not all
-    go out at once."""
+    """In process: 20 streams of one file, each waiting its own part of SPREAD after a change. Each
+    page of the change (one, or three of at most 1,000 events) is read once for all of them,
+    however late each one asks, and their sends do not all go out at once."""
     import asyncio
 
     from leitstand.config import Config
@@ -455,6 +456,8 @@ def test_the_streams_of_one_change_share_one_read_and_send_spread_out(
     from leitstand.telemetry.metrics import Metrics
 
     monkeypatch.setattr(reading, "POLL", 0.05)
+    monkeypatch.setattr(reading, "FOLLOW_EVENTS", 1000)
+    pages = -(-events // 1000)
     reads: list[Cursor] = []
     follow = reading._follow
 
@@ -497,14 +500,15 @@ def test_the_streams_of_one_change_share_one_read_and_send_spread_out(
         await asyncio.sleep(0.5)
         assert not any(got.values())
         before = len(reads)
-        await asyncio.to_thread(append, b"".join(b'{"n":%d}\n' % n for n in range(1, 11)))
+        await asyncio.to_thread(append, b"".join(b'{"n":%d}\n' % n for n in range(1, events + 1)))
         await asyncio.sleep(1.0)
-        assert len(reads) - before == 1, f"{len(reads) - before} reads for one change of the file"
+        assert len(reads) - before == pages, f"{len(reads) - before} reads for {pages} page(s) of one change"
         stopping.set()
         await asyncio.wait_for(asyncio.gather(*tasks), 2)
         routes.close()
 
     asyncio.run(main())
-    assert all(len(sends) == 1 and sends[0][1].count(b"data: ") == 10 for sends in got.values()), got
+    assert all(len(sends) == pages for sends in got.values()), {n: len(sends) for n, sends in got.items()}
+    assert all(sum(body.count(b"data: ") for _, body in sends) == events for sends in got.values())
     times = sorted(sends[0][0] for sends in got.values())
     assert times[-1] - times[0] > 0.03, "the streams of a change sent all at once"
