@@ -63,7 +63,7 @@ class Cursor:
     offset: int
 
     def __str__(self) -> str:
-        return CURSOR_VERSION + base64.urlsafe_b64encode(_CURSOR.pack(self.file, self.offset)).decode()[:-2]
+        return _cursor_texts([self.file], [self.offset])[0].decode()
 
     @classmethod
     def parse(cls, text: str) -> Cursor:
@@ -98,14 +98,18 @@ class Page:
 
     def ids(self) -> list[bytes]:
         """The cursor after each line as text, all in one go: a stream sends one with every event,
-        and one :class:`Cursor` and one base64 call per line cost more than reading the line.
-        Each cursor is packed with two zero bytes more, so that it fills whole base64 groups
-        and one encoding serves them all; its first 22 characters are the cursor's own."""
-        count = len(self.lines)
-        packed = struct.pack("<" + "QQxx" * count, *itertools.chain.from_iterable(zip(self.files, self.ends)))
-        text = base64.urlsafe_b64encode(packed)
-        version = CURSOR_VERSION.encode()
-        return [version + text[at : at + 22] for at in range(0, 24 * count, 24)]
+        and one :class:`Cursor` and one base64 call per line cost more than reading the line."""
+        return _cursor_texts(self.files, self.ends)
+
+
+def _cursor_texts(files: list[int], offsets: list[int]) -> list[bytes]:
+    """Cursors as text: the version and the URL-safe base64 of inode and offset, without padding.
+    Each is packed with two zero bytes more, so that it fills whole base64 groups and one
+    encoding serves them all; the first characters of each group are the cursor's own."""
+    packed = struct.pack("<" + "QQxx" * len(files), *itertools.chain.from_iterable(zip(files, offsets)))
+    text = base64.urlsafe_b64encode(packed)
+    version, width = CURSOR_VERSION.encode(), _CURSOR_LENGTH - 1
+    return [version + text[at : at + width] for at in range(0, 24 * len(files), 24)]
 
 
 def _empty(inode: int, end: int) -> Page:
