@@ -70,7 +70,7 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "LEITSTAND_MAX_OPEN_FILES",
-        "4096",
+        "16384",
         "Journal files kept open at once (least recently used closed); the descriptor limit is raised to fit.",
     ),
     Setting("LEITSTAND_LOG_FORMAT", "text", "text or json, one line per request on stdout."),
@@ -166,7 +166,7 @@ class Config:
     body_timeout: int = 30
     fsync: bool = True
     syncfs: bool = True
-    max_open_files: int = 4096
+    max_open_files: int = 16384
     log_format: str = "text"
     ready_min_free: int = 64 << 20
     domains_allow: tuple[str, ...] = ()

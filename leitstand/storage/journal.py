@@ -192,11 +192,13 @@ class _Batch:
 class _File:
     """One journal file and the appends waiting for its next commit."""
 
-    __slots__ = ("batch", "committing", "end", "fd", "mutex", "name", "queued", "requests", "times")
+    __slots__ = ("batch", "committing", "end", "fd", "identity", "mutex", "name", "queued", "requests", "times")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.fd: int | None = None
+        # (device, inode) of the file open as ``fd``: what the name must still be to append.
+        self.identity = (-1, -1)
         # The length this process last left the file at; -1 until it has looked.
         self.end = -1
         self.batch = _Batch()
@@ -252,7 +254,7 @@ class Journal:
         directory: Path,
         *,
         fsync: bool = True,
-        max_open_files: int = 4096,
+        max_open_files: int = 16384,
         file_mode: int = 0o600,
         key_window: float = 86400.0,
         max_keys: int = 100_000,
@@ -266,12 +268,16 @@ class Journal:
         self.fsync = fsync
         self.file_mode = file_mode
         self.max_open_files = _allow_open_files(max_open_files)
+        # Set when the descriptor limit keeps fewer open than asked: said once, when it first counts.
+        self._short_of = max_open_files if self.max_open_files < max_open_files else 0
         self.keys = KeyIndex(key_window, max_keys)
         self.syncfs = syncfs
         self._files: OrderedDict[str, _File] = OrderedDict()
         # Files with appends waiting for the next round, and whether a round is under way.
         self._queued: list[_File] = []
         self._committing = False
+        # Descriptors of files let go to stay under max_open_files, closed once per round.
+        self._unused: list[int] = []
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="journal")
         self._dir_fd = -1
         # .leitstand/requests, once it exists; only commit threads touch it, under a file's lock.
@@ -296,8 +302,9 @@ class Journal:
             await asyncio.sleep(0.005)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self._mark_times)
-        fds = [fd for f in self._files.values() for fd in self._release(f)]
+        fds = [fd for f in self._files.values() for fd in self._release(f)] + self._unused
         self._files.clear()
+        self._unused = []
         for attribute in ("_requests_dir", "_times_dir"):
             state_dir = getattr(self, attribute)
             if state_dir is not None:
@@ -405,12 +412,18 @@ class Journal:
             raise ValueError(f"not a journal file name: {name!r}")
         f = self._files[name] = _File(name)
         if len(self._files) > self.max_open_files:
+            if self._short_of:
+                log.warning(
+                    "only %d open files allowed (ulimit -n): keeping %d journal files open instead of %d, "
+                    "closing and reopening the others; raise the limit (LimitNOFILE= in systemd, ulimit -n) "
+                    "for many domains",
+                    resource.getrlimit(resource.RLIMIT_NOFILE)[0], self.max_open_files, self._short_of,
+                )
+                self._short_of = 0
             idle = next((old for old in self._files.values() if not old.busy), None)
             if idle is not None:
                 del self._files[idle.name]
-                fds = self._release(idle)
-                if fds:
-                    self._executor.submit(_close_all, fds)
+                self._unused += self._release(idle)
         return f
 
     def _release(self, f: _File) -> list[int]:
@@ -428,6 +441,10 @@ class Journal:
         for f in files:
             f.queued, f.committing = False, True
         self._committing = True
+        if self._unused:
+            # A task of its own, beside the round: none of its answers waits for a close.
+            self._executor.submit(_close_all, self._unused)
+            self._unused = []
         done = self._executor.submit(self._round, files)
         done.add_done_callback(lambda d: loop.call_soon_threadsafe(self._round_done, files, d))
 
@@ -664,7 +681,7 @@ class Journal:
         """
         while True:
             if f.fd is None:
-                f.fd, new = self._open_file(f.name)
+                f.fd, new, f.identity = self._open_file(f.name)
                 f.end = -1
                 self.observer.opened(1)
                 if new:
@@ -672,7 +689,7 @@ class Journal:
             fd = f.fd
             fcntl.flock(fd, fcntl.LOCK_EX)
             try:
-                held = self._held(fd, f.name)
+                held = self._held(fd, f.name, f.identity)
                 if held is not None:
                     return fd, held.st_size
             except BaseException:
@@ -682,16 +699,19 @@ class Journal:
             _close_all(self._release(f))
             f.fd = None
 
-    def _held(self, fd: int, name: str) -> os.stat_result | None:
-        """The status of the file open as ``fd`` if ``name`` names it, else None: one ``fstat`` for
-        the check and the length a commit starts from, as every system call of a round's files is
-        a hand-back of the GIL the event loop may keep for a while."""
+    def _held(self, fd: int, name: str, identity: tuple[int, int] | None = None) -> os.stat_result | None:
+        """The status of the file open as ``fd`` if ``name`` names it, else None.
+
+        A commit passes the ``identity`` its descriptor was opened with, so that one ``stat``
+        gives both the check and the length it starts from: every system call of a round's files
+        is a hand-back of the GIL the event loop may keep for a while. While ``fd`` is open, its
+        inode number cannot go to another file.
+        """
         try:
             named = os.stat(name, dir_fd=self._dir_fd, follow_symlinks=False)
         except FileNotFoundError:
             return None
-        held = os.fstat(fd)
-        return held if (named.st_ino, named.st_dev) == (held.st_ino, held.st_dev) else None
+        return named if _identity(named) == (identity or _identity(os.fstat(fd))) else None
 
     # -- sealing -----------------------------------------------------------------------
 
@@ -764,18 +784,20 @@ class Journal:
         except OSError as exc:
             log.error("time index not kept for the segment: file=%s error=%s", name, exc.strerror)
 
-    def _open_file(self, name: str) -> tuple[int, bool]:
-        """The file's descriptor, and whether it was created (its name is durable only once the
-        directory is synced, which the round does once for all it created)."""
+    def _open_file(self, name: str) -> tuple[int, bool, tuple[int, int]]:
+        """The file's descriptor, whether it was created (its name is durable only once the
+        directory is synced, which the round does once for all it created), and its identity."""
+        new = False
         try:
             fd = os.open(name, _OPEN_FLAGS, dir_fd=self._dir_fd)
         except FileNotFoundError:
-            return os.open(name, _OPEN_FLAGS | os.O_CREAT, self.file_mode, dir_fd=self._dir_fd), True
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            fd, new = os.open(name, _OPEN_FLAGS | os.O_CREAT, self.file_mode, dir_fd=self._dir_fd), True
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
             # A FIFO or device planted under the name: never write into it.
             os.close(fd)
             raise OSError(errno.EISDIR, "not a regular file")
-        return fd, False
+        return fd, new, _identity(status)
 
     def _roll_back(self, f: _File, good: int) -> None:
         """Cut the file back to ``good`` bytes while this commit still holds its lock.
@@ -909,8 +931,8 @@ def _allow_open_files(wanted: int) -> int:
     raised to fit them (each may hold three: its data, its request log and its time index), up
     to the hard limit.
 
-    Below what is needed, fewer are kept open (logged once), and the least recently used are
-    closed sooner: slower with very many domains, never wrong.
+    Below what is needed, fewer are kept open (said once there are more), and the least
+    recently used are closed sooner: slower with very many domains, never wrong.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     need = _DESCRIPTORS_PER_FILE * wanted + _SPARE_DESCRIPTORS
@@ -922,13 +944,7 @@ def _allow_open_files(wanted: int) -> int:
         except (ValueError, OSError):
             pass
     if soft != resource.RLIM_INFINITY and soft < need:
-        fits = max(1, (soft - _SPARE_DESCRIPTORS) // _DESCRIPTORS_PER_FILE)
-        log.warning(
-            "only %d open files allowed (ulimit -n): keeping %d journal files open instead of %d; "
-            "raise the limit (LimitNOFILE= in systemd, ulimit -n) for many domains",
-            soft, fits, wanted,
-        )
-        return fits
+        return max(1, (soft - _SPARE_DESCRIPTORS) // _DESCRIPTORS_PER_FILE)
     return wanted
 
 
@@ -977,6 +993,10 @@ def _syncfs(fd: int) -> None:
     if libc.syncfs(fd) != 0:
         error = ctypes.get_errno()
         raise OSError(error, os.strerror(error))
+
+
+def _identity(status: os.stat_result) -> tuple[int, int]:
+    return status.st_dev, status.st_ino
 
 
 def _close_all(fds: list[int]) -> None:
