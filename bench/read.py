@@ -15,7 +15,8 @@ Three scenarios on the shared harness (``harness.py``), Markdown to stdout, prog
   once, in turning order, and the cost of streams is each round's rate against its own run
   without them (the host's load drifts between rounds). The readers run in a process of their
   own and count what they get: a run only counts if every stream got every event acknowledged
-  while it was open.
+  while it was open. With ``--pin`` the server runs on the first CPU and wrk and the readers
+  on the others, so that what the readers spend is not taken from the server.
 """
 
 from __future__ import annotations
@@ -202,6 +203,8 @@ uvloop.run(main())
 def streams_run(variant: str, args: argparse.Namespace, session: Path) -> dict[str, float]:
     script = harness.wrk_script(harness.BODIES["single"][1], session, varied=True)
     with harness.serve(harness.LEITSTAND, args.workers, session) as server:
+        if args.pin:
+            _pin(server.pid, SERVER_CPUS)
         base = server.url.rsplit("/ingest/", 1)[0]
         port = int(base.rsplit(":", 1)[1])
         quiet = [f"quiet-{n}.example" for n in range(args.streams)]
@@ -243,6 +246,17 @@ def streams_run(variant: str, args: argparse.Namespace, session: Path) -> dict[s
             "valid": float(valid), "delivered": float(delivered or 0), "written": float(written)}
 
 
+# With --pin: the server (every thread of its process tree) on the first CPU; this script, and so
+# wrk and the readers it starts, on the others.
+SERVER_CPUS = {0}
+
+
+def _pin(pid: int, cpus: set[int]) -> None:
+    for process in harness.process_tree(pid):
+        for task in os.listdir(f"/proc/{process}/task"):
+            os.sched_setaffinity(int(task), cpus)
+
+
 def _cpu_of(readers: subprocess.Popen[str] | None) -> float:
     return 0.0 if readers is None else harness.cpu_seconds(readers.pid)
 
@@ -276,12 +290,14 @@ def streams_scenario(args: argparse.Namespace, session: Path) -> str:
             f"{statistics.median(costs):+.1%} ({min(costs):+.1%} to {max(costs):+.1%})" if variant != "none" else "—",
             "yes" if all(r["valid"] for r in runs[variant]) else "**no**",
         ])
+    where = ("the server pinned to the first CPU, wrk and the readers to the second (`--pin`)" if args.pin
+             else "on the same two cores")
     return (f"Single events, 64 connections, {args.workers} worker{'s' if args.workers > 1 else ''}, "
             f"{args.repeat} rounds of one run per variant, in turning order, "
             f"{args.duration:g} s each after {args.warmup:g} s warmup; events with values drawn per request "
             "(`harness.VARIED_EVENT`, about 250 bytes as an SSE frame); the readers (uvloop and httptools, "
-            "counting events as they arrive, inflating the deflated streams) run in their own process on the "
-            "same two cores. Bytes per event and stream: what the readers received, framing included. "
+            f"counting events as they arrive, inflating the deflated streams) run in their own process, {where}. "
+            "Bytes per event and stream: what the readers received, framing included. "
             "Vs none: the median of each round's rate against the same round's run without streams.\n\n"
             + harness.table(rows))
 
@@ -292,9 +308,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200, help="tail requests per row (default 200)")
     parser.add_argument("--streams", type=int, default=100, help="open streams (default 100)")
     parser.add_argument("--workers", type=int, default=1, help="worker processes for streams (default 1)")
+    parser.add_argument("--pin", action="store_true",
+                        help="streams: the server on the first CPU, wrk and the readers on the others")
     harness.add_run_flags(parser, duration=8.0, warmup=2.0, repeat=3)
     args = parser.parse_args()
     harness.ensure_tools()
+    if args.pin:
+        os.sched_setaffinity(0, set(range(os.cpu_count() or 2)) - SERVER_CPUS)
     parts = []
     with tempfile.TemporaryDirectory(prefix="leitstand-read-") as tmp:
         if args.scenario in ("tail", "all"):
