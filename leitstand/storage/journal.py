@@ -64,7 +64,17 @@ from pathlib import Path
 
 from leitstand.storage import segments
 from leitstand.storage.durable import CHUNK, NAME_MAX, read_range, write_whole
-from leitstand.storage.keylog import NO_KEY, RECORD, KeyIndex, RequestLog, key_hash, lines_hash, open_requests_dir
+from leitstand.storage.keylog import (
+    NO_KEY,
+    RECORD,
+    REQUESTS_DIR,
+    STATE_DIR,
+    KeyIndex,
+    RequestLog,
+    key_hash,
+    lines_hash,
+    open_dir,
+)
 from leitstand.storage.timeindex import TimeLog, index_name, open_times_dir
 
 log = logging.getLogger("leitstand.journal")
@@ -282,6 +292,8 @@ class Journal:
         self._dir_fd = -1
         # .leitstand/requests, once it exists; only commit threads touch it, under a file's lock.
         self._requests_dir: int | None = None
+        # .leitstand, once it exists: where each round looks for the requests dir until it exists.
+        self._state_dir: int | None = None
         self._requests_dir_lock = threading.Lock()
         # .leitstand/times, opened (and made) by the first commit or at start.
         self._times_dir: int | None = None
@@ -305,7 +317,7 @@ class Journal:
         fds = [fd for f in self._files.values() for fd in self._release(f)] + self._unused
         self._files.clear()
         self._unused = []
-        for attribute in ("_requests_dir", "_times_dir"):
+        for attribute in ("_requests_dir", "_times_dir", "_state_dir"):
             state_dir = getattr(self, attribute)
             if state_dir is not None:
                 fds.append(state_dir)
@@ -660,11 +672,15 @@ class Journal:
         return self._times_dir
 
     def _requests_dir_fd(self, create: bool) -> int | None:
-        """``.leitstand/requests``, opened once it exists (made by the first record, here or in another worker)."""
+        """``.leitstand/requests``, opened once it exists (made by the first record, here or in another
+        worker). Until then each round looks for it: one ``open`` in ``.leitstand``, kept open for that."""
         if self._requests_dir is None:
             with self._requests_dir_lock:
                 if self._requests_dir is None:
-                    self._requests_dir = open_requests_dir(self._dir_fd, create, self.fsync)
+                    if self._state_dir is None:
+                        self._state_dir = open_dir(self._dir_fd, STATE_DIR, create, self.fsync)
+                    if self._state_dir is not None:
+                        self._requests_dir = open_dir(self._state_dir, REQUESTS_DIR, create, self.fsync)
         return self._requests_dir
 
     def _locked(self, f: _File, created: list[_File]) -> tuple[int, int]:

@@ -326,16 +326,18 @@ def open_requests_dir(data_dir: int, create: bool, fsync: bool) -> int | None:
 def open_state_dir(data_dir: int, name: str, create: bool, fsync: bool) -> int | None:
     """The descriptor of ``.leitstand/<name>`` inside the data dir, never through a symbolic link;
     None if it does not exist and ``create`` is false."""
-    state = _open_dir(data_dir, STATE_DIR, create, fsync)
+    state = open_dir(data_dir, STATE_DIR, create, fsync)
     if state is None:
         return None
     try:
-        return _open_dir(state, name, create, fsync)
+        return open_dir(state, name, create, fsync)
     finally:
         os.close(state)
 
 
-def _open_dir(parent: int, name: str, create: bool, fsync: bool) -> int | None:
+def open_dir(parent: int, name: str, create: bool, fsync: bool) -> int | None:
+    """The descriptor of the directory ``name`` in ``parent``, never through a symbolic link; made
+    if ``create``, else None if it does not exist."""
     try:
         return os.open(name, _DIR_FLAGS, dir_fd=parent)
     except FileNotFoundError:
