@@ -9,7 +9,6 @@ import os
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import pytest
 from leitstand.storage import datadir
 from leitstand.storage import journal as journal_module
 from leitstand.storage.journal import Appended, Journal, StorageFull, StorageRefused, StorageUnavailable
-from leitstand.storage.keylog import RECORD, key_hash
+from leitstand.storage.keylog import RECORD
 
 
 def run(coro):  # type: ignore[no-untyped-def]
@@ -657,27 +656,3 @@ asyncio.run(main())
     assert (tmp_path / ".leitstand" / "times").is_dir() and any((tmp_path / ".leitstand" / "requests").iterdir())
     assert 0 < most <= allowed, f"{most} descriptors held for journal files, {allowed} left beside the spare ones"
     assert child.stderr.count("raise the limit (LimitNOFILE= in systemd, ulimit -n)") == 1, child.stderr
-
-
-def test_a_key_stored_by_another_worker_is_found_once_its_request_log_appears(tmp_path: Path) -> None:
-    """A worker that has looked for ``.leitstand/requests`` before any existed (it keeps
-    ``.leitstand`` open for that, to look with one ``open`` a round) finds it once another worker
-    made it, and with it the other's key: the retry is a duplicate, not stored twice."""
-
-    async def main() -> None:
-        first, second = await opened(tmp_path), await opened(tmp_path)
-        assert await first.append("a.jsonl", b"1\n") is Appended.STORED
-        assert await second.append("a.jsonl", b"2\n") is Appended.STORED
-        assert (tmp_path / ".leitstand").is_dir() and not (tmp_path / ".leitstand" / "requests").exists()
-        assert await first.append("a.jsonl", b"3\n", b"k") is Appended.STORED
-        # A commit without a key reads the other's records too (they also say where a request
-        # cut short by a crash begins): afterwards this worker knows the key.
-        assert await second.append("a.jsonl", b"4\n") is Appended.STORED
-        assert second.keys.find(key_hash("a.jsonl", b"k"), time.time()) is not None
-        assert await second.append("a.jsonl", b"3\n", b"k") is Appended.DUPLICATE
-        assert await second.append("a.jsonl", b"5\n", b"k") is Appended.CONFLICT
-        await first.close()
-        await second.close()
-
-    run(main())
-    assert (tmp_path / "a.jsonl").read_bytes() == b"1\n2\n3\n4\n"

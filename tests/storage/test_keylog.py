@@ -129,17 +129,28 @@ def test_a_key_log_that_cannot_be_written_writes_no_data(tmp_path: Path, monkeyp
 
 
 def test_two_journals_on_one_directory_see_each_others_keys(tmp_path: Path) -> None:
+    """Also when the second has looked for ``.leitstand/requests`` before the first made it (until
+    then each round looks, in ``.leitstand``, kept open for that): a commit of the second without
+    a key reads the first's records too (they also say where a request cut short by a crash
+    begins), and afterwards it knows the key."""
+
     async def main() -> None:
         first, second = await opened(tmp_path), await opened(tmp_path)
-        assert await first.append("a.jsonl", b"one\n", b"k") is Appended.STORED
+        assert await first.append("a.jsonl", b"zero\n") is Appended.STORED
+        assert await second.append("a.jsonl", b"zero\n") is Appended.STORED
+        assert (tmp_path / ".leitstand").is_dir() and not (tmp_path / ".leitstand" / "requests").exists()
+        assert await first.append("a.jsonl", b"one\n", b"k1") is Appended.STORED
+        assert await second.append("a.jsonl", b"plain\n") is Appended.STORED
+        assert second.keys.find(key_hash("a.jsonl", b"k1"), time.time()) is not None
+        assert await first.append("a.jsonl", b"two\n", b"k2") is Appended.STORED
         # Not in second's index yet: found in the commit, under the lock, in first's record.
-        assert await second.append("a.jsonl", b"one\n", b"k") is Appended.DUPLICATE
-        assert await second.append("a.jsonl", b"two\n", b"k") is Appended.CONFLICT
+        assert await second.append("a.jsonl", b"two\n", b"k2") is Appended.DUPLICATE
+        assert await second.append("a.jsonl", b"three\n", b"k2") is Appended.CONFLICT
         await first.close()
         await second.close()
 
     run(main())
-    assert (tmp_path / "a.jsonl").read_bytes() == b"one\n"
+    assert (tmp_path / "a.jsonl").read_bytes() == b"zero\nzero\none\nplain\ntwo\n"
 
 
 def test_key_logs_are_compacted_to_the_window_and_the_bound(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
