@@ -301,15 +301,15 @@ def _forward(
             found = [buf[first:last] for first, last in spans]
             found_ends = [base + last + 1 for _, last in spans]
         take = min(len(found), limit - len(lines))
-        size = sum(map(len, found[:take]))
-        if taken + size >= bound:
+        more = sum(map(len, found[:take]))
+        if taken + more >= bound:
             # The line that reaches the bound is the last one taken.
             totals = itertools.accumulate(map(len, found), initial=taken)
             take, total = next((n, total) for n, total in enumerate(totals) if total >= bound)
-            size = total - taken
+            more = total - taken
         lines += found[:take]
         ends += found_ends[:take]
-        taken += size
+        taken += more
         if len(lines) >= limit or taken >= bound:
             # (No line at all for a limit of 0, which only checks that a line begins at ``start``.)
             return Page(lines, [inode] * len(lines), ends, Cursor(inode, ends[-1] if ends else base), done=False)
