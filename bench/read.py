@@ -109,6 +109,7 @@ def pages_scenario(args: argparse.Namespace, session: Path) -> str:
     """What a stream's page of 1,000 events costs the read pool, per event, step by step; the cursor
     texts both ways, all at once (``Page.ids``) and one ``str(Cursor)`` per event (as before it)."""
     from leitstand.server.deflate import piece
+    from leitstand.server.reading import frame
     from leitstand.storage import reader
 
     rng = random.Random(1)
@@ -116,7 +117,7 @@ def pages_scenario(args: argparse.Namespace, session: Path) -> str:
     (session / name).write_bytes(b"".join(varied_line(rng, n) + b"\n" for n in range(100_000)))
     start = reader.Cursor(os.stat(session / name).st_ino, 0)
     first = reader.page(session, name, start, reader.MAX_LIMIT)
-    framed = b"".join(map(b"id: %s\ndata: %s\n\n".__mod__, zip(first.ids(), first.lines)))
+    framed = frame(first)
 
     def read_all() -> None:
         cursor = start
@@ -127,8 +128,7 @@ def pages_scenario(args: argparse.Namespace, session: Path) -> str:
         "read 100 pages (`reader.page`)": (read_all, 100_000),
         "cursor texts, all at once (`Page.ids`)": (first.ids, 1000),
         "cursor texts, one `str(Cursor)` each": (lambda: [str(first.cursor(n)).encode() for n in range(1000)], 1000),
-        "frame as SSE, cursor texts included": (
-            lambda: b"".join(map(b"id: %s\ndata: %s\n\n".__mod__, zip(first.ids(), first.lines))), 1000),
+        "frame as SSE, cursor texts included (`reading.frame`)": (lambda: frame(first), 1000),
         "deflate the framed page (`deflate.piece`)": (lambda: piece(framed, True), 1000),
     }
     rows = [["step", "µs per event (best of 5)"], ["---"] * 2]

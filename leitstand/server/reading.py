@@ -269,8 +269,12 @@ def _follow(directory: Path, key: _Key, cursor: Cursor) -> _Framed:
         page = reader.page(directory, key.name, cursor, FOLLOW_EVENTS, key.q, size=FOLLOW_BYTES[key.deflate])
     except (FileNotFoundError, ReadError):
         return None
-    chunk = b"".join(map(b"id: %s\ndata: %s\n\n".__mod__, zip(page.ids(), page.lines)))
-    return piece(chunk, key.deflate), page.next, not page.done or len(page.lines) >= FOLLOW_EVENTS
+    return piece(frame(page), key.deflate), page.next, not page.done or len(page.lines) >= FOLLOW_EVENTS
+
+
+def frame(page: reader.Page) -> bytes:
+    """The page's events as Server-Sent Events: ``id:`` the cursor after each, ``data:`` its line."""
+    return b"".join(map(b"id: %s\ndata: %s\n\n".__mod__, zip(page.ids(), page.lines)))
 
 
 class _EventStream(Response):
