@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -62,8 +63,9 @@ SUBJECTS = SUBJECT_PREFIX + ">"
 _HEADER_ROOM = 1024
 # JetStream's own duplicate window for a KV bucket's stream, when the TTL is longer.
 _KV_DUPLICATE_WINDOW = 120.0
-# What the client library raises when the broker does not answer (or answers too late).
-NATS_ERRORS = (nats.errors.Error, TimeoutError)
+# What the client library raises when the broker does not answer, answers too late, or answers
+# with no body where it expects JSON (a reply seen while a cluster loses a node, nats-io/nats.py#639).
+NATS_ERRORS = (nats.errors.Error, TimeoutError, json.JSONDecodeError)
 # What says that nothing was stored: no stream listened (no leader), JetStream was not
 # available, or the message was never sent (no connection).
 _NOT_STORED = (
