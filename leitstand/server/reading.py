@@ -193,13 +193,14 @@ class ReadRoutes:
 
     # -- access --------------------------------------------------------------------------
 
-    async def follow(self, key: _Key, cursor: Cursor, changes: int) -> _Framed:
-        """The events after ``cursor``, read once for every stream at that cursor that asks after the
-        same number of ``changes`` of the file (or fewer)."""
+    async def follow(self, key: _Key, cursor: Cursor, changes: int, until: Cursor | None) -> _Framed:
+        """The events after ``cursor`` up to ``until`` (where the file ended at its last change), read
+        once for every stream at that cursor that asks after the same number of ``changes`` of the
+        file (or fewer)."""
         pages = self._pages.setdefault(key, {})
         shared = pages.get(cursor)
         if shared is None or _stale(shared, changes):
-            future: asyncio.Future[_Framed] = asyncio.ensure_future(self._run(_follow, self.data_dir, key, cursor))
+            future: asyncio.Future[_Framed] = asyncio.ensure_future(self._run(_follow, self.data_dir, key, cursor, until))
             pages.pop(cursor, None)
             shared = pages[cursor] = _Shared(changes, future)
             if len(pages) > SHARED_PAGES:
@@ -262,11 +263,13 @@ _COMMENTS = {
 }
 
 
-def _follow(directory: Path, key: _Key, cursor: Cursor) -> _Framed:
+def _follow(directory: Path, key: _Key, cursor: Cursor, until: Cursor | None) -> _Framed:
     """The next page after ``cursor``, across seals; None once its file is gone (removed by retention,
     or replaced)."""
     try:
-        page = reader.page(directory, key.name, cursor, FOLLOW_EVENTS, key.q, size=FOLLOW_BYTES[key.deflate])
+        page = reader.page(
+            directory, key.name, cursor, FOLLOW_EVENTS, key.q, size=FOLLOW_BYTES[key.deflate], until=until
+        )
     except (FileNotFoundError, ReadError):
         return None
     return piece(frame(page), key.deflate), page.next, not page.done or len(page.lines) >= FOLLOW_EVENTS
@@ -340,9 +343,10 @@ class _EventStream(Response):
         quiet = 0.0
         loop = asyncio.get_running_loop()
         while not any(stop.done() for stop in stops):
-            # The next change, and how many came before it: a read begun now sees them all.
+            # The next change, and how many came before it: a read begun now sees them all, up to
+            # where the file ended at the last of them (what came after is the next change's).
             changed, changes = watched.event, watched.changes
-            framed = await self.routes.follow(self.key, self.cursor, changes)
+            framed = await self.routes.follow(self.key, self.cursor, changes, watched.until)
             if framed is None:
                 return  # replaced or removed: the client comes back and is told why
             chunk, after, more = framed

@@ -549,14 +549,21 @@ def page(
     q: bytes | None = None,
     since: float | None = None,
     size: int | None = None,
+    until: Cursor | None = None,
 ) -> Page:
     """Lines from ``after`` (or the start of the oldest segment), from ``since`` on if given, across
-    segments; at most ``limit`` lines and ``size`` bytes of them (:data:`PAGE_BYTES` if None)."""
+    segments; at most ``limit`` lines and ``size`` bytes of them (:data:`PAGE_BYTES` if None).
+
+    ``until``: in the live file it names, no line that ends after it (nor before ``after``): readers
+    of one change stop at the same line, however much was written between their reads.
+    """
     if after is not None and since is None:
         # The common case, following the live file: no listing of the segments.
         with contextlib.suppress(FileNotFoundError), JournalFile(directory, name) as journal:
             if journal.inode == after.file:
                 end = journal.end()
+                if until is not None and until.file == journal.inode:
+                    end = min(end, max(until.offset, after.offset))
                 return journal.forward(journal.start(after, end), end, limit, q, size)
     with History(directory, name) as history:
         index, start = (0, 0) if after is None else (history.find(after), after.offset)
@@ -677,6 +684,12 @@ class _Watched:
         self.followers = 0
         self.stamp: tuple[int, ...] | None = None
         self.task: asyncio.Task[None] | None = None
+
+    @property
+    def until(self) -> Cursor | None:
+        """Where the file ended when it last changed: the reads for that change stop there, so that
+        streams that read at different moments end at the same line and share their next read."""
+        return Cursor(self.stamp[0], self.stamp[1]) if self.stamp else None
 
     def changed(self) -> None:
         event, self.event = self.event, asyncio.Event()

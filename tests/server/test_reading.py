@@ -365,10 +365,8 @@ def test_heartbeats_keep_a_quiet_stream_open_and_a_stop_ends_it(
     it comes, and the last one ends the zlib stream with the checksum of all of them."""
     import asyncio
 
-    from leitstand.config import Config
     from leitstand.server import reading
     from leitstand.storage.reader import Cursor
-    from leitstand.telemetry.metrics import Metrics
 
     monkeypatch.setattr(reading, "HEARTBEAT", 0.2)
     data = tmp_path / "data"
@@ -378,16 +376,10 @@ def test_heartbeats_keep_a_quiet_stream_open_and_a_stop_ends_it(
 
     async def main() -> float:
         stopping = asyncio.Event()
-        metrics = Metrics(Config(tokens=TOKEN, data_dir=data))
-        routes = reading.ReadRoutes(data, metrics, lambda r: None, stopping)  # type: ignore[arg-type,return-value]
+        routes, receive = _in_process(data, stopping)
         stream = reading._EventStream(
             routes, reading._Key("app.jsonl", None, deflate), Cursor((data / "app.jsonl").stat().st_ino, 8)
         )
-        never = asyncio.Event()
-
-        async def receive() -> dict[str, Any]:
-            await never.wait()
-            return {"type": "http.disconnect"}
 
         async def send(message: dict[str, Any]) -> None:
             sent.append(message)
@@ -415,6 +407,114 @@ def test_heartbeats_keep_a_quiet_stream_open_and_a_stop_ends_it(
     assert took < 0.5
 
 
+def _in_process(data: Path, stopping: Any) -> tuple[Any, Any]:
+    """Read routes without a server, and an ASGI ``receive`` whose client never leaves."""
+    import asyncio
+
+    from leitstand.config import Config
+    from leitstand.server import reading
+    from leitstand.telemetry.metrics import Metrics
+
+    metrics = Metrics(Config(tokens=TOKEN, data_dir=data))
+    routes = reading.ReadRoutes(data, metrics, lambda r: None, stopping)  # type: ignore[arg-type,return-value]
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.Event().wait()
+        return {"type": "http.disconnect"}
+
+    return routes, receive
+
+
+def test_streams_that_read_a_change_at_different_moments_end_at_the_same_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In process, while a writer appends a line every millisecond: 10 streams follow from the start, 10
+    more join later at the end as it is then. A read for a change stops where the file ended at
+    that change, so the two groups end at the same line and from then on share one read per
+    change. Read up to wherever the file ends at each read, they stayed apart, each group
+    reading every change on its own (and deflating it, for a browser), for as long as they ran."""
+    import asyncio
+
+    from leitstand.server import reading
+    from leitstand.storage import reader
+    from leitstand.storage.reader import Cursor
+
+    monkeypatch.setattr(reading, "POLL", 0.05)
+    monkeypatch.setattr(reading, "SPREAD", 0.04)
+    reads: list[float] = []
+    changes: list[float] = []
+    follow, changed = reading._follow, reader._Watched.changed
+
+    def counted(directory: Path, key: Any, cursor: Cursor, until: Cursor | None) -> Any:
+        reads.append(time.monotonic())
+        return follow(directory, key, cursor, until)
+
+    def counted_change(self: Any) -> None:
+        changes.append(time.monotonic())
+        changed(self)
+
+    monkeypatch.setattr(reading, "_follow", counted)
+    monkeypatch.setattr(reader._Watched, "changed", counted_change)
+    data = tmp_path / "data"
+    data.mkdir()
+    path = data / "app.jsonl"
+    path.write_bytes(b'{"n":0}\n')
+    inode = path.stat().st_ino
+    writing = threading.Event()
+    written: list[int] = []  # the file's length after each line
+
+    def write() -> None:
+        with open(path, "ab", buffering=0) as f:
+            n = 1
+            while not writing.is_set():
+                f.write(b'{"n":%d}\n' % n)
+                written.append(f.tell())
+                n += 1
+                time.sleep(0.001)
+
+    got: dict[int, int] = Counter()
+    starts: dict[int, int] = {}
+
+    async def main() -> tuple[int, int]:
+        stopping = asyncio.Event()
+        routes, receive = _in_process(data, stopping)
+
+        def sender(n: int) -> Any:
+            async def send(message: dict[str, Any]) -> None:
+                got[n] += message.get("body", b"").count(b"\ndata: ")
+
+            return send
+
+        def stream(n: int, offset: int) -> asyncio.Future[None]:
+            starts[n] = offset
+            s = reading._EventStream(routes, reading._Key(path.name, None, False), Cursor(inode, offset))
+            return asyncio.ensure_future(s({"type": "http"}, receive, sender(n)))
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        tasks = [stream(n, 8) for n in range(10)]
+        await asyncio.sleep(0.3)
+        tasks += [stream(n, written[-1]) for n in range(10, 20)]
+        await asyncio.sleep(0.25)  # two changes: the late ones read up to where the others are
+        window = time.monotonic()
+        await asyncio.sleep(1.0)
+        counts = sum(t > window for t in reads), sum(t > window for t in changes)
+        writing.set()
+        await asyncio.to_thread(writer.join)
+        await asyncio.sleep(0.5)
+        stopping.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 2)
+        routes.close()
+        return counts
+
+    read, seen = asyncio.run(main())
+    assert seen >= 10, f"the writer changed the file only {seen} times in a second"
+    assert read <= seen + 2, f"{read} reads for {seen} changes"
+    lines = path.read_bytes().count(b"\n")
+    for n, offset in starts.items():
+        assert got[n] == lines - path.read_bytes()[:offset].count(b"\n"), (n, got[n])
+
+
 @pytest.mark.parametrize("events", [10, 2500])
 def test_the_streams_of_one_change_share_one_read_and_send_spread_out(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, events: int
@@ -424,10 +524,8 @@ def test_the_streams_of_one_change_share_one_read_and_send_spread_out(
     however late each one asks, and their sends do not all go out at once."""
     import asyncio
 
-    from leitstand.config import Config
     from leitstand.server import reading
     from leitstand.storage.reader import Cursor
-    from leitstand.telemetry.metrics import Metrics
 
     monkeypatch.setattr(reading, "POLL", 0.05)
     monkeypatch.setattr(reading, "FOLLOW_EVENTS", 1000)
@@ -435,9 +533,9 @@ def test_the_streams_of_one_change_share_one_read_and_send_spread_out(
     reads: list[Cursor] = []
     follow = reading._follow
 
-    def counted(directory: Path, key: Any, cursor: Cursor) -> Any:
+    def counted(directory: Path, key: Any, cursor: Cursor, until: Cursor | None) -> Any:
         reads.append(cursor)
-        return follow(directory, key, cursor)
+        return follow(directory, key, cursor, until)
 
     monkeypatch.setattr(reading, "_follow", counted)
     data = tmp_path / "data"
@@ -454,13 +552,7 @@ def test_the_streams_of_one_change_share_one_read_and_send_spread_out(
     async def main() -> None:
         loop = asyncio.get_running_loop()
         stopping = asyncio.Event()
-        metrics = Metrics(Config(tokens=TOKEN, data_dir=data))
-        routes = reading.ReadRoutes(data, metrics, lambda r: None, stopping)  # type: ignore[arg-type,return-value]
-        never = asyncio.Event()
-
-        async def receive() -> dict[str, Any]:
-            await never.wait()
-            return {"type": "http.disconnect"}
+        routes, receive = _in_process(data, stopping)
 
         def sender(n: int) -> Any:
             async def send(message: dict[str, Any]) -> None:

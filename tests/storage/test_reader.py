@@ -341,6 +341,31 @@ def test_a_page_ends_with_the_line_that_reaches_its_byte_bound(
         assert pages == expected
 
 
+def test_a_page_stops_where_until_says_in_the_file_it_names(tmp_path: Path) -> None:
+    """``until`` (where the file ended when a stream was told of a change) ends the page at the last
+    line that ends there or before, the same for every reader whatever came after; it never goes
+    back before ``after``, and a cursor of another file leaves the page as it was."""
+    lines = lines_of(20)
+    write(tmp_path, lines)
+    inode = (tmp_path / NAME).stat().st_ino
+    ends = list(itertools.accumulate(len(line) + 1 for line in lines))
+    start = Cursor(inode, ends[2])
+    for until, got in [
+        (ends[9], lines[3:10]),  # at a line's end
+        (ends[9] + 5, lines[3:10]),  # within the next line
+        (ends[1], []),  # before the start: nothing, and the page stays where it was
+        (ends[-1] + 100, lines[3:]),  # past the end of the file
+    ]:
+        page = reader.page(tmp_path, NAME, start, 1000, until=Cursor(inode, until))
+        assert page.lines == got, until
+        assert page.next == Cursor(inode, ends[2] + sum(len(line) + 1 for line in got))
+    # Written after the change: not for this change's page, nor for any reader of it.
+    with open(tmp_path / NAME, "ab") as f:
+        f.write(b'{"n":"later"}\n')
+    assert reader.page(tmp_path, NAME, start, 1000, until=Cursor(inode, ends[-1])).lines == lines[3:]
+    assert reader.page(tmp_path, NAME, start, 1000, until=Cursor(inode + 1, ends[9])).lines[-1] == b'{"n":"later"}'
+
+
 def test_the_ids_of_a_page_are_its_cursors_as_text() -> None:
     """Encoded all at once, they must be exactly what each cursor says on its own, at any size."""
     rng = random.Random(11)
