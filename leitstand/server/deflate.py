@@ -1,7 +1,7 @@
 """``Content-Encoding: deflate`` for event streams, compressed once for all streams that send the same page.
 
 100 streams that follow a busy domain send every event 100 times. Compressed, that is about a
-tenth of the bytes, which the server copies into sockets (on the event loop) and the network
+ninth of the bytes, which the server copies into sockets (on the event loop) and the network
 carries. Compressing each stream on its own would cost more CPU than it saves, so a page is
 compressed once, by a fresh compressor that knows nothing before it, and ends byte-aligned (a
 sync flush): such a *piece* continues any deflate stream. Each response is one zlib stream

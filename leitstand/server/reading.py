@@ -46,7 +46,7 @@ from leitstand.telemetry.metrics import Metrics
 POLL = 0.25
 # Every page costs each stream a turn of the loop, a send and a wake-up of its reader, so a busy
 # file goes out in few, large pages: at most FOLLOW_EVENTS, and FOLLOW_BYTES before compression
-# (deflate sends about a tenth; 256 KiB is about 1,000 events of 250 bytes). The streams of one
+# (deflate sends about a ninth; 256 KiB is about 1,000 events of 250 bytes). The streams of one
 # change start at times spread over SPREAD seconds, so that their sends do not hold up ingest in
 # one burst.
 FOLLOW_EVENTS = 8000
@@ -200,7 +200,8 @@ class ReadRoutes:
         pages = self._pages.setdefault(key, {})
         shared = pages.get(cursor)
         if shared is None or _stale(shared, changes):
-            future: asyncio.Future[_Framed] = asyncio.ensure_future(self._run(_follow, self.data_dir, key, cursor, until))
+            reading = self._run(_follow, self.data_dir, key, cursor, until)
+            future: asyncio.Future[_Framed] = asyncio.ensure_future(reading)
             pages.pop(cursor, None)
             shared = pages[cursor] = _Shared(changes, future)
             if len(pages) > SHARED_PAGES:
