@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import datetime
 import os
-import random
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -47,8 +46,8 @@ POLL = 0.25
 # Every page costs each stream a turn of the loop, a send and a wake-up of its reader, so a busy
 # file goes out in few, large pages: at most FOLLOW_EVENTS, and FOLLOW_BYTES before compression
 # (deflate sends about a ninth; 256 KiB is about 1,000 events of 250 bytes). The streams of one
-# change start at times spread over SPREAD seconds, so that their sends do not hold up ingest in
-# one burst.
+# change are woken in turns spread over SPREAD seconds (reader.Watch), so that their sends do not
+# hold up ingest in one burst.
 FOLLOW_EVENTS = 8000
 FOLLOW_BYTES = {False: 256 << 10, True: 2 << 20}
 SPREAD = 0.1
@@ -75,7 +74,7 @@ class ReadRoutes:
         self.metrics = metrics
         self.authenticate = authenticate
         self.stopping = stopping
-        self.watch = reader.Watch(data_dir, POLL)
+        self.watch = reader.Watch(data_dir, POLL, SPREAD, HEARTBEAT)
         self._pool = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="reader")
         # Lines per minute that is over, per file (name, inode): minute -> count.
         self._minutes: dict[tuple[str, int], dict[int, int]] = {}
@@ -291,7 +290,6 @@ class _EventStream(Response):
         self.key = key
         self.cursor = start
         self.coding = Deflate() if key.deflate else Identity()
-        self.delay = random.random() * SPREAD  # this stream's place in the spread after a change
         self.status_code = 200
         self.background = None
         headers = {"cache-control": "no-cache", "x-accel-buffering": "no", "vary": "accept-encoding"}
@@ -323,7 +321,7 @@ class _EventStream(Response):
                 await send(self._body(_COMMENTS[self.key.deflate][0]))
                 with routes.following(self.key):
                     async with routes.watch.watching(self.key.name) as watched:
-                        await self._events(send, watched, (gone, stopping))
+                        await self._events(send, watched, watched.followers, (gone, stopping))
             except asyncio.CancelledError:
                 if not (gone.done() or stopping.done()):
                     raise
@@ -340,13 +338,15 @@ class _EventStream(Response):
             gone.cancel()
             stopping.cancel()
 
-    async def _events(self, send: Send, watched: Any, stops: tuple[asyncio.Future[Any], ...]) -> None:
-        quiet = 0.0
-        loop = asyncio.get_running_loop()
+    async def _events(
+        self, send: Send, watched: reader.Watched, place: int, stops: tuple[asyncio.Future[Any], ...]
+    ) -> None:
+        beats = watched.beats
         while not any(stop.done() for stop in stops):
-            # The next change, and how many came before it: a read begun now sees them all, up to
-            # where the file ended at the last of them (what came after is the next change's).
-            changed, changes = watched.event, watched.changes
+            # This stream's turn after the next change, and how many came before it: a read begun
+            # now sees them all, up to where the file ended at the last of them (what came after is
+            # the next change's).
+            woken, changes = watched.turn(place), watched.changes
             framed = await self.routes.follow(self.key, self.cursor, changes, watched.until)
             if framed is None:
                 return  # replaced or removed: the client comes back and is told why
@@ -354,21 +354,19 @@ class _EventStream(Response):
             self.cursor = after
             if chunk.plain:
                 await send(self._body(chunk))
-                quiet = 0.0
                 if more:
                     continue
-            # Up to date: wait for the next change (set already if the file grew since the read),
-            # so that the streams of a busy file read together, a few times a second, not each on
-            # its own after every write.
-            started = loop.time()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(HEARTBEAT - quiet):
-                    await changed.wait()
-                    await asyncio.sleep(self.delay)
-            quiet += loop.time() - started
-            if quiet >= HEARTBEAT:
-                await send(self._body(_COMMENTS[self.key.deflate][1]))
-                quiet = 0.0
+            # Up to date: wait for the turn (set already if the file grew since the read), so that
+            # the streams of a busy file read together, a few times a second, not each on its own
+            # after every write. A beat of the watch is a heartbeat.
+            while True:
+                await woken.wait()
+                if watched.beats != beats:
+                    beats = watched.beats
+                    await send(self._body(_COMMENTS[self.key.deflate][1]))
+                if watched.changes != changes:
+                    break
+                woken = watched.turn(place)
 
     def _body(self, p: Piece) -> dict[str, Any]:
         return {"type": "http.response.body", "body": self.coding.send(p), "more_body": True}

@@ -633,21 +633,32 @@ def follow(directory: Path, name: str, cursor: Cursor | None, interval: float = 
             held.close()
 
 
+# A change wakes a file's followers in this many turns, spread over the watch's ``spread``.
+TURNS = 5
+
+
 class Watch:
     """Tells the followers of a file in this process when it may have grown: one ``stat`` per file
     and interval for all of them, on the event loop (it never blocks on a local file system),
-    so that every worker sees what any worker appended within one interval."""
+    so that every worker sees what any worker appended within one interval.
 
-    def __init__(self, directory: Path, interval: float = 0.25) -> None:
+    A change wakes the followers in :data:`TURNS` turns spread over ``spread`` seconds, so that
+    what they do then (read, send) does not come in one burst, at the cost of a timer per turn
+    instead of one per follower. Every ``beat`` seconds all are woken without a change, so that
+    they can tell their clients they are still there without a timer of their own."""
+
+    def __init__(self, directory: Path, interval: float = 0.25, spread: float = 0.0, beat: float = 15.0) -> None:
         self.directory = directory
         self.interval = interval
-        self._files: dict[str, _Watched] = {}
+        self.spread = spread
+        self.beat = beat
+        self._files: dict[str, Watched] = {}
 
     @contextlib.asynccontextmanager
-    async def watching(self, name: str) -> AsyncIterator[_Watched]:
+    async def watching(self, name: str) -> AsyncIterator[Watched]:
         watched = self._files.get(name)
         if watched is None:
-            watched = self._files[name] = _Watched()
+            watched = self._files[name] = Watched(self.spread)
             watched.task = asyncio.get_running_loop().create_task(self._poll(name, watched))
         watched.followers += 1
         try:
@@ -659,8 +670,10 @@ class Watch:
                 assert watched.task is not None
                 watched.task.cancel()
 
-    async def _poll(self, name: str, watched: _Watched) -> None:
+    async def _poll(self, name: str, watched: Watched) -> None:
         path = self.directory / name
+        loop = asyncio.get_running_loop()
+        beat = loop.time() + self.beat
         while True:
             try:
                 st = os.stat(path, follow_symlinks=False)
@@ -670,20 +683,31 @@ class Watch:
             if stamp != watched.stamp:
                 watched.stamp = stamp
                 watched.changed()
-            await asyncio.sleep(self.interval)
+            now = loop.time()
+            if now >= beat:
+                watched.beaten()
+                beat = now + self.beat
+            await asyncio.sleep(min(self.interval, beat - now))
 
 
-class _Watched:
-    """A followed file: ``event`` is set at its next change, ``changes`` counts those so far."""
+class Watched:
+    """A followed file: ``turn(place)`` is set at its next change (or beat) in that place's turn;
+    ``changes`` and ``beats`` count those so far."""
 
-    __slots__ = ("changes", "event", "followers", "stamp", "task")
+    __slots__ = ("_turns", "beats", "changes", "followers", "spread", "stamp", "task")
 
-    def __init__(self) -> None:
-        self.event = asyncio.Event()
+    def __init__(self, spread: float) -> None:
+        self._turns = [asyncio.Event() for _ in range(TURNS)]
+        self.spread = spread
         self.changes = 0
+        self.beats = 0
         self.followers = 0
         self.stamp: tuple[int, ...] | None = None
         self.task: asyncio.Task[None] | None = None
+
+    def turn(self, place: int) -> asyncio.Event:
+        """What the follower at ``place`` waits on: its turn after the next change or beat."""
+        return self._turns[place % TURNS]
 
     @property
     def until(self) -> Cursor | None:
@@ -692,6 +716,18 @@ class _Watched:
         return Cursor(self.stamp[0], self.stamp[1]) if self.stamp else None
 
     def changed(self) -> None:
-        event, self.event = self.event, asyncio.Event()
         self.changes += 1
-        event.set()
+        first, *later = self._next_turns()
+        first.set()
+        loop = asyncio.get_running_loop()
+        for n, event in enumerate(later, 1):
+            loop.call_later(self.spread * n / TURNS, event.set)
+
+    def beaten(self) -> None:
+        self.beats += 1
+        for event in self._next_turns():
+            event.set()
+
+    def _next_turns(self) -> list[asyncio.Event]:
+        turns, self._turns = self._turns, [asyncio.Event() for _ in range(TURNS)]
+        return turns

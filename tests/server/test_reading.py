@@ -407,6 +407,56 @@ def test_heartbeats_keep_a_quiet_stream_open_and_a_stop_ends_it(
     assert took < 0.5
 
 
+def test_a_stream_whose_filter_matches_nothing_of_a_busy_file_still_gets_its_heartbeats(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In process, heartbeat at 0.2 s: the file changes at every look, but no line matches the
+    stream's q, so nothing else goes out. The heartbeats come from the watch's beats, not from
+    quiet between changes, of which there is none."""
+    import asyncio
+
+    from leitstand.server import reading
+    from leitstand.storage.reader import Cursor
+
+    monkeypatch.setattr(reading, "HEARTBEAT", 0.2)
+    monkeypatch.setattr(reading, "POLL", 0.02)
+    data = tmp_path / "data"
+    data.mkdir()
+    path = data / "app.jsonl"
+    path.write_bytes(b'{"n":0}\n')
+    writing = threading.Event()
+
+    def write() -> None:
+        with open(path, "ab", buffering=0) as f:
+            while not writing.is_set():
+                f.write(b'{"n":1}\n')
+                time.sleep(0.005)
+
+    sent: list[bytes] = []
+
+    async def main() -> None:
+        stopping = asyncio.Event()
+        routes, receive = _in_process(data, stopping)
+        stream = reading._EventStream(routes, reading._Key(path.name, b"never", False), Cursor(path.stat().st_ino, 0))
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message.get("body", b""))
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        task = asyncio.ensure_future(stream({"type": "http"}, receive, send))
+        await asyncio.sleep(1.1)
+        stopping.set()
+        await asyncio.wait_for(task, 2)
+        writing.set()
+        await asyncio.to_thread(writer.join)
+        routes.close()
+
+    asyncio.run(main())
+    assert not any(b"data: " in body for body in sent)
+    assert 3 <= sent.count(b": heartbeat\n\n") <= 6, sent
+
+
 def _in_process(data: Path, stopping: Any) -> tuple[Any, Any]:
     """Read routes without a server, and an ASGI ``receive`` whose client never leaves."""
     import asyncio
@@ -443,7 +493,7 @@ def test_streams_that_read_a_change_at_different_moments_end_at_the_same_line(
     monkeypatch.setattr(reading, "SPREAD", 0.04)
     reads: list[float] = []
     changes: list[float] = []
-    follow, changed = reading._follow, reader._Watched.changed
+    follow, changed = reading._follow, reader.Watched.changed
 
     def counted(directory: Path, key: Any, cursor: Cursor, until: Cursor | None) -> Any:
         reads.append(time.monotonic())
@@ -454,7 +504,7 @@ def test_streams_that_read_a_change_at_different_moments_end_at_the_same_line(
         changed(self)
 
     monkeypatch.setattr(reading, "_follow", counted)
-    monkeypatch.setattr(reader._Watched, "changed", counted_change)
+    monkeypatch.setattr(reader.Watched, "changed", counted_change)
     data = tmp_path / "data"
     data.mkdir()
     path = data / "app.jsonl"

@@ -382,3 +382,40 @@ def test_the_ids_of_a_page_are_its_cursors_as_text() -> None:
     assert [str(Cursor(file, end)).encode() for file, end in zip(files, values, strict=True)] == spelled
     assert all(Cursor.parse(text.decode()) == page.cursor(n) for n, text in enumerate(ids))
     assert reader.Page([], [], [], Cursor(0, 0)).ids() == []
+
+
+def test_a_watch_wakes_its_followers_in_turns_after_a_change_and_all_at_a_beat(tmp_path: Path) -> None:
+    """A change sets the first turn at once and the last one about ``spread`` later; a beat, with no
+    change, sets every turn at once and counts as a beat, not a change."""
+    (tmp_path / "app.jsonl").write_bytes(b'{"n":1}\n')
+
+    async def main() -> tuple[list[float], tuple[int, int], list[float], tuple[int, int]]:
+        loop = asyncio.get_running_loop()
+        watch = reader.Watch(tmp_path, interval=0.02, spread=0.5, beat=1.5)
+
+        async def woken(watched: reader.Watched) -> list[float]:
+            """When each turn was set, in the order of the turns."""
+
+            async def wake(event: asyncio.Event) -> float:
+                await event.wait()
+                return loop.time()
+
+            return list(await asyncio.gather(*(wake(watched.turn(place)) for place in range(reader.TURNS))))
+
+        async with watch.watching("app.jsonl") as watched:
+            await asyncio.sleep(0.1)  # the first look is a change: from nothing to the file
+            waiting = asyncio.ensure_future(woken(watched))
+            await asyncio.sleep(0)
+            with open(tmp_path / "app.jsonl", "ab") as f:
+                f.write(b'{"n":2}\n')
+            after_change = await waiting
+            counts_change = watched.changes, watched.beats
+            after_beat = await woken(watched)
+            return after_change, counts_change, after_beat, (watched.changes, watched.beats)
+
+    after_change, counts_change, after_beat, counts_beat = asyncio.run(main())
+    # One write may be seen as two changes (the kernel sets the time before the size), never as none.
+    assert counts_change[0] >= 2 and counts_change[1] == 0
+    assert counts_beat == (counts_change[0], 1)
+    assert after_change[-1] - after_change[0] > 0.3, after_change  # the last turn 0.4 s after the first
+    assert after_beat[-1] - after_beat[0] < 0.05, after_beat  # a beat wakes every turn at once
