@@ -11,7 +11,9 @@ Three scenarios on the shared harness (``harness.py``), Markdown to stdout, prog
 * ``streams``: single-event ingest at 64 connections (wrk), one worker (``--workers``), fresh server per run,
   with no stream open, with 100 streams following the very domain wrk writes (every event
   goes out 100 times), as they are and deflated (``Accept-Encoding: deflate``, as browsers
-  ask), and with 100 streams open on 100 other, quiet domains. Each round runs the four
+  ask), and with 100 streams open on 100 other, quiet domains (``--variants`` chooses; ``busy``,
+  no stream but a busy loop at nice 19 beside the server, shows what CPU time taken by
+  another process alone costs ingest on the host). Each round runs the variants
   once, in turning order, and the cost of streams is each round's rate against its own run
   without them (the host's load drifts between rounds). The readers run in a process of their
   own and count what they get: a run only counts if every stream got every event acknowledged
@@ -34,6 +36,7 @@ import tempfile
 import time
 import timeit
 from pathlib import Path
+from typing import Any
 
 import httpx
 import harness
@@ -208,8 +211,11 @@ def streams_run(variant: str, args: argparse.Namespace, session: Path) -> dict[s
         base = server.url.rsplit("/ingest/", 1)[0]
         port = int(base.rsplit(":", 1)[1])
         quiet = [f"quiet-{n}.example" for n in range(args.streams)]
-        readers = None
-        if variant != "none":
+        readers: subprocess.Popen[Any] | None = None
+        if variant == "busy":
+            # Asks only for CPU time nobody else wants: what that costs ingest on this host.
+            readers = subprocess.Popen(["nice", "-n", "19", sys.executable, "-c", "while True: pass"])
+        elif variant != "none":
             following = variant != "quiet"
             domains = [harness.DOMAIN] if following else quiet
             if variant == "quiet":
@@ -231,7 +237,10 @@ def streams_run(variant: str, args: argparse.Namespace, session: Path) -> dict[s
         time.sleep(2.0)  # the streams catch up
         written = harness.count_lines(server.data_dir) - lines_before
         delivered, wire = None, 0.0
-        if readers is not None:
+        if readers is not None and variant == "busy":
+            readers.kill()
+            readers.wait()
+        elif readers is not None:
             readers.send_signal(signal.SIGTERM)
             out, _ = readers.communicate(600)  # a deflated stream is inflated only now
             report = json.loads(out.strip().splitlines()[-1])
@@ -239,7 +248,7 @@ def streams_run(variant: str, args: argparse.Namespace, session: Path) -> dict[s
             delivered = min(report["got"]) if following and encoded else 0
             wire = report["wire"] / max(sum(report["got"]), 1)
         server.stop()
-    valid = load.non2xx == 0 and load.socket_errors == 0 and (delivered is None or variant == "quiet"
+    valid = load.non2xx == 0 and load.socket_errors == 0 and (delivered is None or variant in ("quiet", "busy")
                                                                or delivered >= written)
     return {"rps": load.rps, "p99": load.p99_ms, "cpu": cpu / max(load.requests, 1) * 1e6,
             "readers": reading / args.duration, "wire": wire,
@@ -257,12 +266,15 @@ def _pin(pid: int, cpus: set[int]) -> None:
             os.sched_setaffinity(int(task), cpus)
 
 
-def _cpu_of(readers: subprocess.Popen[str] | None) -> float:
+def _cpu_of(readers: subprocess.Popen[Any] | None) -> float:
     return 0.0 if readers is None else harness.cpu_seconds(readers.pid)
 
 
+STREAM_VARIANTS = ("following", "deflated", "quiet")
+
+
 def streams_scenario(args: argparse.Namespace, session: Path) -> str:
-    variants = ("none", "following", "deflated", "quiet")
+    variants = ("none", *args.variants.split(","))
     runs: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
     for rep in range(args.repeat):
         # The order turns with each round, so that none of them always runs first, or after another.
@@ -272,10 +284,11 @@ def streams_scenario(args: argparse.Namespace, session: Path) -> str:
             print(f"rep {rep + 1} {variant:9} {run['rps']:8.0f} req/s p99 {run['p99']:6.2f} ms "
                   f"delivered {run['delivered']:.0f}/{run['written']:.0f}{'' if run['valid'] else ' INVALID'}",
                   file=sys.stderr)
-    rows = [["streams", "single events/s (range)", "p99 ms", "server CPU µs/req", "readers' CPU",
+    rows = [["streams", "single events/s (range)", "p99 ms", "server CPU µs/req", "readers' (busy loop's) CPU",
              "bytes per event and stream", "vs none (range)", "valid"], ["---"] * 8]
     names = {"none": "none", "following": f"{args.streams} following the written domain",
-             "deflated": f"{args.streams} following it, deflated", "quiet": f"{args.streams} on quiet domains"}
+             "deflated": f"{args.streams} following it, deflated", "quiet": f"{args.streams} on quiet domains",
+             "busy": "none, a busy loop at nice 19 beside"}
     for variant in variants:
         rates = [r["rps"] for r in runs[variant]]
         # Against the run without streams of the same round: the host's load drifts between rounds.
@@ -308,6 +321,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200, help="tail requests per row (default 200)")
     parser.add_argument("--streams", type=int, default=100, help="open streams (default 100)")
     parser.add_argument("--workers", type=int, default=1, help="worker processes for streams (default 1)")
+    parser.add_argument("--variants", default=",".join(STREAM_VARIANTS),
+                        help="streams: what runs against none, of " + ", ".join((*STREAM_VARIANTS, "busy"))
+                        + " (busy: no stream, a busy loop at nice 19 beside the server)")
     parser.add_argument("--pin", action="store_true",
                         help="streams: the server on the first CPU, wrk and the readers on the others")
     harness.add_run_flags(parser, duration=8.0, warmup=2.0, repeat=3)
