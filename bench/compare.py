@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -25,7 +24,6 @@ from pathlib import Path
 from harness import (
     BODIES,
     LEITSTAND,
-    ROOT,
     App,
     Run,
     add_run_flags,
@@ -34,15 +32,13 @@ from harness import (
     machine,
     run_one,
     table,
+    unpack,
 )
 
 
 def checkout(rev: str, session: Path) -> App:
     """``rev`` unpacked into the session directory, as an app that uvicorn loads from there."""
-    directory = session / "checkout"
-    directory.mkdir()
-    archive = subprocess.run(["git", "archive", rev], cwd=ROOT, check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(directory)], input=archive, check=True)
+    directory = unpack(rev, session / "checkout")
     return App(rev.replace("/", "-"), ["--app-dir", str(directory), "app:app"], True)
 
 

@@ -413,6 +413,15 @@ def table(rows: list[list[str]]) -> str:
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
+def unpack(rev: str, directory: Path) -> Path:
+    """The tree of commit ``rev``, taken out of git into ``directory`` (created), so that another
+    commit's code runs beside this checkout's with the same interpreter and packages."""
+    directory.mkdir()
+    archive = subprocess.run(["git", "archive", rev], cwd=ROOT, check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(directory)], input=archive, check=True)
+    return directory
+
+
 def code_version() -> str:
     """The commit leitstand runs from, and a hash of its code: the checkout may change under a long run."""
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)

@@ -8,6 +8,11 @@ Three scenarios on the shared harness (``harness.py``), Markdown to stdout, prog
   tail is found by seeking from the end, so both files should answer alike.
 * ``pages``: what a stream's page costs the read pool per event (read, cursor texts, SSE framing,
   deflate), in this process, without a server.
+* ``fanout``: what open streams cost the event loop itself, in a process of their own without
+  sockets or a server: 100 deflated streams follow a file that a thread appends 13,000 events
+  a second to, and the loop's thread CPU time is what they cost it. A steadier figure than
+  ``streams`` (no wrk, no other process), for one part of it; with ``--against REV`` the same
+  for another commit's code, in alternating runs.
 * ``streams``: single-event ingest at 64 connections (wrk), one worker (``--workers``), fresh server per run,
   with no stream open, with 100 streams following the very domain wrk writes (every event
   goes out 100 times), as they are and deflated (``Accept-Encoding: deflate``, as browsers
@@ -142,6 +147,81 @@ def pages_scenario(args: argparse.Namespace, session: Path) -> str:
     return (f"A stream's page, step by step, in this process (no server): 100,000 events like "
             f"`harness.VARIED_EVENT` in the page cache, pages of {reader.MAX_LIMIT:,}; the framed page "
             f"deflates from {len(framed):,} to {len(piece(framed, True).data):,} bytes.\n\n" + harness.table(rows))
+
+
+# -- fanout ------------------------------------------------------------------------------
+
+FANOUT = '''
+import asyncio, json, os, random, sys, tempfile, threading, time
+from pathlib import Path
+tree, count, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+sys.path[:0] = [tree, os.path.join(tree, "bench")]
+import read, uvloop
+from leitstand.config import Config
+from leitstand.server import reading
+from leitstand.storage.reader import Cursor
+from leitstand.telemetry.metrics import Metrics
+data = Path(tempfile.mkdtemp())
+name = "bench.example.jsonl"
+rng = random.Random(1)
+lines = [read.varied_line(rng, n) + b"\\n" for n in range(13_000)]
+(data / name).write_bytes(lines[0])
+writing = threading.Event()
+def write():
+    # 13 events a millisecond, each write one change: the file of a busy domain.
+    with open(data / name, "ab", buffering=0) as f:
+        n = 0
+        while not writing.is_set():
+            f.write(b"".join(lines[n : n + 13]))
+            n = (n + 13) % 12_987
+            time.sleep(0.001)
+async def main():
+    stopping = asyncio.Event()
+    routes = reading.ReadRoutes(data, Metrics(Config(tokens="t" * 20, data_dir=data)), lambda r: None, stopping)
+    async def receive():
+        await asyncio.Event().wait()
+    sent = [0]
+    async def send(message):
+        sent[0] += len(message.get("body", b""))
+    start = Cursor((data / name).stat().st_ino, 0)
+    streams = [reading._EventStream(routes, reading._Key(name, None, True), start) for _ in range(count)]
+    tasks = [asyncio.ensure_future(s({"type": "http"}, receive, send)) for s in streams]
+    await asyncio.sleep(2)
+    began, cpu = time.perf_counter(), time.thread_time()
+    await asyncio.sleep(seconds)
+    loop = (time.thread_time() - cpu) / (time.perf_counter() - began)
+    stopping.set()
+    await asyncio.gather(*tasks)
+    routes.close()
+    print(json.dumps({"loop": loop, "sent": sent[0]}))
+writer = threading.Thread(target=write)
+writer.start()
+try:
+    uvloop.run(main())
+finally:
+    writing.set()
+    writer.join()
+'''
+
+
+def fanout_scenario(args: argparse.Namespace, session: Path) -> str:
+    """The loop's CPU for ``--streams`` in-process streams, this checkout and ``--against`` alternating."""
+    trees = {"this checkout": harness.ROOT}
+    if args.against:
+        trees[args.against] = harness.unpack(args.against, session / "against")
+    loops: dict[str, list[float]] = {name: [] for name in trees}
+    for rep in range(args.repeat):
+        for name, tree in trees.items():
+            out = subprocess.run([sys.executable, "-c", FANOUT, str(tree), str(args.streams), str(args.duration)],
+                                 check=True, capture_output=True, text=True).stdout
+            loops[name].append(json.loads(out.splitlines()[-1])["loop"])
+            print(f"rep {rep + 1} {name}: the loop {loops[name][-1]:.2%} of a core", file=sys.stderr)
+    rows = [["code", "event loop, share of a core: median (range)"], ["---"] * 2]
+    for name, shares in loops.items():
+        rows.append([name, f"{statistics.median(shares):.2%} ({min(shares):.2%}–{max(shares):.2%})"])
+    return (f"{args.streams} deflated streams in one process without sockets, following a file written 13,000 "
+            f"events a second in writes of 13; the event loop's thread CPU time over {args.duration:g} s after 2 s, "
+            f"{args.repeat} runs each, alternating.\n\n" + harness.table(rows))
 
 
 # -- streams -----------------------------------------------------------------------------
@@ -317,13 +397,14 @@ def streams_scenario(args: argparse.Namespace, session: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("scenario", choices=("tail", "pages", "streams", "all"))
+    parser.add_argument("scenario", choices=("tail", "pages", "fanout", "streams", "all"))
     parser.add_argument("--requests", type=int, default=200, help="tail requests per row (default 200)")
     parser.add_argument("--streams", type=int, default=100, help="open streams (default 100)")
     parser.add_argument("--workers", type=int, default=1, help="worker processes for streams (default 1)")
     parser.add_argument("--variants", default=",".join(STREAM_VARIANTS),
                         help="streams: what runs against none, of " + ", ".join((*STREAM_VARIANTS, "busy"))
                         + " (busy: no stream, a busy loop at nice 19 beside the server)")
+    parser.add_argument("--against", metavar="REV", help="fanout: also measure this commit's code")
     parser.add_argument("--pin", action="store_true",
                         help="streams: the server on the first CPU, wrk and the readers on the others")
     harness.add_run_flags(parser, duration=8.0, warmup=2.0, repeat=3)
@@ -337,6 +418,8 @@ def main() -> None:
             parts.append(tail_scenario(args, Path(tmp)))
         if args.scenario in ("pages", "all"):
             parts.append(pages_scenario(args, Path(tmp)))
+        if args.scenario in ("fanout", "all"):
+            parts.append(fanout_scenario(args, Path(tmp)))
         if args.scenario in ("streams", "all"):
             parts.append(streams_scenario(args, Path(tmp)))
     print(f"    {shlex.join(['.venv/bin/python', *sys.argv])}\n")
