@@ -152,9 +152,9 @@ def pages_scenario(args: argparse.Namespace, session: Path) -> str:
 # -- fanout ------------------------------------------------------------------------------
 
 FANOUT = '''
-import asyncio, json, os, random, sys, tempfile, threading, time
+import asyncio, json, os, random, subprocess, sys, tempfile, threading, time
 from pathlib import Path
-tree, count, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+tree, count, seconds, sockets = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4] == "sockets"
 sys.path[:0] = [tree, os.path.join(tree, "bench")]
 import read, uvloop
 from leitstand.config import Config
@@ -181,11 +181,25 @@ async def main():
     async def receive():
         await asyncio.Event().wait()
     sent = [0]
-    async def send(message):
-        sent[0] += len(message.get("body", b""))
+    def sender(writer):
+        async def send(message):
+            body = message.get("body", b"")
+            sent[0] += len(body)
+            if writer is not None and body:
+                # As uvicorn sends a chunk: framed in one copy, written at once.
+                writer.write(b"".join([b"%x\\r\\n" % len(body), body, b"\\r\\n"]))
+                if writer.transport.get_write_buffer_size() > 1 << 20:
+                    await writer.drain()
+        return send
+    writers = [None] * count
+    if sockets:
+        # A process of its own that takes and drops what the streams send, as 100 browsers would.
+        drain = subprocess.Popen([sys.executable, "-c", DRAIN], stdout=subprocess.PIPE, text=True)
+        port = int(drain.stdout.readline())
+        writers = [(await asyncio.open_connection("127.0.0.1", port))[1] for _ in range(count)]
     start = Cursor((data / name).stat().st_ino, 0)
     streams = [reading._EventStream(routes, reading._Key(name, None, True), start) for _ in range(count)]
-    tasks = [asyncio.ensure_future(s({"type": "http"}, receive, send)) for s in streams]
+    tasks = [asyncio.ensure_future(s({"type": "http"}, receive, sender(w))) for s, w in zip(streams, writers)]
     await asyncio.sleep(2)
     began, cpu = time.perf_counter(), time.thread_time()
     await asyncio.sleep(seconds)
@@ -193,7 +207,20 @@ async def main():
     stopping.set()
     await asyncio.gather(*tasks)
     routes.close()
+    if sockets:
+        drain.kill()
     print(json.dumps({"loop": loop, "sent": sent[0]}))
+DRAIN = """
+import asyncio, uvloop
+class Drop(asyncio.Protocol):
+    def data_received(self, data):
+        pass
+async def main():
+    server = await asyncio.get_running_loop().create_server(Drop, "127.0.0.1", 0)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    await asyncio.Event().wait()
+uvloop.run(main())
+"""
 writer = threading.Thread(target=write)
 writer.start()
 try:
@@ -205,23 +232,27 @@ finally:
 
 
 def fanout_scenario(args: argparse.Namespace, session: Path) -> str:
-    """The loop's CPU for ``--streams`` in-process streams, this checkout and ``--against`` alternating."""
+    """The loop's CPU for ``--streams`` in-process streams, this checkout and ``--against`` alternating,
+    sending nowhere and, with ``--sockets``, also into loopback sockets."""
     trees = {"this checkout": harness.ROOT}
     if args.against:
         trees[args.against] = harness.unpack(args.against, session / "against")
-    loops: dict[str, list[float]] = {name: [] for name in trees}
+    modes = ("nowhere", "sockets") if args.sockets else ("nowhere",)
+    loops: dict[tuple[str, str], list[float]] = {(name, mode): [] for name in trees for mode in modes}
     for rep in range(args.repeat):
-        for name, tree in trees.items():
-            out = subprocess.run([sys.executable, "-c", FANOUT, str(tree), str(args.streams), str(args.duration)],
-                                 check=True, capture_output=True, text=True).stdout
-            loops[name].append(json.loads(out.splitlines()[-1])["loop"])
-            print(f"rep {rep + 1} {name}: the loop {loops[name][-1]:.2%} of a core", file=sys.stderr)
-    rows = [["code", "event loop, share of a core: median (range)"], ["---"] * 2]
-    for name, shares in loops.items():
-        rows.append([name, f"{statistics.median(shares):.2%} ({min(shares):.2%}–{max(shares):.2%})"])
-    return (f"{args.streams} deflated streams in one process without sockets, following a file written 13,000 "
-            f"events a second in writes of 13; the event loop's thread CPU time over {args.duration:g} s after 2 s, "
-            f"{args.repeat} runs each, alternating.\n\n" + harness.table(rows))
+        for (name, mode), shares in loops.items():
+            argv = [sys.executable, "-c", FANOUT, str(trees[name]), str(args.streams), str(args.duration), mode]
+            out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+            shares.append(json.loads(out.splitlines()[-1])["loop"])
+            print(f"rep {rep + 1} {name}, {mode}: the loop {shares[-1]:.2%} of a core", file=sys.stderr)
+    rows = [["code", "sent", "event loop, share of a core: median (range)"], ["---"] * 3]
+    for (name, mode), shares in loops.items():
+        rows.append([name, {"nowhere": "nowhere", "sockets": "into loopback sockets"}[mode],
+                     f"{statistics.median(shares):.2%} ({min(shares):.2%}–{max(shares):.2%})"])
+    return (f"{args.streams} deflated streams in one process, following a file written 13,000 events a second "
+            f"in writes of 13; the event loop's thread CPU time over {args.duration:g} s after 2 s, {args.repeat} "
+            "runs each, alternating. Into sockets: each stream's chunks framed and written as uvicorn does, to a "
+            "process of its own that drops them.\n\n" + harness.table(rows))
 
 
 # -- streams -----------------------------------------------------------------------------
@@ -405,6 +436,7 @@ def main() -> None:
                         help="streams: what runs against none, of " + ", ".join((*STREAM_VARIANTS, "busy"))
                         + " (busy: no stream, a busy loop at nice 19 beside the server)")
     parser.add_argument("--against", metavar="REV", help="fanout: also measure this commit's code")
+    parser.add_argument("--sockets", action="store_true", help="fanout: also send into loopback sockets")
     parser.add_argument("--pin", action="store_true",
                         help="streams: the server on the first CPU, wrk and the readers on the others")
     harness.add_run_flags(parser, duration=8.0, warmup=2.0, repeat=3)
