@@ -9,10 +9,11 @@ Three scenarios on the shared harness (``harness.py``), Markdown to stdout, prog
 * ``pages``: what a stream's page costs the read pool per event (read, cursor texts, SSE framing,
   deflate), in this process, without a server.
 * ``fanout``: what open streams cost the event loop itself, in a process of their own without
-  sockets or a server: 100 deflated streams follow a file that a thread appends 13,000 events
-  a second to, and the loop's thread CPU time is what they cost it. A steadier figure than
-  ``streams`` (no wrk, no other process), for one part of it; with ``--against REV`` the same
-  for another commit's code, in alternating runs.
+  a server: 100 deflated streams follow a file that a thread appends 13,000 events a second
+  to, and the loop's thread CPU time is what they cost it. They send nowhere, and with
+  ``--sockets`` also into loopback sockets that a process of its own drains. A steadier
+  figure than ``streams`` (no wrk), for one part of it; with ``--against REV`` the same for
+  another commit's code, in alternating runs.
 * ``streams``: single-event ingest at 64 connections (wrk), one worker (``--workers``), fresh server per run,
   with no stream open, with 100 streams following the very domain wrk writes (every event
   goes out 100 times), as they are and deflated (``Accept-Encoding: deflate``, as browsers
