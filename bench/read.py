@@ -153,7 +153,7 @@ def pages_scenario(args: argparse.Namespace, session: Path) -> str:
 # -- fanout ------------------------------------------------------------------------------
 
 FANOUT = '''
-import asyncio, json, os, random, subprocess, sys, tempfile, threading, time
+import asyncio, json, os, random, shutil, subprocess, sys, tempfile, threading, time
 from pathlib import Path
 tree, count, seconds, sockets = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4] == "sockets"
 sys.path[:0] = [tree, os.path.join(tree, "bench")]
@@ -229,6 +229,7 @@ try:
 finally:
     writing.set()
     writer.join()
+    shutil.rmtree(data)
 '''
 
 
