@@ -355,8 +355,9 @@ def parse_wrk(output: str) -> Load:
     )
 
 
-def wrk(url: str, script: Path, connections: int, seconds: float) -> Load:
-    argv = wrk_argv(url, script, connections, seconds)
+def wrk(url: str, script: Path, connections: int, seconds: float, nice: int = 0) -> Load:
+    """wrk's figures; ``nice``: its niceness (below 0 needs the privilege to raise priority)."""
+    argv = (["nice", "-n", str(nice)] if nice else []) + wrk_argv(url, script, connections, seconds)
     return parse_wrk(subprocess.run(argv, check=True, capture_output=True, text=True).stdout)
 
 

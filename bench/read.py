@@ -24,7 +24,9 @@ Three scenarios on the shared harness (``harness.py``), Markdown to stdout, prog
   without them (the host's load drifts between rounds). The readers run in a process of their
   own and count what they get: a run only counts if every stream got every event acknowledged
   while it was open. With ``--pin`` the server runs on the first CPU and wrk and the readers
-  on the others, so that what the readers spend is not taken from the server.
+  on the others, so that what the readers spend is not taken from the server. With
+  ``--elsewhere`` wrk gets a CPU before anyone else and the readers only idle time, as if
+  both ran on other machines, as senders and browsers do.
 """
 
 from __future__ import annotations
@@ -336,16 +338,18 @@ def streams_run(variant: str, args: argparse.Namespace, session: Path) -> dict[s
                     for domain in quiet:
                         assert client.post(f"{base}/ingest/{domain}", content=b"{}").status_code == 200
             readers = subprocess.Popen(
-                [sys.executable, "-c", READERS, "127.0.0.1", str(port), harness.TOKEN, str(args.streams),
+                [*(["nice", "-n", str(READERS_NICE)] if args.elsewhere else []),
+                 sys.executable, "-c", READERS, "127.0.0.1", str(port), harness.TOKEN, str(args.streams),
                  ",".join(domains), "deflate" if variant == "deflated" else "identity"],
                 stdout=subprocess.PIPE, text=True,
             )
             assert readers.stdout is not None and readers.stdout.readline().strip() == "open"
             time.sleep(1.0)
         lines_before = harness.count_lines(server.data_dir)
-        harness.wrk(server.url, script, 64, args.warmup)
+        nice = WRK_NICE if args.elsewhere else 0
+        harness.wrk(server.url, script, 64, args.warmup, nice)
         cpu, reading = harness.cpu_seconds(server.pid), _cpu_of(readers)
-        load = harness.wrk(server.url, script, 64, args.duration)
+        load = harness.wrk(server.url, script, 64, args.duration, nice)
         cpu, reading = harness.cpu_seconds(server.pid) - cpu, _cpu_of(readers) - reading
         time.sleep(2.0)  # the streams catch up
         written = harness.count_lines(server.data_dir) - lines_before
@@ -368,6 +372,9 @@ def streams_run(variant: str, args: argparse.Namespace, session: Path) -> dict[s
             "valid": float(valid), "delivered": float(delivered or 0), "written": float(written)}
 
 
+# With --elsewhere: wrk and the readers stand for machines elsewhere, as senders and browsers are:
+# wrk gets a CPU before anyone else, the readers only time that nobody else wants.
+WRK_NICE, READERS_NICE = -10, 19
 # With --pin: the server (every thread of its process tree) on the first CPU; this script, and so
 # wrk and the readers it starts, on the others.
 SERVER_CPUS = {0}
@@ -418,6 +425,9 @@ def streams_scenario(args: argparse.Namespace, session: Path) -> str:
         ])
     where = ("the server pinned to the first CPU, wrk and the readers to the second (`--pin`)" if args.pin
              else "on the same two cores")
+    if args.elsewhere:
+        where += (f", wrk at nice {WRK_NICE} and the readers at nice {READERS_NICE} (`--elsewhere`: as if both "
+                  "ran on other machines)")
     return (f"Single events, 64 connections, {args.workers} worker{'s' if args.workers > 1 else ''}, "
             f"{args.repeat} rounds of one run per variant, in turning order, "
             f"{args.duration:g} s each after {args.warmup:g} s warmup; events with values drawn per request "
@@ -439,6 +449,9 @@ def main() -> None:
                         + " (busy: no stream, a busy loop at nice 19 beside the server)")
     parser.add_argument("--against", metavar="REV", help="fanout: also measure this commit's code")
     parser.add_argument("--sockets", action="store_true", help="fanout: also send into loopback sockets")
+    parser.add_argument("--elsewhere", action="store_true",
+                        help=f"streams: wrk at nice {WRK_NICE}, the readers at nice {READERS_NICE}, as if "
+                        "both ran on other machines (needs the privilege to raise priority)")
     parser.add_argument("--pin", action="store_true",
                         help="streams: the server on the first CPU, wrk and the readers on the others")
     harness.add_run_flags(parser, duration=8.0, warmup=2.0, repeat=3)
