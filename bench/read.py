@@ -326,10 +326,10 @@ def streams_run(variant: str, args: argparse.Namespace, session: Path) -> dict[s
         base = server.url.rsplit("/ingest/", 1)[0]
         port = int(base.rsplit(":", 1)[1])
         quiet = [f"quiet-{n}.example" for n in range(args.streams)]
-        readers: subprocess.Popen[Any] | None = None
+        # What runs beside the server: the readers, or the busy loop.
+        beside: subprocess.Popen[Any] | None = None
         if variant == "busy":
-            # Asks only for CPU time nobody else wants: what that costs ingest on this host.
-            readers = subprocess.Popen(["nice", "-n", "19", sys.executable, "-c", "while True: pass"])
+            beside = subprocess.Popen(["nice", "-n", str(BUSY_NICE), sys.executable, "-c", "while True: pass"])
         elif variant != "none":
             following = variant != "quiet"
             domains = [harness.DOMAIN] if following else quiet
@@ -337,29 +337,29 @@ def streams_run(variant: str, args: argparse.Namespace, session: Path) -> dict[s
                 with httpx.Client(headers={"X-Auth": harness.TOKEN}) as client:
                     for domain in quiet:
                         assert client.post(f"{base}/ingest/{domain}", content=b"{}").status_code == 200
-            readers = subprocess.Popen(
+            beside = subprocess.Popen(
                 [*(["nice", "-n", str(READERS_NICE)] if args.elsewhere else []),
                  sys.executable, "-c", READERS, "127.0.0.1", str(port), harness.TOKEN, str(args.streams),
                  ",".join(domains), "deflate" if variant == "deflated" else "identity"],
                 stdout=subprocess.PIPE, text=True,
             )
-            assert readers.stdout is not None and readers.stdout.readline().strip() == "open"
+            assert beside.stdout is not None and beside.stdout.readline().strip() == "open"
             time.sleep(1.0)
         lines_before = harness.count_lines(server.data_dir)
         nice = WRK_NICE if args.elsewhere else 0
         harness.wrk(server.url, script, 64, args.warmup, nice)
-        cpu, reading = harness.cpu_seconds(server.pid), _cpu_of(readers)
+        cpu, beside_cpu = harness.cpu_seconds(server.pid), _cpu_of(beside)
         load = harness.wrk(server.url, script, 64, args.duration, nice)
-        cpu, reading = harness.cpu_seconds(server.pid) - cpu, _cpu_of(readers) - reading
+        cpu, beside_cpu = harness.cpu_seconds(server.pid) - cpu, _cpu_of(beside) - beside_cpu
         time.sleep(2.0)  # the streams catch up
         written = harness.count_lines(server.data_dir) - lines_before
         delivered, wire = None, 0.0
-        if readers is not None and variant == "busy":
-            readers.kill()
-            readers.wait()
-        elif readers is not None:
-            readers.send_signal(signal.SIGTERM)
-            out, _ = readers.communicate(600)  # a deflated stream is inflated only now
+        if beside is not None and variant == "busy":
+            beside.kill()
+            beside.wait()
+        elif beside is not None:
+            beside.send_signal(signal.SIGTERM)
+            out, _ = beside.communicate(600)  # a deflated stream is inflated only now
             report = json.loads(out.strip().splitlines()[-1])
             encoded = report["encodings"] == (["deflate"] if variant == "deflated" else ["identity"])
             delivered = min(report["got"]) if following and encoded else 0
@@ -368,13 +368,15 @@ def streams_run(variant: str, args: argparse.Namespace, session: Path) -> dict[s
     valid = load.non2xx == 0 and load.socket_errors == 0 and (delivered is None or variant in ("quiet", "busy")
                                                                or delivered >= written)
     return {"rps": load.rps, "p99": load.p99_ms, "cpu": cpu / max(load.requests, 1) * 1e6,
-            "readers": reading / args.duration, "wire": wire,
+            "beside": beside_cpu / args.duration, "wire": wire,
             "valid": float(valid), "delivered": float(delivered or 0), "written": float(written)}
 
 
 # With --elsewhere: wrk and the readers stand for machines elsewhere, as senders and browsers are:
 # wrk gets a CPU before anyone else, the readers only time that nobody else wants.
 WRK_NICE, READERS_NICE = -10, 19
+# The busy variant's loop asks only for CPU time nobody else wants: what that costs ingest on this host.
+BUSY_NICE = 19
 # With --pin: the server (every thread of its process tree) on the first CPU; this script, and so
 # wrk and the readers it starts, on the others.
 SERVER_CPUS = {0}
@@ -386,8 +388,8 @@ def _pin(pid: int, cpus: set[int]) -> None:
             os.sched_setaffinity(int(task), cpus)
 
 
-def _cpu_of(readers: subprocess.Popen[Any] | None) -> float:
-    return 0.0 if readers is None else harness.cpu_seconds(readers.pid)
+def _cpu_of(beside: subprocess.Popen[Any] | None) -> float:
+    return 0.0 if beside is None else harness.cpu_seconds(beside.pid)
 
 
 STREAM_VARIANTS = ("following", "deflated", "quiet")
@@ -408,7 +410,7 @@ def streams_scenario(args: argparse.Namespace, session: Path) -> str:
              "bytes per event and stream", "vs none (range)", "valid"], ["---"] * 8]
     names = {"none": "none", "following": f"{args.streams} following the written domain",
              "deflated": f"{args.streams} following it, deflated", "quiet": f"{args.streams} on quiet domains",
-             "busy": "none, a busy loop at nice 19 beside"}
+             "busy": f"none, a busy loop at nice {BUSY_NICE} beside"}
     for variant in variants:
         rates = [r["rps"] for r in runs[variant]]
         # Against the run without streams of the same round: the host's load drifts between rounds.
@@ -418,7 +420,7 @@ def streams_scenario(args: argparse.Namespace, session: Path) -> str:
             f"{statistics.median(rates):,.0f} ({min(rates):,.0f}–{max(rates):,.0f})",
             f"{statistics.median(r['p99'] for r in runs[variant]):.2f}",
             f"{statistics.median(r['cpu'] for r in runs[variant]):.0f}",
-            f"{statistics.median(r['readers'] for r in runs[variant]):.0%} of a core",
+            f"{statistics.median(r['beside'] for r in runs[variant]):.0%} of a core",
             f"{statistics.median(r['wire'] for r in runs[variant]):.0f}" if variant in ("following", "deflated") else "—",
             f"{statistics.median(costs):+.1%} ({min(costs):+.1%} to {max(costs):+.1%})" if variant != "none" else "—",
             "yes" if all(r["valid"] for r in runs[variant]) else "**no**",
@@ -446,7 +448,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="worker processes for streams (default 1)")
     parser.add_argument("--variants", default=",".join(STREAM_VARIANTS),
                         help="streams: what runs against none, of " + ", ".join((*STREAM_VARIANTS, "busy"))
-                        + " (busy: no stream, a busy loop at nice 19 beside the server)")
+                        + f" (busy: no stream, a busy loop at nice {BUSY_NICE} beside the server)")
     parser.add_argument("--against", metavar="REV", help="fanout: also measure this commit's code")
     parser.add_argument("--sockets", action="store_true", help="fanout: also send into loopback sockets")
     parser.add_argument("--elsewhere", action="store_true",
