@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import queue
 import random
@@ -11,6 +12,7 @@ import threading
 import time
 import zlib
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -424,14 +426,6 @@ def test_a_stream_whose_filter_matches_nothing_of_a_busy_file_still_gets_its_hea
     data.mkdir()
     path = data / "app.jsonl"
     path.write_bytes(b'{"n":0}\n')
-    writing = threading.Event()
-
-    def write() -> None:
-        with open(path, "ab", buffering=0) as f:
-            while not writing.is_set():
-                f.write(b'{"n":1}\n')
-                time.sleep(0.005)
-
     sent: list[bytes] = []
 
     async def main() -> None:
@@ -442,19 +436,41 @@ def test_a_stream_whose_filter_matches_nothing_of_a_busy_file_still_gets_its_hea
         async def send(message: dict[str, Any]) -> None:
             sent.append(message.get("body", b""))
 
-        writer = threading.Thread(target=write)
-        writer.start()
-        task = asyncio.ensure_future(stream({"type": "http"}, receive, send))
-        await asyncio.sleep(1.1)
-        stopping.set()
-        await asyncio.wait_for(task, 2)
-        writing.set()
-        await asyncio.to_thread(writer.join)
+        with _appending(path, 0.005):
+            task = asyncio.ensure_future(stream({"type": "http"}, receive, send))
+            await asyncio.sleep(1.1)
+            stopping.set()
+            await asyncio.wait_for(task, 2)
         routes.close()
 
     asyncio.run(main())
     assert not any(b"data: " in body for body in sent)
     assert 3 <= sent.count(b": heartbeat\n\n") <= 6, sent
+
+
+@contextlib.contextmanager
+def _appending(path: Path, every: float) -> Iterator[list[int]]:
+    """A thread that appends ``{"n":1}``, ``{"n":2}``, ... to ``path``, a line every ``every`` seconds,
+    until the block ends; yields the file's length after each line, as it grows."""
+    lengths: list[int] = []
+    writing = threading.Event()
+
+    def write() -> None:
+        with open(path, "ab", buffering=0) as f:
+            n = 1
+            while not writing.is_set():
+                f.write(b'{"n":%d}\n' % n)
+                lengths.append(f.tell())
+                n += 1
+                time.sleep(every)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        yield lengths
+    finally:
+        writing.set()
+        writer.join()
 
 
 def _in_process(data: Path, stopping: Any) -> tuple[Any, Any]:
@@ -510,18 +526,6 @@ def test_streams_that_read_a_change_at_different_moments_end_at_the_same_line(
     path = data / "app.jsonl"
     path.write_bytes(b'{"n":0}\n')
     inode = path.stat().st_ino
-    writing = threading.Event()
-    written: list[int] = []  # the file's length after each line
-
-    def write() -> None:
-        with open(path, "ab", buffering=0) as f:
-            n = 1
-            while not writing.is_set():
-                f.write(b'{"n":%d}\n' % n)
-                written.append(f.tell())
-                n += 1
-                time.sleep(0.001)
-
     got: dict[int, int] = Counter()
     starts: dict[int, int] = {}
 
@@ -540,17 +544,14 @@ def test_streams_that_read_a_change_at_different_moments_end_at_the_same_line(
             s = reading._EventStream(routes, reading._Key(path.name, None, False), Cursor(inode, offset))
             return asyncio.ensure_future(s({"type": "http"}, receive, sender(n)))
 
-        writer = threading.Thread(target=write)
-        writer.start()
-        tasks = [stream(n, 8) for n in range(10)]
-        await asyncio.sleep(0.3)
-        tasks += [stream(n, written[-1]) for n in range(10, 20)]
-        await asyncio.sleep(0.25)  # two changes: the late ones read up to where the others are
-        window = time.monotonic()
-        await asyncio.sleep(1.0)
-        counts = sum(t > window for t in reads), sum(t > window for t in changes)
-        writing.set()
-        await asyncio.to_thread(writer.join)
+        with _appending(path, 0.001) as written:
+            tasks = [stream(n, 8) for n in range(10)]
+            await asyncio.sleep(0.3)
+            tasks += [stream(n, written[-1]) for n in range(10, 20)]
+            await asyncio.sleep(0.25)  # two changes: the late ones read up to where the others are
+            window = time.monotonic()
+            await asyncio.sleep(1.0)
+            counts = sum(t > window for t in reads), sum(t > window for t in changes)
         await asyncio.sleep(0.5)
         stopping.set()
         await asyncio.wait_for(asyncio.gather(*tasks), 2)
