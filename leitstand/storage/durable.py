@@ -8,7 +8,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 CHUNK = 1 << 16
@@ -52,12 +52,14 @@ def sync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_whole(fd: int, data: bytes) -> None:
-    """One ``write`` call for all of ``data``; a short write is an error, not retried."""
-    written = os.write(fd, data)
+def write_whole(fd: int, data: bytes, write: Callable[[int, bytes], int] | None = None) -> None:
+    """One ``write`` call (``os.write`` unless another is given) for all of ``data``; a short write
+    is an error, not retried."""
+    write = write or os.write
+    written = write(fd, data)
     if written != len(data):
         # The rest tells why (ENOSPC, EFBIG, ...); it is never kept either way.
-        os.write(fd, data[written:])
+        write(fd, data[written:])
         raise OSError(errno.EIO, "short write")
 
 

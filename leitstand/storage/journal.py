@@ -38,6 +38,10 @@ Why it is built this way:
   Every commit checks under the lock that its descriptor is still the file under the name
   (:meth:`Journal._lock`), so nothing is appended to a sealed, renamed or removed file.
 
+* **Few hand-backs of the GIL.** On a local filesystem the calls a round makes for each
+  file (lock, ``stat``, a small write, unlock) keep the GIL (:mod:`leitstand.storage.quickcalls`):
+  each one that let it go had to wait for the busy event loop to give it back.
+
 All file I/O runs on a small thread pool, never on the event loop. The journal knows
 file names and bytes; it knows nothing of HTTP or domains, and tells what it does only to
 an :class:`Observer` (the metrics).
@@ -62,7 +66,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
-from leitstand.storage import segments
+from leitstand.storage import quickcalls, segments
 from leitstand.storage.durable import CHUNK, NAME_MAX, read_range, write_whole
 from leitstand.storage.keylog import (
     NO_KEY,
@@ -282,6 +286,8 @@ class Journal:
         self._short_of = max_open_files if self.max_open_files < max_open_files else 0
         self.keys = KeyIndex(key_window, max_keys)
         self.syncfs = syncfs
+        # Whether the quick calls of a round may keep the GIL (:mod:`leitstand.storage.quickcalls`).
+        self._quick = False
         self._files: OrderedDict[str, _File] = OrderedDict()
         # Files with appends waiting for the next round, and whether a round is under way.
         self._queued: list[_File] = []
@@ -305,7 +311,9 @@ class Journal:
         """Open the directory and repair every torn tail in it; returns how many were repaired."""
         self._loop = asyncio.get_running_loop()
         repaired = await self._loop.run_in_executor(self._executor, self._open_directory)
-        self.syncfs = self.syncfs and self.fsync and syncfs_works(self.directory)
+        filesystem = filesystem_type(self.directory)
+        self.syncfs = self.syncfs and self.fsync and syncfs_works(self.directory, filesystem)
+        self._quick = quickcalls.usable(self._dir_fd, filesystem)
         return len(repaired)
 
     async def close(self) -> None:
@@ -513,7 +521,7 @@ class Journal:
         for commit in commits:
             if commit.error is None:
                 try:
-                    write_whole(commit.fd, commit.data)
+                    write_whole(commit.fd, commit.data, self._quick_write(commit))
                 except Exception as exc:
                     commit.fail("write", exc)
                 else:
@@ -529,6 +537,13 @@ class Journal:
             appends = sum(len(c.batch.appends) if c.results is None else c.results.count(Appended.STORED) for c in stored)
             self.observer.committed(appends, sum(len(c.data) for c in stored), synced)
         return commits
+
+    def _quick_write(self, commit: _Commit) -> Callable[[int, bytes], int] | None:
+        """:func:`quickcalls.write` for the common commit, small and without records; None for
+        ``os.write``. A commit with records has let go of the GIL for their write and sync anyway."""
+        if self._quick and not commit.records and len(commit.data) <= quickcalls.WRITE_MAX:
+            return quickcalls.write
+        return None
 
     def _lock(self, f: _File, created: list[_File]) -> _Commit:
         """Open and lock the file, and take its batch; a file that had to be created is added to ``created``."""
@@ -624,7 +639,10 @@ class Journal:
             except OSError as exc:
                 # The old request log stays; the next commit of this file tries again.
                 log.error("request log compaction failed: file=%s error=%s", f.requests.name, exc.strerror)
-        fcntl.flock(commit.fd, fcntl.LOCK_UN)
+        if self._quick:
+            quickcalls.unlock(commit.fd)
+        else:
+            fcntl.flock(commit.fd, fcntl.LOCK_UN)
 
     def _decide(self, size: int, appends: list[_Append]) -> tuple[bytes, list[Appended], list[_Record]]:
         """What to write (appends without a key, and keys new within the window), what became of
@@ -703,11 +721,12 @@ class Journal:
                 if new:
                     created.append(f)
             fd = f.fd
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            if not (self._quick and quickcalls.try_lock(fd)):
+                fcntl.flock(fd, fcntl.LOCK_EX)
             try:
-                held = self._held(fd, f.name, f.identity)
-                if held is not None:
-                    return fd, held.st_size
+                size = self._named_size(f, fd)
+                if size is not None:
+                    return fd, size
             except BaseException:
                 fcntl.flock(fd, fcntl.LOCK_UN)
                 raise
@@ -715,14 +734,23 @@ class Journal:
             _close_all(self._release(f))
             f.fd = None
 
-    def _held(self, fd: int, name: str, identity: tuple[int, int] | None = None) -> os.stat_result | None:
-        """The status of the file open as ``fd`` if ``name`` names it, else None.
+    def _named_size(self, f: _File, fd: int) -> int | None:
+        """The length of ``f``'s file, open as ``fd``, if its name still names it; else None.
 
-        A commit passes the ``identity`` its descriptor was opened with, so that one ``stat``
-        gives both the check and the length it starts from: every system call of a round's files
-        is a hand-back of the GIL the event loop may keep for a while. While ``fd`` is open, its
-        inode number cannot go to another file.
+        One ``stat`` of the name against the identity the descriptor was opened with gives both
+        the check and the length the commit starts from (see :mod:`leitstand.storage.quickcalls`
+        for why a round makes as few calls per file as it can). While ``fd`` is open, its inode
+        number cannot go to another file.
         """
+        if self._quick:
+            found = quickcalls.stat(self._dir_fd, f.name)
+            return found[1] if found is not None and found[0] == f.identity else None
+        held = self._held(fd, f.name, f.identity)
+        return None if held is None else held.st_size
+
+    def _held(self, fd: int, name: str, identity: tuple[int, int] | None = None) -> os.stat_result | None:
+        """The status of the file open as ``fd`` if ``name`` names it, else None; ``identity``, the
+        one ``fd`` was opened with, spares an ``fstat``."""
         try:
             named = os.stat(name, dir_fd=self._dir_fd, follow_symlinks=False)
         except FileNotFoundError:
@@ -964,11 +992,13 @@ def _allow_open_files(wanted: int) -> int:
     return wanted
 
 
-def syncfs_works(directory: Path) -> bool:
-    """Whether one ``syncfs`` makes every file of ``directory``'s filesystem durable and reports a
-    failure: Linux 5.8 or later (before, it hid write-back errors) on a filesystem known to."""
+def syncfs_works(directory: Path, filesystem: str | None = None) -> bool:
+    """Whether one ``syncfs`` makes every file of ``directory``'s filesystem (of type ``filesystem``
+    if known) durable and reports a failure: Linux 5.8 or later (before, it hid write-back
+    errors) on a filesystem known to."""
     major, minor = (int(part) for part in os.uname().release.split(".")[:2])
-    return (major, minor) >= (5, 8) and filesystem_type(directory) in _SYNCFS_FILESYSTEMS and _libc() is not None
+    filesystem = filesystem or filesystem_type(directory)
+    return (major, minor) >= (5, 8) and filesystem in _SYNCFS_FILESYSTEMS and _libc() is not None
 
 
 def filesystem_type(path: Path) -> str | None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from leitstand.storage import datadir
+from leitstand.storage import datadir, quickcalls
 from leitstand.storage import journal as journal_module
 from leitstand.storage.journal import Appended, Journal, StorageFull, StorageRefused, StorageUnavailable
 from leitstand.storage.keylog import RECORD
@@ -218,8 +218,13 @@ def test_failed_sync_rolls_back_and_reopens(
     assert (tmp_path / "a.jsonl").read_bytes() == b"good\nafter\n"
 
 
-def test_short_write_is_an_error_and_rolled_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = os.write
+@pytest.mark.parametrize("calls", ["os", "quickcalls"])
+def test_short_write_is_an_error_and_rolled_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, calls: str) -> None:
+    # The same short write through either way the journal writes: os.write, or a quick call
+    # that keeps the GIL (chosen by the filesystem, here forced either way).
+    monkeypatch.setattr(quickcalls, "usable", lambda dir_fd, filesystem: calls == "quickcalls")
+    module = os if calls == "os" else quickcalls
+    real = module.write
 
     def short(fd: int, data: bytes) -> int:
         if len(data) > 10:
@@ -235,10 +240,10 @@ def test_short_write_is_an_error_and_rolled_back(tmp_path: Path, monkeypatch: py
     async def main() -> None:
         journal = await opened(tmp_path)
         await journal.append("a.jsonl", b"ok\n")
-        monkeypatch.setattr(os, "write", short)
+        monkeypatch.setattr(module, "write", short)
         with pytest.raises(StorageFull):
             await journal.append("a.jsonl", b"a long line\n")
-        monkeypatch.setattr(os, "write", real)
+        monkeypatch.setattr(module, "write", real)
         await journal.close()
 
     run(main())
@@ -370,17 +375,18 @@ def test_appends_waiting_for_the_lock_join_the_commit(tmp_path: Path, monkeypatc
 _DIES_MID_WRITE = r"""
 import asyncio, fcntl, os, sys
 from pathlib import Path
+from leitstand.storage import quickcalls
 from leitstand.storage.journal import Journal
 
 directory, cut, first = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3].encode().replace(b"|", b"\n")
 appends = [(a.encode().replace(b"|", b"\n"), k.encode() or None) for a, k in zip(sys.argv[4::2], sys.argv[5::2])]
-real_write = os.write
+real_write, real_quick_write = os.write, quickcalls.write
 
-def dying(fd, data):
+def dying(fd, data, write=real_write):
     if os.readlink(f"/proc/self/fd/{fd}").endswith(".jsonl"):
-        real_write(fd, data[:cut])
+        write(fd, data[:cut])
         os._exit(9)
-    return real_write(fd, data)
+    return write(fd, data)
 
 async def main():
     journal = Journal(directory)
@@ -389,7 +395,9 @@ async def main():
     # Hold the file's lock while appending, so that all appends share one commit.
     held = os.open(directory / "a.jsonl", os.O_RDONLY)
     fcntl.flock(held, fcntl.LOCK_EX)
+    # Both ways the journal writes: os.write, and the quick call for a small commit without records.
     os.write = dying
+    quickcalls.write = lambda fd, data: dying(fd, data, real_quick_write)
     pending = [asyncio.ensure_future(journal.append("a.jsonl", data, key)) for data, key in appends]
     await asyncio.sleep(0.05)
     fcntl.flock(held, fcntl.LOCK_UN)
