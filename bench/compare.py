@@ -57,6 +57,8 @@ def main() -> None:
     parser.add_argument("against", metavar="REV", help="the commit to compare with, e.g. main or HEAD~3")
     parser.add_argument("--body", choices=BODIES, default="single", help="request body (default single)")
     parser.add_argument("--connections", type=int, nargs="+", default=[64], help="connection counts (default 64)")
+    parser.add_argument("--domains", type=int, nargs="+", default=[1],
+                        help="domains each run's requests are spread over at random (default 1)")
     parser.add_argument("--workers", type=int, default=1, help="uvicorn workers (default 1)")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                         help="a setting for both servers, e.g. LEITSTAND_FSYNC=never to take the disk out of it")
@@ -64,23 +66,27 @@ def main() -> None:
     args = parser.parse_args()
     env = dict(setting.split("=", 1) for setting in args.env)
     ensure_tools()
-    runs: dict[tuple[str, int], list[Run]] = {}
+    cells = [(connections, domains) for connections in args.connections for domains in args.domains]
+    runs: dict[tuple[str, int, int], list[Run]] = {}
     with tempfile.TemporaryDirectory(prefix="leitstand-compare-") as tmp:
         other = checkout(args.against, Path(tmp))
-        for connections in args.connections:
+        for connections, domains in cells:
             for rep in range(args.repeat):
                 for app in (LEITSTAND, other):
-                    run = run_one(app, args.body, connections, args.workers, args.warmup, args.duration, Path(tmp), env)
-                    runs.setdefault((app.name, connections), []).append(run)
-                    print(f"c={connections:<2} rep {rep + 1} {app.name:12} {run.events_per_s:9.0f} ev/s "
-                          f"p99 {run.load.p99_ms:7.2f} ms{'' if run.valid else '  INVALID'}", file=sys.stderr)
-    head = ["connections", "this checkout: ev/s (range), p99, CPU/req", f"{args.against}: same", "this/other", "valid"]
+                    run = run_one(app, args.body, connections, args.workers, args.warmup, args.duration, Path(tmp), env,
+                                  domains=domains)
+                    runs.setdefault((app.name, connections, domains), []).append(run)
+                    print(f"c={connections:<2} domains={domains:<5} rep {rep + 1} {app.name:12} "
+                          f"{run.events_per_s:9.0f} ev/s p99 {run.load.p99_ms:7.2f} ms{'' if run.valid else '  INVALID'}",
+                          file=sys.stderr)
+    head = ["connections, domains", "this checkout: ev/s (range), p99, CPU/req", f"{args.against}: same",
+            "this/other", "valid"]
     rows = [head, ["---"] * len(head)]
-    for connections in args.connections:
-        mine, theirs = runs[(LEITSTAND.name, connections)], runs[(other.name, connections)]
+    for connections, domains in cells:
+        mine, theirs = runs[(LEITSTAND.name, connections, domains)], runs[(other.name, connections, domains)]
         ratio = statistics.median(r.events_per_s for r in mine) / statistics.median(r.events_per_s for r in theirs)
         valid = "yes" if all(r.valid for r in mine + theirs) else "**no**"
-        rows.append([str(connections), spread(mine), spread(theirs), f"{ratio:.3f}", valid])
+        rows.append([f"{connections}, {domains:,}", spread(mine), spread(theirs), f"{ratio:.3f}", valid])
     print(f"    {shlex.join(['.venv/bin/python', *sys.argv])}\n")
     settings = f" with {' '.join(args.env)}" if args.env else ""
     print(f"{args.body} events{settings}, {args.workers} worker(s), {args.repeat} runs per side alternating, "
