@@ -3,10 +3,11 @@
 Why: ``os`` and ``fcntl`` let go of the GIL around every call. A pool thread that does so for
 each file of a commit round has to take it back after each call from the event loop, which
 keeps it while it parses requests, until its next system call or the switch interval
-(``sys.getswitchinterval()``, 5 ms). With a hundred domains a round serves dozens of files, and
-those waits, not the calls, were the round. Called through :class:`ctypes.PyDLL` they keep the
-GIL, and the loop waits the few microseconds a call takes instead (measured, single events to
-100 domains: +22% events/s; ``bench/run.py``'s many-domains scenario).
+(``sys.getswitchinterval()``, 5 ms). With a hundred domains a round serves dozens of files, four
+such calls each. Called through :class:`ctypes.PyDLL` they keep the GIL, and the loop waits
+the few microseconds a call takes instead: single events to 100 domains +13%, to one domain
++10% (``bench/compare.py --domains 1 100 10000``, docs/benchmarks.md). Keeping it for all but
+the write gained nothing: every call of a file's turn has to keep it.
 
 Only where such a call is known to be quick, which :func:`usable` and the callers see to:
 
