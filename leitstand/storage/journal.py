@@ -229,6 +229,11 @@ class _File:
     def busy(self) -> bool:
         return self.queued or self.committing
 
+    @property
+    def descriptors(self) -> int:
+        """How many descriptors it holds: its data, its request log and its time index, those open."""
+        return (self.fd is not None) + (self.requests.fd is not None) + (self.times.fd is not None)
+
     def take(self) -> _Batch:
         """Everything that waits for a commit, leaving a new, empty batch behind."""
         with self.mutex:
@@ -281,9 +286,15 @@ class Journal:
         self.observer = observer or Observer()
         self.fsync = fsync
         self.file_mode = file_mode
-        self.max_open_files = _allow_open_files(max_open_files)
-        # Set when the descriptor limit keeps fewer open than asked: said once, when it first counts.
-        self._short_of = max_open_files if self.max_open_files < max_open_files else 0
+        self.max_open_files = max_open_files
+        # What the files' descriptors may add up to: three each, or what the process's limit leaves.
+        self.max_descriptors = _allow_descriptors(max_open_files)
+        # Set when the descriptor limit may keep fewer open than asked: said once, when it first counts.
+        self._short_of = max_open_files if self.max_descriptors < _DESCRIPTORS_PER_FILE * max_open_files else 0
+        # Descriptors the files hold, as of the end of their last round, and what the round under
+        # way may open beyond that (three for each of its files, less what it holds already).
+        self._descriptors = 0
+        self._reserved = 0
         self.keys = KeyIndex(key_window, max_keys)
         self.syncfs = syncfs
         # Whether the quick calls of a round may keep the GIL (:mod:`leitstand.storage.quickcalls`).
@@ -432,22 +443,48 @@ class Journal:
             raise ValueError(f"not a journal file name: {name!r}")
         f = self._files[name] = _File(name)
         if len(self._files) > self.max_open_files:
-            if self._short_of:
-                log.warning(
-                    "only %d open files allowed (ulimit -n): keeping %d journal files open instead of %d, "
-                    "closing and reopening the others; raise the limit (LimitNOFILE= in systemd, ulimit -n) "
-                    "for many domains",
-                    resource.getrlimit(resource.RLIMIT_NOFILE)[0], self.max_open_files, self._short_of,
-                )
-                self._short_of = 0
             idle = next((old for old in self._files.values() if not old.busy), None)
             if idle is not None:
-                del self._files[idle.name]
-                self._unused += self._release(idle)
+                self._let_go([idle])
         return f
 
+    def _make_room(self) -> None:
+        """Close the least recently used idle files while the round about to start could take the
+        files' descriptors past :attr:`max_descriptors`.
+
+        Counting what each file holds (two without a request log) rather than three for each
+        keeps more files open under a low limit, which is what many domains with single events
+        need; the reservation keeps a round that opens request logs within the limit too.
+        """
+        excess = self._descriptors + self._reserved - self.max_descriptors
+        if excess <= 0:
+            return
+        if self._short_of:
+            log.warning(
+                "only %d open files allowed (ulimit -n): keeping fewer than %d journal files open, closing "
+                "and reopening the others; raise the limit (LimitNOFILE= in systemd, ulimit -n) for many domains",
+                resource.getrlimit(resource.RLIMIT_NOFILE)[0], self._short_of,
+            )
+            self._short_of = 0
+        idle = []
+        for f in self._files.values():
+            if excess <= 0:
+                break
+            if not f.busy:
+                idle.append(f)
+                excess -= f.descriptors
+        self._let_go(idle)
+
+    def _let_go(self, files: list[_File]) -> None:
+        """Forget idle ``files``; their descriptors are closed beside the next round."""
+        for f in files:
+            del self._files[f.name]
+            fds = self._release(f)
+            self._descriptors -= len(fds)
+            self._unused += fds
+
     def _release(self, f: _File) -> list[int]:
-        """The descriptors of a file no longer kept (journal file and request log), for the caller to close."""
+        """The descriptors of a file no longer kept (its data, request log and time index), for the caller to close."""
         fds = f.requests.close() + f.times.close()
         if f.fd is not None:
             fds.append(f.fd)
@@ -461,14 +498,19 @@ class Journal:
         for f in files:
             f.queued, f.committing = False, True
         self._committing = True
+        held = sum(f.descriptors for f in files)
+        self._reserved = _DESCRIPTORS_PER_FILE * len(files) - held
+        self._make_room()
         if self._unused:
             # A task of its own, beside the round: none of its answers waits for a close.
             self._executor.submit(_close_all, self._unused)
             self._unused = []
         done = self._executor.submit(self._round, files)
-        done.add_done_callback(lambda d: loop.call_soon_threadsafe(self._round_done, files, d))
+        done.add_done_callback(lambda d: loop.call_soon_threadsafe(self._round_done, files, held, d))
 
-    def _round_done(self, files: list[_File], done: Future[list[_Commit]]) -> None:
+    def _round_done(self, files: list[_File], held: int, done: Future[list[_Commit]]) -> None:
+        self._descriptors += sum(f.descriptors for f in files) - held
+        self._reserved = 0
         for commit in done.result():
             if commit.error is not None:
                 self.observer.failed(commit.error)
@@ -970,16 +1012,18 @@ _SPARE_DESCRIPTORS = 1024
 _DESCRIPTORS_PER_FILE = 3
 
 
-def _allow_open_files(wanted: int) -> int:
-    """How many journal files may be kept open: ``wanted``, with the process's descriptor limit
-    raised to fit them (each may hold three: its data, its request log and its time index), up
-    to the hard limit.
+def _allow_descriptors(files: int) -> int:
+    """How many descriptors ``files`` journal files may hold together: three each (their data,
+    request log and time index), with the process's descriptor limit raised to fit them, up to
+    the hard limit.
 
-    Below what is needed, fewer are kept open (said once there are more), and the least
-    recently used are closed sooner: slower with very many domains, never wrong.
+    Below what is needed, what the limit leaves beside the spare descriptors: the least
+    recently used files are then closed sooner (said once there are more), slower with very
+    many domains, never wrong.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    need = _DESCRIPTORS_PER_FILE * wanted + _SPARE_DESCRIPTORS
+    wanted = _DESCRIPTORS_PER_FILE * files
+    need = wanted + _SPARE_DESCRIPTORS
     if soft != resource.RLIM_INFINITY and soft < need:
         raised = need if hard == resource.RLIM_INFINITY else min(need, hard)
         try:
@@ -988,7 +1032,7 @@ def _allow_open_files(wanted: int) -> int:
         except (ValueError, OSError):
             pass
     if soft != resource.RLIM_INFINITY and soft < need:
-        return max(1, (soft - _SPARE_DESCRIPTORS) // _DESCRIPTORS_PER_FILE)
+        return max(_DESCRIPTORS_PER_FILE, soft - _SPARE_DESCRIPTORS)
     return wanted
 
 

@@ -589,10 +589,11 @@ def test_syncfs_is_used_only_where_it_is_known_to_report_failures(tmp_path: Path
     assert filesystem_type(Path("/proc")) == "proc" and not syncfs_works(Path("/proc"))
 
 
-@pytest.mark.parametrize(("hard", "kept"), [(None, 4096), (1500, 158)], ids=["enough", "too-low"])
+@pytest.mark.parametrize(("hard", "kept"), [(None, 3 * 4096), (1500, 1500 - 1024)], ids=["enough", "too-low"])
 def test_the_descriptor_limit_is_raised_to_fit_the_open_files(tmp_path: Path, hard: int | None, kept: int) -> None:
     """Each open journal file may hold three descriptors: the soft limit is raised to fit them, and
-    below the hard limit fewer files are kept open; the warning waits until that counts (below)."""
+    below the hard limit the files' descriptors get what it leaves beside the spare ones; the
+    warning waits until that counts (below)."""
     import resource
 
     if hard is None:
@@ -605,20 +606,29 @@ def test_the_descriptor_limit_is_raised_to_fit_the_open_files(tmp_path: Path, ha
     script = (
         "import logging, resource; from leitstand.storage.journal import Journal; logging.basicConfig(); "
         "j = Journal(__import__('pathlib').Path('.'), max_open_files=4096); "
-        "print(j.max_open_files, resource.getrlimit(resource.RLIMIT_NOFILE)[0])"
+        "print(j.max_descriptors, resource.getrlimit(resource.RLIMIT_NOFILE)[0])"
     )
     child = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, preexec_fn=limits, capture_output=True,
                            text=True, check=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
-    kept_open, soft = map(int, child.stdout.split())
-    assert kept_open == kept and soft >= 3 * kept + 1024
+    descriptors, soft = map(int, child.stdout.split())
+    assert descriptors == kept and soft >= kept + 1024
     assert "raise the limit" not in child.stderr
 
 
-def test_the_files_kept_open_leave_the_spare_descriptors_free(tmp_path: Path) -> None:
-    """Under a low limit, files written with a request record and a time index each (three
-    descriptors) never take more than the limit leaves beside the spare descriptors that sockets
-    and the runtime need: else a busy server would fail commits with EMFILE. Once a file is closed
-    for the limit, one warning says what to raise."""
+@pytest.mark.parametrize(
+    ("lines", "each", "together"),
+    [(b"1\n2\n", 3, 1), (b"1\n", 2, 1), (b"1\n2\n", 3, 50)],
+    ids=["with-records", "single-lines", "rounds-of-50-files"],
+)
+def test_the_files_kept_open_leave_the_spare_descriptors_free(
+    tmp_path: Path, lines: bytes, each: int, together: int
+) -> None:
+    """Under a low limit, the files' descriptors never take more than the limit leaves beside the
+    spare descriptors that sockets and the runtime need: else a busy server would fail commits
+    with EMFILE. Files written with a request record and a time index hold three descriptors each;
+    files of single lines two (no request log), and as many more of those are kept open as fit.
+    A round of many new files reserves their descriptors before it opens them. Once a file is
+    closed for the limit, one warning says what to raise."""
     import resource
 
     def limits() -> None:
@@ -649,18 +659,23 @@ async def main() -> None:
     journal = Journal(Path("."))
     await journal.open()
     most = 0
-    for n in range(journal.max_open_files + 20):
-        await journal.append(f"d{n}.jsonl", b"1\\n2\\n")  # two lines: a request record
+    for n in range(0, journal.max_descriptors // EACH + 20 * TOGETHER, TOGETHER):
+        await asyncio.gather(*(journal.append(f"d{m}.jsonl", LINES) for m in range(n, n + TOGETHER)))
         most = max(most, held())
+    kept = journal.open_files
     await journal.close()
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    print(most, soft - journal_module._SPARE_DESCRIPTORS)
+    print(most, soft - journal_module._SPARE_DESCRIPTORS, kept)
 
 asyncio.run(main())
 """
+    script = f"EACH, LINES, TOGETHER = {each}, {lines!r}, {together}\n" + script
     child = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, preexec_fn=limits, capture_output=True,
                            text=True, check=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
-    most, allowed = map(int, child.stdout.split())
-    assert (tmp_path / ".leitstand" / "times").is_dir() and any((tmp_path / ".leitstand" / "requests").iterdir())
+    most, allowed, kept = map(int, child.stdout.split())
+    assert (tmp_path / ".leitstand" / "times").is_dir()
+    assert (tmp_path / ".leitstand" / "requests").is_dir() is (each == 3)
     assert 0 < most <= allowed, f"{most} descriptors held for journal files, {allowed} left beside the spare ones"
+    # Every file but those closed to make room for the next round stays open.
+    assert allowed // each - 2 * together <= kept <= allowed // each, f"{kept} files kept open, {allowed // each} fit"
     assert child.stderr.count("raise the limit (LimitNOFILE= in systemd, ulimit -n)") == 1, child.stderr
