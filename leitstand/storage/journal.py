@@ -717,7 +717,7 @@ class Journal:
         if int(now) <= f.times.second:
             return
         try:
-            f.times.note(self._times_dir_fd(), fd, offset, now)
+            f.times.note(self._times_dir_fd(), fd, offset, now, self._quick)
         except OSError as exc:
             f.times.second = int(now)
             log.error("time index not written: file=%s error=%s", f.times.name, exc.strerror)

@@ -37,7 +37,7 @@ import struct
 from collections.abc import Sequence
 from pathlib import Path
 
-from leitstand.storage import keylog
+from leitstand.storage import keylog, quickcalls
 from leitstand.storage.durable import write_whole
 
 TIMES_DIR = "times"
@@ -61,31 +61,43 @@ def open_times_dir(data_dir: int, create: bool) -> int | None:
 class TimeLog:
     """The index of one journal file, as its writer sees it; every method runs under the file's lock."""
 
-    __slots__ = ("fd", "name", "second")
+    __slots__ = ("fd", "last", "name", "second", "size")
 
     def __init__(self, journal_name: str) -> None:
         self.name = index_name(journal_name)
         self.fd: int | None = None
         # The last second this process knows to be recorded; -1 until it has looked.
         self.second = -1
+        # The index's length (whole records) when this process last read or wrote its last
+        # record, and that record: while the length is the same, nobody else has added one.
+        self.size = -1
+        self.last: tuple[int, int] | None = None
 
     def close(self) -> list[int]:
-        fd, self.fd, self.second = self.fd, None, -1
+        fd, self.fd, self.second, self.size = self.fd, None, -1, -1
         return [] if fd is None else [fd]
 
-    def note(self, times_dir: int, data_fd: int, offset: int, now: float) -> None:
-        """A commit writes at ``offset`` now: the first of its second gets a record."""
+    def note(self, times_dir: int, data_fd: int, offset: int, now: float, quick: bool = False) -> None:
+        """A commit writes at ``offset`` now: the first of its second gets a record.
+
+        With ``quick``, the length and the write keep the GIL (:mod:`leitstand.storage.quickcalls`):
+        with many domains most commits are the first of their second for their file.
+        """
         second = int(now)
         if second <= self.second:
             return
         fd = self._open(times_dir, data_fd)
-        last = _last(fd)
-        if last is None:
-            # A new index (or one lost while the service ran): the lines before count as written now.
-            write_whole(fd, RECORD.pack(second, 0))
-        elif last[0] < second:
-            write_whole(fd, RECORD.pack(second, offset))
-        self.second = max(second, last[0] if last else second)
+        size = (quickcalls.length(fd) if quick else os.fstat(fd).st_size) // RECORD.size * RECORD.size
+        # Another worker's record (under the journal file's lock, as this one) changes the length.
+        last = self.last if size == self.size else _last_of(fd, size)
+        if last is None or last[0] < second:
+            # Without a record yet (a new index, or one lost while the service ran), the lines
+            # before count as written now.
+            last = (second, offset if last is not None else 0)
+            write_whole(fd, RECORD.pack(*last), quickcalls.write if quick else None)
+            size += RECORD.size
+        self.size, self.last = size, last
+        self.second = last[0]
 
     def settle(self, times_dir: int, data_fd: int, size: int, now: float) -> None:
         """At start: make the index speak for the file as it is, never later than the truth."""
@@ -100,6 +112,7 @@ class TimeLog:
             # Records may be lost after the last one: its lines count as written at the start.
             write_whole(fd, RECORD.pack(max(int(now), last[0]), last[1]))
         self.second = max(int(now), last[0] if last else 0)
+        self.size = -1
 
     def mark(self, times_dir: int, data_fd: int, size: int, now: float) -> None:
         """At a clean stop: a record at the file's end says that no record was lost."""
@@ -107,6 +120,7 @@ class TimeLog:
         last = _last(fd)
         if last is not None and last[1] < size:
             write_whole(fd, RECORD.pack(max(int(now), last[0]), size))
+        self.size = -1
 
     def _open(self, times_dir: int, data_fd: int) -> int:
         """The index, with a header naming ``data_fd``'s inode: a foreign or torn one is emptied first."""
@@ -126,7 +140,11 @@ class TimeLog:
 
 def _last(fd: int) -> tuple[int, int] | None:
     """The last record after the header, or None."""
-    size = os.fstat(fd).st_size // RECORD.size * RECORD.size
+    return _last_of(fd, os.fstat(fd).st_size // RECORD.size * RECORD.size)
+
+
+def _last_of(fd: int, size: int) -> tuple[int, int] | None:
+    """The last record after the header of an index of ``size`` bytes (whole records), or None."""
     if size < 2 * RECORD.size:
         return None
     second, offset = RECORD.unpack(os.pread(fd, RECORD.size, size - RECORD.size))

@@ -71,6 +71,19 @@ def test_write_appends_and_reports_an_error(tmp_path: Path) -> None:
     assert raised.value.errno == errno.EBADF
 
 
+def test_length_is_what_fstat_tells_and_an_error_is_raised(tmp_path: Path) -> None:
+    fd = os.open(tmp_path / "a.idx", os.O_RDWR | os.O_CREAT | os.O_APPEND)
+    try:
+        assert quickcalls.length(fd) == 0
+        os.write(fd, b"x" * 40)
+        assert quickcalls.length(fd) == os.fstat(fd).st_size == 40
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError) as raised:
+        quickcalls.length(fd)
+    assert raised.value.errno == errno.EBADF
+
+
 def test_usable_only_on_a_local_filesystem(tmp_path: Path, dir_fd: int) -> None:
     assert quickcalls.usable(dir_fd, "ext4")
     assert quickcalls.usable(dir_fd, "tmpfs")
@@ -81,14 +94,25 @@ def test_usable_only_on_a_local_filesystem(tmp_path: Path, dir_fd: int) -> None:
 def test_a_commit_round_on_a_local_filesystem_makes_its_calls_through_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A single line without a key: lock, stat, write and unlock keep the GIL; a keyed one's
-    data goes through os.write (its record was written and synced with the GIL let go), and
-    so does a large one."""
+    """A single line without a key: lock, stat, write and unlock keep the GIL, and so do the
+    length and the write of the time index's note, the first commit of its second; a keyed
+    line's data goes through os.write (its record was written and synced with the GIL let go),
+    and so does a large one."""
     monkeypatch.setattr(journal_module, "filesystem_type", lambda path: "ext4")
+    # One second for all: only the first commit notes its time.
+    monkeypatch.setattr(journal_module.time, "time", lambda: 5_000_000.5)
     calls: Counter[str] = Counter()
-    for name in ("try_lock", "stat", "write", "unlock"):
+
+    def what(name: str, args: tuple[object, ...]) -> str:
+        if name != "write":
+            return name
+        return "write" if os.readlink(f"/proc/self/fd/{args[0]}").endswith(".jsonl") else "write index"
+
+    for name in ("try_lock", "stat", "write", "unlock", "length"):
         real = getattr(quickcalls, name)
-        monkeypatch.setattr(quickcalls, name, lambda *a, real=real, name=name: (calls.update([name]), real(*a))[1])
+        monkeypatch.setattr(
+            quickcalls, name, lambda *a, real=real, name=name: (calls.update([what(name, a)]), real(*a))[1]
+        )
 
     async def main() -> None:
         journal = Journal(tmp_path)
@@ -103,7 +127,7 @@ def test_a_commit_round_on_a_local_filesystem_makes_its_calls_through_them(
         await journal.append("a.jsonl", large)
         third = dict(calls)
         await journal.close()
-        assert first == {"try_lock": 1, "stat": 1, "write": 1, "unlock": 1}
+        assert first == {"try_lock": 1, "stat": 1, "write": 1, "unlock": 1, "length": 1, "write index": 1}
         assert second == {"try_lock": 1, "stat": 1, "unlock": 1}
         assert third == {"try_lock": 1, "stat": 1, "unlock": 1}, "a write of more than WRITE_MAX lets go of the GIL"
 
