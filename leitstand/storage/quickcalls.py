@@ -17,9 +17,9 @@ Only where such a call is known to be quick, which :func:`usable` and the caller
 * a write of at most :data:`WRITE_MAX` bytes into the page cache.
 
 The time index's note (:meth:`leitstand.storage.timeindex.TimeLog.note`), one per file and
-second, takes its index's length and writes its record through them as well: single events
-to 10,000 domains +18%, to 6,000 +13% (with the note's last record kept in memory,
-``bench/compare.py --domains 10000 6000``).
+second, takes its index's length and writes its record through them as well: together with
+the note's last record kept in memory, single events to 10,000 domains +21%, to 100 and one
+unchanged (``bench/compare.py --domains 10000 100 1``, docs/benchmarks.md).
 """
 
 from __future__ import annotations
