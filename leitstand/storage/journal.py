@@ -442,24 +442,22 @@ class Journal:
         if "/" in name or not name.endswith(SUFFIX):
             raise ValueError(f"not a journal file name: {name!r}")
         f = self._files[name] = _File(name)
-        if len(self._files) > self.max_open_files:
-            idle = next((old for old in self._files.values() if not old.busy), None)
-            if idle is not None:
-                self._let_go([idle])
         return f
 
     def _make_room(self) -> None:
-        """Close the least recently used idle files while the round about to start could take the
-        files' descriptors past :attr:`max_descriptors`.
+        """Close the least recently used idle files while there are more than :attr:`max_open_files`,
+        or the round about to start could take the files' descriptors past :attr:`max_descriptors`.
 
         Counting what each file holds (two without a request log) rather than three for each
         keeps more files open under a low limit, which is what many domains with single events
-        need; the reservation keeps a round that opens request logs within the limit too.
+        need; the reservation keeps a round that opens request logs within the limit too. Done
+        as the round starts, when its own files are busy, so none of them is let go.
         """
         excess = self._descriptors + self._reserved - self.max_descriptors
-        if excess <= 0:
+        surplus = len(self._files) - self.max_open_files
+        if excess <= 0 and surplus <= 0:
             return
-        if self._short_of:
+        if excess > 0 and self._short_of:
             log.warning(
                 "only %d open files allowed (ulimit -n): keeping fewer than %d journal files open, closing "
                 "and reopening the others; raise the limit (LimitNOFILE= in systemd, ulimit -n) for many domains",
@@ -468,11 +466,12 @@ class Journal:
             self._short_of = 0
         idle = []
         for f in self._files.values():
-            if excess <= 0:
+            if excess <= 0 and surplus <= 0:
                 break
             if not f.busy:
                 idle.append(f)
                 excess -= f.descriptors
+                surplus -= 1
         self._let_go(idle)
 
     def _let_go(self, files: list[_File]) -> None:
