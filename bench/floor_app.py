@@ -16,15 +16,11 @@ import asyncio
 import ctypes
 import os
 import resource
-from collections.abc import Awaitable, Callable, MutableMapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
 
 import orjson
+from noop_app import Receive, Scope, Send, ok
 
-Message = MutableMapping[str, Any]
-
-_HEADERS = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"3")]
 _DIR = os.environ.get("LEITSTAND_DATA_DIR", "data")
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
 _LINE = orjson.OPT_APPEND_NEWLINE
@@ -87,11 +83,7 @@ def _done(waiters: list[asyncio.Future[None]], round_: Future[None]) -> None:
         _start()
 
 
-async def app(
-    scope: MutableMapping[str, Any],
-    receive: Callable[[], Awaitable[Message]],
-    send: Callable[[Message], Awaitable[None]],
-) -> None:
+async def app(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["type"] != "http":
         return
     message = await receive()
@@ -100,8 +92,10 @@ async def app(
         message = await receive()
         body += message.get("body", b"")
     value = orjson.loads(body)
-    lines = b"".join(orjson.dumps(item, option=_LINE) for item in value) if type(value) is list else orjson.dumps(
-        value, option=_LINE
+    lines = (
+        b"".join(orjson.dumps(item, option=_LINE) for item in value)
+        if type(value) is list
+        else orjson.dumps(value, option=_LINE)
     )
     domain = scope["path"].rpartition("/")[2]
     waiter = asyncio.get_running_loop().create_future()
@@ -110,5 +104,4 @@ async def app(
     if not _busy:
         _start()
     await waiter
-    await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
-    await send({"type": "http.response.body", "body": b"ok\n"})
+    await ok(send)
