@@ -432,7 +432,8 @@ _LABELS = {"baseline": "old design", FLOOR.name: "floor app"}
 
 
 def plot(cells: dict[tuple[int, str, int], dict[str, Cell]], path: Path) -> None:
-    """Events/s against connections, per body: leitstand (1 and 2 workers), the old design and the no-op app."""
+    """Events/s against connections, per body, for 1 and 2 workers: leitstand, the old design, the no-op app and
+    the floor app."""
     import matplotlib
 
     matplotlib.use("Agg")
