@@ -73,12 +73,8 @@ DOMAIN_COUNTS = (1, 100, 10_000)
 # The least a durable ingest can do on this stack (bench/floor_app.py): the same goal, measured
 # for it, tells what this machine allows.
 FLOOR = App("floor", ["--app-dir", "bench", "floor_app:app"], True)
-APPS = (
-    LEITSTAND,
-    App("baseline", ["--app-dir", "bench", "baseline_app:app"], True),
-    App("noop", ["--app-dir", "bench", "noop_app:app"], False),
-    FLOOR,
-)
+BASELINE = App("baseline", ["--app-dir", "bench", "baseline_app:app"], True)
+APPS = (LEITSTAND, BASELINE, App("noop", ["--app-dir", "bench", "noop_app:app"], False), FLOOR)
 
 
 # -- the matrix ----------------------------------------------------------------------
@@ -205,7 +201,7 @@ def goals_markdown(
 # -- many domains --------------------------------------------------------------------
 
 
-SPREAD_APPS = (APPS[0], APPS[1], FLOOR)
+SPREAD_APPS = (LEITSTAND, BASELINE, FLOOR)
 
 
 def many_domains(args: argparse.Namespace, tmp: Path) -> list[Run]:
